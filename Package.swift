@@ -1,0 +1,39 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "virtchan",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "virtchan", targets: ["virtchan"]),
+        .executable(name: "virtchan-agent", targets: ["virtchan-agent"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+    ],
+    targets: [
+        .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
+        .systemLibrary(name: "CLibXML2", pkgConfig: "libxml-2.0", providers: [.apt(["libxml2-dev"])]),
+        // Wire format shared by host and guest. No Foundation, no C libraries.
+        .target(name: "VirtchanProtocol"),
+        // libvirt connection, DomainSpec -> XML, live channel resolution, metadata.
+        .target(name: "VirtchanProvisioning", dependencies: ["CLibvirt", "CLibXML2"]),
+        // Host side: sockets, sessions, exec and file transfer clients.
+        .target(name: "VirtchanTransport", dependencies: [
+            "VirtchanProtocol",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        // Guest side: port discovery, poll loop, handlers. Stays free of Foundation.
+        .target(name: "VirtchanAgentCore", dependencies: ["VirtchanProtocol"]),
+        .executableTarget(name: "virtchan", dependencies: [
+            "VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore"]),
+        .testTarget(name: "ProtocolTests", dependencies: ["VirtchanProtocol", "VirtchanTransport"]),
+        .testTarget(name: "ProvisioningTests", dependencies: ["VirtchanProvisioning"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,189 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import VirtchanProtocol
+
+/// glibc's POSIX_SPAWN_SETSID, which the Glibc module does not export.
+private let spawnSetSID: Int32 = 0x80
+/// TIOCSPTLCK and TIOCGPTN (asm-generic ioctls), macros Swift cannot import.
+private let tiocSPTLCK: UInt = 0x4004_5431
+private let tiocGPTN: UInt = 0x8004_5430
+
+/// A process started for the host, with its pipes (or pty) and what is left to forward.
+final class ExecProcess {
+    let id: UInt32
+    let pid: pid_t
+    let tty: Bool
+    var stdinFD: Int32
+    var stdoutFD: Int32
+    var stderrFD: Int32
+    var stdinBuffer: [UInt8] = []
+    var stdinEOF = false
+    var exit: ExecExit?
+    var exitedAt: UInt64 = 0
+
+    init(id: UInt32, pid: pid_t, tty: Bool, stdin: Int32, stdout: Int32, stderr: Int32) {
+        self.id = id
+        self.pid = pid
+        self.tty = tty
+        stdinFD = stdin
+        stdoutFD = stdout
+        stderrFD = stderr
+    }
+
+    var outputOpen: Bool { stdoutFD >= 0 || stderrFD >= 0 }
+
+    func closeStdin() {
+        if stdinFD >= 0 && stdinFD != stdoutFD { close(stdinFD) }
+        stdinFD = -1
+        stdinBuffer = []
+    }
+
+    func closeOutput(_ stream: ExecStream) {
+        switch stream {
+        case .stdout:
+            if stdoutFD >= 0 { if stdoutFD == stdinFD { stdinFD = -1; stdinBuffer = [] }; close(stdoutFD) }
+            stdoutFD = -1
+        case .stderr:
+            if stderrFD >= 0 { close(stderrFD) }
+            stderrFD = -1
+        }
+    }
+
+    func closeAll() {
+        closeStdin()
+        closeOutput(.stdout)
+        closeOutput(.stderr)
+    }
+
+    /// Sends a signal to the process group the child leads.
+    func signal(_ sig: Int32) {
+        if exit == nil { kill(-pid, sig) }
+    }
+}
+
+struct SpawnFailure: Error {
+    let code: RemoteErrorCode
+    let errno: Int32
+    let message: String
+}
+
+enum Spawner {
+    static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+    static func spawn(_ request: ExecStart, id: UInt32) throws(SpawnFailure) -> ExecProcess {
+        guard let command = request.argv.first, !command.isEmpty else {
+            throw SpawnFailure(code: .badRequest, errno: 0, message: "no command given")
+        }
+        // The agent is single-threaded, so changing its own directory around the spawn is safe.
+        if !request.cwd.isEmpty {
+            guard chdir(request.cwd) == 0 else {
+                let e = errno
+                throw SpawnFailure(code: remoteCode(forErrno: e), errno: e, message: "cannot change to \(request.cwd): \(errnoText(e))")
+            }
+        }
+        defer { if !request.cwd.isEmpty { _ = chdir("/") } }
+
+        var env: [String: String] = ["PATH": defaultPath, "HOME": "/root"]
+        if request.tty { env["TERM"] = "xterm-256color" }
+        for item in request.env {
+            guard let eq = item.firstIndex(of: "="), eq != item.startIndex else {
+                throw SpawnFailure(code: .badRequest, errno: 0, message: "environment entry '\(item)' is not KEY=VALUE")
+            }
+            env[String(item[..<eq])] = String(item[item.index(after: eq)...])
+        }
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+
+        var parentFDs: [Int32] = []
+        var childFDs: [Int32] = []
+        func cleanup() {
+            for fd in parentFDs { close(fd) }
+            for fd in childFDs { close(fd) }
+        }
+
+        var stdinParent: Int32 = -1, stdoutParent: Int32 = -1, stderrParent: Int32 = -1
+        var flags = Int32(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)
+        if request.tty {
+            let master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC)
+            var unlock: Int32 = 0
+            var number: UInt32 = 0
+            guard master >= 0, ioctl(master, tiocSPTLCK, &unlock) == 0, ioctl(master, tiocGPTN, &number) == 0 else {
+                let e = errno
+                if master >= 0 { close(master) }
+                throw SpawnFailure(code: .failed, errno: e, message: "cannot allocate a pseudo-terminal: \(errnoText(e))")
+            }
+            let slavePath = "/dev/pts/\(number)"
+            var size = winsize(ws_row: request.rows, ws_col: request.cols, ws_xpixel: 0, ws_ypixel: 0)
+            _ = ioctl(master, UInt(TIOCSWINSZ), &size)
+            parentFDs.append(master)
+            // A new session whose first tty open makes the slave its controlling terminal.
+            flags |= spawnSetSID
+            posix_spawn_file_actions_addopen(&actions, 0, slavePath, O_RDWR, 0)
+            posix_spawn_file_actions_adddup2(&actions, 0, 1)
+            posix_spawn_file_actions_adddup2(&actions, 0, 2)
+            stdinParent = master
+            stdoutParent = master
+        } else {
+            flags |= Int32(POSIX_SPAWN_SETPGROUP)
+            posix_spawnattr_setpgroup(&attr, 0)
+            for (childFD, parentReads) in [(Int32(0), false), (1, true), (2, true)] {
+                guard let p = makePipe() else {
+                    let e = errno
+                    cleanup()
+                    throw SpawnFailure(code: .failed, errno: e, message: "pipe: \(errnoText(e))")
+                }
+                let (parentEnd, childEnd) = parentReads ? (p.read, p.write) : (p.write, p.read)
+                parentFDs.append(parentEnd)
+                childFDs.append(childEnd)
+                posix_spawn_file_actions_adddup2(&actions, childEnd, childFD)
+                switch childFD {
+                case 0: stdinParent = parentEnd
+                case 1: stdoutParent = parentEnd
+                default: stderrParent = parentEnd
+                }
+            }
+        }
+        posix_spawnattr_setflags(&attr, Int16(flags))
+        var noSignals = sigset_t()
+        sigemptyset(&noSignals)
+        posix_spawnattr_setsigmask(&attr, &noSignals)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for sig in [SIGPIPE, SIGCHLD, SIGIO, SIGTERM, SIGINT, SIGHUP, SIGQUIT] { sigaddset(&defaults, sig) }
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+
+        let argv = request.argv.map { strdup($0) } + [nil]
+        let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            for p in argv { free(p) }
+            for p in envp { free(p) }
+        }
+        var pid: pid_t = 0
+        let rc = command.contains("/")
+            ? posix_spawn(&pid, command, &actions, &attr, argv, envp)
+            : posix_spawnp(&pid, command, &actions, &attr, argv, envp)
+        for fd in childFDs { close(fd) }
+        childFDs = []
+        guard rc == 0 else {
+            cleanup()
+            switch rc {
+            case ENOENT:
+                throw SpawnFailure(code: .commandNotFound, errno: rc, message: "\(command): command not found")
+            case EACCES, EPERM:
+                throw SpawnFailure(code: .permission, errno: rc, message: "\(command): permission denied")
+            default:
+                throw SpawnFailure(code: .failed, errno: rc, message: "\(command): \(errnoText(rc))")
+            }
+        }
+        for fd in parentFDs { setNonBlocking(fd) }
+        return ExecProcess(id: id, pid: pid, tty: request.tty, stdin: stdinParent, stdout: stdoutParent, stderr: stderrParent)
+    }
+}

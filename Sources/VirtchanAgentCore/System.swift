@@ -1,0 +1,107 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import VirtchanProtocol
+
+/// Reads a whole small file (sysfs, procfs, config). Returns nil when it cannot be read.
+func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while out.count < limit {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        out.append(contentsOf: buf[0..<n])
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+/// Entry names of a directory, without "." and "..".
+func listDirectory(_ path: String) -> [String]? {
+    guard let dir = opendir(path) else { return nil }
+    defer { closedir(dir) }
+    var names: [String] = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
+        if name != "." && name != ".." { names.append(name) }
+    }
+    return names.sorted()
+}
+
+func trimmed(_ s: String) -> String {
+    var scalars = Substring(s)
+    while let f = scalars.first, f == " " || f == "\n" || f == "\t" || f == "\r" { scalars.removeFirst() }
+    while let l = scalars.last, l == " " || l == "\n" || l == "\t" || l == "\r" { scalars.removeLast() }
+    return String(scalars)
+}
+
+func errnoText(_ e: Int32) -> String { String(cString: strerror(e)) }
+
+/// Maps an errno from a file operation to the wire's error code.
+func remoteCode(forErrno e: Int32) -> RemoteErrorCode {
+    switch e {
+    case ENOENT: return .notFound
+    case EEXIST: return .exists
+    case EISDIR: return .isDirectory
+    case ENOTDIR: return .notDirectory
+    case EACCES, EPERM, EROFS: return .permission
+    case ENOSPC, EDQUOT: return .noSpace
+    case EBUSY: return .busy
+    case EFBIG: return .tooLarge
+    default: return .failed
+    }
+}
+
+func parentDirectory(of path: String) -> String {
+    guard let slash = path.lastIndex(of: "/") else { return "." }
+    let parent = String(path[..<slash])
+    return parent.isEmpty ? "/" : parent
+}
+
+func baseName(of path: String) -> String {
+    guard let slash = path.lastIndex(of: "/") else { return path }
+    return String(path[path.index(after: slash)...])
+}
+
+/// mkdir -p. Returns 0 or an errno.
+func makeDirectories(_ path: String, mode: mode_t) -> Int32 {
+    var st = stat()
+    if stat(path, &st) == 0 { return (st.st_mode & S_IFMT) == S_IFDIR ? 0 : ENOTDIR }
+    let parent = parentDirectory(of: path)
+    if parent != path && parent != "/" && parent != "." {
+        let e = makeDirectories(parent, mode: 0o755)
+        if e != 0 { return e }
+    }
+    if mkdir(path, mode) != 0 && errno != EEXIST { return errno }
+    return 0
+}
+
+/// Writes all of `count` bytes to a blocking descriptor. Returns 0 or an errno.
+func writeAll(_ fd: Int32, _ p: UnsafeRawPointer, _ count: Int) -> Int32 {
+    var done = 0
+    while done < count {
+        let n = write(fd, p + done, count - done)
+        if n > 0 { done += n; continue }
+        if n < 0 && errno == EINTR { continue }
+        return n < 0 ? errno : EIO
+    }
+    return 0
+}
+
+/// pipe(2) with both ends close-on-exec, optionally non-blocking.
+func makePipe(nonBlocking: Bool = false) -> (read: Int32, write: Int32)? {
+    var fds: [Int32] = [0, 0]
+    guard pipe(&fds) == 0 else { return nil }
+    for fd in fds {
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        if nonBlocking { setNonBlocking(fd) }
+    }
+    return (fds[0], fds[1])
+}

@@ -1,0 +1,162 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import VirtchanProtocol
+
+/// One file moving over the data port. The agent opens the port when the transfer starts
+/// and closes it when the transfer ends, whichever way it ends.
+final class Transfer {
+    enum Kind { case push, pull }
+    enum Phase { case streaming, awaitingAck }
+
+    let id: UInt32
+    let kind: Kind
+    let data: FramedConnection
+    let path: String
+    var fileFD: Int32
+    /// Push: the temporary file that becomes `path` by rename once verified.
+    let tempPath: String
+    let mode: UInt32
+    let expectedSize: UInt64
+    var bytes: UInt64 = 0
+    var hasher = XXH64()
+    var sha: SHA256Digest?
+    var phase = Phase.streaming
+    /// Whether the host's end of the data port has been seen connected.
+    var dataConnected = false
+    var dataHup = false
+    let startedAt = monotonicNanos()
+    var lastHupCheck: UInt64 = 0
+
+    init(id: UInt32, kind: Kind, dataFD: Int32, path: String, fileFD: Int32, tempPath: String,
+         mode: UInt32, expectedSize: UInt64, wantSHA256: Bool) {
+        self.id = id
+        self.kind = kind
+        data = FramedConnection(fd: dataFD, maxPayload: FrameLimits.dataChunk + 4096, readBufferSize: 64 * 1024)
+        self.path = path
+        self.fileFD = fileFD
+        self.tempPath = tempPath
+        self.mode = mode
+        self.expectedSize = expectedSize
+        sha = wantSHA256 ? SHA256Digest() : nil
+    }
+
+    /// Closes the data port and the file; a push that did not complete loses its temp file.
+    func close(completed: Bool) {
+        if fileFD >= 0 { Glibc.close(fileFD); fileFD = -1 }
+        if kind == .push && !completed { unlink(tempPath) }
+        Glibc.close(data.fd)
+    }
+}
+
+/// Why a transfer stopped early, as it goes back to the host.
+struct TransferFailure: Error {
+    let code: RemoteErrorCode
+    let errno: Int32
+    let message: String
+
+    init(_ code: RemoteErrorCode, errno: Int32 = 0, _ message: String) {
+        self.code = code
+        self.errno = errno
+        self.message = message
+    }
+
+    init(errno e: Int32, _ what: String) {
+        self.init(remoteCode(forErrno: e), errno: e, "\(what): \(errnoText(e))")
+    }
+}
+
+enum FileOps {
+    /// Creates the temporary file a push writes into, next to its destination.
+    static func preparePush(_ request: PushRequest) throws(TransferFailure) -> (fd: Int32, temp: String) {
+        let path = request.path
+        guard path.hasPrefix("/"), !path.hasSuffix("/") else {
+            throw TransferFailure(.badRequest, "remote path must be absolute and name a file: \(path)")
+        }
+        var st = stat()
+        if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR {
+            throw TransferFailure(.isDirectory, "\(path) is a directory (use -r to copy a directory tree)")
+        }
+        let parent = parentDirectory(of: path)
+        if stat(parent, &st) != 0 {
+            let e = errno
+            guard e == ENOENT, request.parents else {
+                if e == ENOENT {
+                    throw TransferFailure(.notFound, errno: e, "parent directory \(parent) does not exist (use --parents to create it)")
+                }
+                throw TransferFailure(errno: e, parent)
+            }
+            let rc = makeDirectories(parent, mode: 0o755)
+            if rc != 0 { throw TransferFailure(errno: rc, "cannot create \(parent)") }
+        } else if (st.st_mode & S_IFMT) != S_IFDIR {
+            throw TransferFailure(.notDirectory, "\(parent) is not a directory")
+        }
+        var template = Array((parent == "/" ? "" : parent).utf8) + Array("/.\(baseName(of: path)).virtchan-XXXXXX".utf8) + [0]
+        let fd = template.withUnsafeMutableBufferPointer { buf in
+            buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) { mkstemp($0) }
+        }
+        guard fd >= 0 else { throw TransferFailure(errno: errno, "cannot create a file in \(parent)") }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        let temp = String(decoding: template.dropLast(), as: UTF8.self)
+        // Reserve the space up front where the filesystem can, so a full disk fails at once.
+        if request.size > 0 {
+            let rc = posix_fallocate(fd, 0, off_t(request.size))
+            if rc == ENOSPC || rc == EFBIG {
+                close(fd)
+                unlink(temp)
+                throw TransferFailure(.noSpace, errno: rc, "not enough space in the guest for \(path) (\(request.size) bytes)")
+            }
+        }
+        return (fd, temp)
+    }
+
+    /// Walks `root` without following symlinks.
+    static func listTree(_ root: String) throws(TransferFailure) -> [TreeEntry] {
+        var st = stat()
+        guard lstat(root, &st) == 0 else { throw TransferFailure(errno: errno, root) }
+        guard (st.st_mode & S_IFMT) == S_IFDIR else { throw TransferFailure(.notDirectory, "\(root) is not a directory") }
+        var out: [TreeEntry] = []
+        var pending: [String] = [""]
+        while let rel = pending.popLast() {
+            let dir = rel.isEmpty ? root : root + "/" + rel
+            guard let names = listDirectory(dir) else { throw TransferFailure(errno: errno, dir) }
+            for name in names {
+                let relPath = rel.isEmpty ? name : rel + "/" + name
+                let full = dir + "/" + name
+                guard lstat(full, &st) == 0 else { continue }
+                let perm = UInt32(st.st_mode & 0o7777)
+                switch st.st_mode & S_IFMT {
+                case S_IFDIR:
+                    out.append(TreeEntry(kind: .directory, path: relPath, mode: perm, size: 0, linkTarget: ""))
+                    pending.append(relPath)
+                case S_IFREG:
+                    out.append(TreeEntry(kind: .regular, path: relPath, mode: perm, size: UInt64(st.st_size), linkTarget: ""))
+                case S_IFLNK:
+                    var buf = [CChar](repeating: 0, count: 4097)
+                    let n = readlink(full, &buf, 4096)
+                    let target = n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+                    out.append(TreeEntry(kind: .symlink, path: relPath, mode: perm, size: 0, linkTarget: target))
+                default:
+                    continue
+                }
+                if out.count > 1_000_000 { throw TransferFailure(.tooLarge, "\(root) holds more than a million entries") }
+            }
+        }
+        return out
+    }
+
+    static func statReply(_ path: String) -> StatReply {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return StatReply(kind: .missing, mode: 0, size: 0) }
+        let kind: FileKind
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: kind = .regular
+        case S_IFDIR: kind = .directory
+        case S_IFLNK: kind = .symlink
+        default: kind = .other
+        }
+        return StatReply(kind: kind, mode: UInt32(st.st_mode & 0o7777), size: UInt64(st.st_size))
+    }
+}

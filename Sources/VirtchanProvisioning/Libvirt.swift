@@ -1,0 +1,188 @@
+import CLibvirt
+import Foundation
+
+/// A connection to libvirt. The class owns the `virConnectPtr`.
+public final class Connection: @unchecked Sendable {
+    let pointer: virConnectPtr
+    public let uri: String
+
+    private static let setup: Void = {
+        virInitialize()
+        vc_virt_silence_errors()
+    }()
+
+    /// The URI virsh would use: `LIBVIRT_DEFAULT_URI`, else qemu:///system.
+    public static var defaultURI: String {
+        if let env = ProcessInfo.processInfo.environment["LIBVIRT_DEFAULT_URI"], !env.isEmpty { return env }
+        return "qemu:///system"
+    }
+
+    /// Opens a connection. The corresponding C function is `virConnectOpen`.
+    public init(uri: String? = nil) throws(ProvisioningError) {
+        _ = Self.setup
+        let target = uri ?? Self.defaultURI
+        guard let p = virConnectOpen(target) else {
+            let err = ProvisioningError.fromLibvirt("cannot connect to \(target)", code: .connection)
+            var hint = ""
+            if target.hasPrefix("qemu:///") || target.hasPrefix("qemu+unix") {
+                hint = "; is libvirtd running? Start it with: sudo Scripts/setup-host"
+            }
+            throw ProvisioningError(.connection, err.message + hint, libvirtCode: err.libvirtCode)
+        }
+        pointer = p
+        self.uri = target
+    }
+
+    deinit { virConnectClose(pointer) }
+
+    /// Defines a persistent domain. The corresponding C function is `virDomainDefineXML`.
+    public func define(xml: String) throws(ProvisioningError) -> Domain {
+        guard let d = virDomainDefineXML(pointer, xml) else {
+            throw ProvisioningError.fromLibvirt("libvirt refused the domain definition")
+        }
+        return Domain(connection: self, pointer: d)
+    }
+
+    /// The domain called `name`, or nil. The corresponding C function is `virDomainLookupByName`.
+    public func domain(named name: String) -> Domain? {
+        guard let d = virDomainLookupByName(pointer, name) else {
+            virResetLastError()
+            return nil
+        }
+        return Domain(connection: self, pointer: d)
+    }
+
+    /// Like `domain(named:)` but throws a message that says what to do.
+    public func requireDomain(_ name: String) throws(ProvisioningError) -> Domain {
+        guard let d = domain(named: name) else {
+            throw ProvisioningError(.notFound, "no domain named '\(name)' on \(uri) (see: virtchan list)")
+        }
+        return d
+    }
+
+    /// Every domain, running or not. The corresponding C function is `virConnectListAllDomains`.
+    public func allDomains() throws(ProvisioningError) -> [Domain] {
+        var list: UnsafeMutablePointer<virDomainPtr?>?
+        let n = virConnectListAllDomains(pointer, &list, 0)
+        guard n >= 0, let list else { throw ProvisioningError.fromLibvirt("cannot list domains") }
+        defer { free(list) }
+        return (0..<Int(n)).compactMap { i in list[i].map { Domain(connection: self, pointer: $0) } }
+    }
+
+    /// True when the connection is to this machine (so socket paths can be used directly).
+    public var isLocal: Bool {
+        !(uri.contains("+tcp") || uri.contains("+ssh") || uri.contains("+tls") || uri.contains("://") && uri.split(separator: "/").count > 2 && !uri.contains(":///"))
+    }
+}
+
+public enum DomainState: String, Sendable, Codable {
+    case running, blocked, paused, shutdown, shutoff, crashed, suspended, unknown
+
+    init(_ raw: Int32) {
+        switch UInt32(raw) {
+        case VIR_DOMAIN_RUNNING.rawValue: self = .running
+        case VIR_DOMAIN_BLOCKED.rawValue: self = .blocked
+        case VIR_DOMAIN_PAUSED.rawValue: self = .paused
+        case VIR_DOMAIN_SHUTDOWN.rawValue: self = .shutdown
+        case VIR_DOMAIN_SHUTOFF.rawValue: self = .shutoff
+        case VIR_DOMAIN_CRASHED.rawValue: self = .crashed
+        case VIR_DOMAIN_PMSUSPENDED.rawValue: self = .suspended
+        default: self = .unknown
+        }
+    }
+}
+
+/// A libvirt domain. The class owns the `virDomainPtr` and keeps its connection alive.
+public final class Domain: @unchecked Sendable {
+    public let connection: Connection
+    let pointer: virDomainPtr
+
+    init(connection: Connection, pointer: virDomainPtr) {
+        self.connection = connection
+        self.pointer = pointer
+    }
+
+    deinit { virDomainFree(pointer) }
+
+    /// The corresponding C function is `virDomainGetName`.
+    public var name: String { virDomainGetName(pointer).map { String(cString: $0) } ?? "" }
+
+    /// The corresponding C function is `virDomainGetState`.
+    public var state: DomainState {
+        var s: Int32 = 0
+        var reason: Int32 = 0
+        guard virDomainGetState(pointer, &s, &reason, 0) == 0 else {
+            virResetLastError()
+            return .unknown
+        }
+        return DomainState(s)
+    }
+
+    public var isActive: Bool { virDomainIsActive(pointer) == 1 }
+
+    /// The live XML (or the persistent one when stopped). The corresponding C function is
+    /// `virDomainGetXMLDesc`.
+    public func xml(inactive: Bool = false) throws(ProvisioningError) -> String {
+        let flags = inactive ? UInt32(VIR_DOMAIN_XML_INACTIVE.rawValue) : 0
+        guard let c = virDomainGetXMLDesc(pointer, flags) else {
+            throw ProvisioningError.fromLibvirt("cannot read the XML of \(name)")
+        }
+        defer { free(c) }
+        return String(cString: c)
+    }
+
+    /// Starts the defined domain. The corresponding C function is `virDomainCreate`.
+    public func start() throws(ProvisioningError) {
+        guard virDomainCreate(pointer) == 0 else {
+            throw ProvisioningError.fromLibvirt("cannot start \(name)")
+        }
+    }
+
+    /// Stops the domain at once. The corresponding C function is `virDomainDestroy`.
+    public func destroy() throws(ProvisioningError) {
+        guard virDomainDestroy(pointer) == 0 else {
+            throw ProvisioningError.fromLibvirt("cannot stop \(name)")
+        }
+    }
+
+    /// Removes the definition. The corresponding C function is `virDomainUndefineFlags`.
+    public func undefine() throws(ProvisioningError) {
+        let flags = UInt32(VIR_DOMAIN_UNDEFINE_MANAGED_SAVE.rawValue | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA.rawValue
+                           | VIR_DOMAIN_UNDEFINE_NVRAM.rawValue)
+        guard virDomainUndefineFlags(pointer, flags) == 0 else {
+            throw ProvisioningError.fromLibvirt("cannot undefine \(name)")
+        }
+    }
+
+    /// The element virtchan keeps in the domain's `<metadata>`, or nil.
+    /// The corresponding C function is `virDomainGetMetadata`.
+    public func metadata(namespace uri: String, live: Bool = true) -> String? {
+        let flags = live ? UInt32(VIR_DOMAIN_AFFECT_CURRENT.rawValue) : UInt32(VIR_DOMAIN_AFFECT_CONFIG.rawValue)
+        guard let c = virDomainGetMetadata(pointer, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), uri, flags) else {
+            virResetLastError()
+            return nil
+        }
+        defer { free(c) }
+        return String(cString: c)
+    }
+
+    /// Replaces virtchan's metadata element, in the live domain and its persistent definition.
+    /// The corresponding C function is `virDomainSetMetadata`.
+    public func setMetadata(_ xml: String, key: String, namespace uri: String) throws(ProvisioningError) {
+        var flags = UInt32(VIR_DOMAIN_AFFECT_CONFIG.rawValue)
+        if isActive { flags |= UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue) }
+        guard virDomainSetMetadata(pointer, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), xml, key, uri, flags) == 0 else {
+            throw ProvisioningError.fromLibvirt("cannot update the metadata of \(name)")
+        }
+    }
+
+    /// Sends a command to qemu-guest-agent through libvirt.
+    /// The corresponding C function is `virDomainQemuAgentCommand`.
+    public func qemuAgentCommand(_ json: String, timeoutSeconds: Int32 = 10) throws(ProvisioningError) -> String {
+        guard let c = virDomainQemuAgentCommand(pointer, json, timeoutSeconds, 0) else {
+            throw ProvisioningError.fromLibvirt("qemu-guest-agent command failed")
+        }
+        defer { free(c) }
+        return String(cString: c)
+    }
+}

@@ -1,0 +1,52 @@
+import CLibvirt
+
+/// Every failure of the provisioning layer: a code a script can match, a message a person can
+/// act on, and the libvirt error behind it when there is one.
+public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private enum Value: String, Sendable {
+            case invalidArgument, invalidXML, conflict, notFound, notRunning, alreadyExists,
+                 connection, libvirt, notManaged, io
+        }
+        private let value: Value
+        private init(_ v: Value) { value = v }
+        public static let invalidArgument = Code(.invalidArgument)
+        public static let invalidXML = Code(.invalidXML)
+        public static let conflict = Code(.conflict)
+        public static let notFound = Code(.notFound)
+        public static let notRunning = Code(.notRunning)
+        public static let alreadyExists = Code(.alreadyExists)
+        public static let connection = Code(.connection)
+        public static let libvirt = Code(.libvirt)
+        public static let notManaged = Code(.notManaged)
+        public static let io = Code(.io)
+        public var description: String { value.rawValue }
+    }
+
+    public let code: Code
+    public let message: String
+    /// libvirt's own error number (`virErrorNumber`), when libvirt reported the failure.
+    public let libvirtCode: Int32?
+
+    public init(_ code: Code, _ message: String, libvirtCode: Int32? = nil) {
+        self.code = code
+        self.message = message
+        self.libvirtCode = libvirtCode
+    }
+
+    public var description: String { message }
+
+    /// Turns libvirt's last error on this thread into a ProvisioningError right away.
+    static func fromLibvirt(_ what: String, code: Code = .libvirt) -> ProvisioningError {
+        guard let err = virGetLastError() else {
+            return ProvisioningError(code, "\(what) failed")
+        }
+        let number = err.pointee.code
+        let text = err.pointee.message.map { String(cString: $0) } ?? "unknown libvirt error"
+        virResetLastError()
+        var resolved = code
+        if number == Int32(VIR_ERR_NO_DOMAIN.rawValue) { resolved = .notFound }
+        if number == Int32(VIR_ERR_OPERATION_INVALID.rawValue) && text.contains("not running") { resolved = .notRunning }
+        return ProvisioningError(resolved, "\(what): \(text)", libvirtCode: number)
+    }
+}

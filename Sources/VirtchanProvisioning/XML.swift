@@ -1,0 +1,167 @@
+import CLibXML2
+import Foundation
+
+/// A libxml2 document. The class owns the `xmlDocPtr` and frees it in `deinit`; nodes handed
+/// out keep the document alive.
+public final class XMLDocument: @unchecked Sendable {
+    let doc: xmlDocPtr
+
+    private static let setup: Void = {
+        xmlInitParser()
+        vc_xml_silence_errors()
+    }()
+
+    /// A new document whose root element is `root`. The corresponding C function is `xmlNewDoc`.
+    public init(root: String) {
+        _ = Self.setup
+        doc = xmlNewDoc("1.0")
+        let node = xmlNewNode(nil, root)
+        xmlDocSetRootElement(doc, node)
+    }
+
+    /// Parses XML text. The corresponding C function is `xmlReadMemory`.
+    public init(parsing text: String, name: String = "document") throws(ProvisioningError) {
+        _ = Self.setup
+        let bytes = Array(text.utf8)
+        let parsed = bytes.withUnsafeBufferPointer { buf in
+            buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
+                xmlReadMemory($0, Int32(buf.count), nil, "UTF-8", Int32(XML_PARSE_NONET.rawValue | XML_PARSE_NOBLANKS.rawValue))
+            }
+        }
+        guard let parsed, xmlDocGetRootElement(parsed) != nil else {
+            var detail = "not well-formed XML"
+            if let err = xmlGetLastError(), let msg = err.pointee.message {
+                detail = String(cString: msg).trimmingCharacters(in: .whitespacesAndNewlines) + " at line \(err.pointee.line)"
+            }
+            if let parsed { xmlFreeDoc(parsed) }
+            throw ProvisioningError(.invalidXML, "\(name) is not valid XML: \(detail)")
+        }
+        doc = parsed
+    }
+
+    deinit { xmlFreeDoc(doc) }
+
+    public var root: XMLNode { XMLNode(document: self, node: xmlDocGetRootElement(doc)) }
+
+    /// The document as text, indented. The corresponding C function is `xmlDocDumpFormatMemory`.
+    public func serialize() -> String {
+        var out: UnsafeMutablePointer<xmlChar>?
+        var size: Int32 = 0
+        xmlDocDumpFormatMemoryEnc(doc, &out, &size, "UTF-8", 1)
+        guard let out else { return "" }
+        defer { vc_xml_free(out) }
+        let text = String(cString: out)
+        // Drop the XML declaration: libvirt and people read the element alone.
+        if text.hasPrefix("<?xml"), let nl = text.firstIndex(of: "\n") {
+            return String(text[text.index(after: nl)...])
+        }
+        return text
+    }
+
+    /// Evaluates an XPath expression and returns the matching element or attribute nodes.
+    /// `namespaces` maps prefixes used in the expression to namespace URIs.
+    public func select(_ xpath: String, namespaces: [String: String] = [:], from context: XMLNode? = nil) -> [XMLNode] {
+        guard let ctx = xmlXPathNewContext(doc) else { return [] }
+        defer { xmlXPathFreeContext(ctx) }
+        for (prefix, uri) in namespaces { xmlXPathRegisterNs(ctx, prefix, uri) }
+        if let context { ctx.pointee.node = context.node }
+        guard let result = xmlXPathEvalExpression(xpath, ctx) else { return [] }
+        defer { xmlXPathFreeObject(result) }
+        let count = vc_xpath_nodeset_count(result)
+        return (0..<count).compactMap { i in
+            vc_xpath_nodeset_item(result, Int32(i)).map { XMLNode(document: self, node: $0) }
+        }
+    }
+
+    /// The string value of an XPath expression (e.g. "string(/domain/name)").
+    public func string(_ xpath: String, namespaces: [String: String] = [:], from context: XMLNode? = nil) -> String? {
+        guard let ctx = xmlXPathNewContext(doc) else { return nil }
+        defer { xmlXPathFreeContext(ctx) }
+        for (prefix, uri) in namespaces { xmlXPathRegisterNs(ctx, prefix, uri) }
+        if let context { ctx.pointee.node = context.node }
+        guard let result = xmlXPathEvalExpression(xpath, ctx) else { return nil }
+        defer { xmlXPathFreeObject(result) }
+        guard let s = xmlXPathCastToString(result) else { return nil }
+        defer { vc_xml_free(s) }
+        let value = String(cString: s)
+        return value.isEmpty ? nil : value
+    }
+}
+
+/// An element or attribute inside an `XMLDocument`.
+public struct XMLNode: @unchecked Sendable {
+    let document: XMLDocument
+    let node: xmlNodePtr
+
+    public var name: String { String(cString: node.pointee.name) }
+
+    /// Text content. The corresponding C function is `xmlNodeGetContent`.
+    public var text: String {
+        guard let c = xmlNodeGetContent(node) else { return "" }
+        defer { vc_xml_free(c) }
+        return String(cString: c)
+    }
+
+    public func attribute(_ name: String) -> String? {
+        guard let v = xmlGetProp(node, name) else { return nil }
+        defer { vc_xml_free(v) }
+        return String(cString: v)
+    }
+
+    @discardableResult
+    public func setAttribute(_ name: String, _ value: String) -> XMLNode {
+        xmlSetProp(node, name, value)
+        return self
+    }
+
+    /// Appends a child element (text content escaped by libxml2).
+    /// The corresponding C function is `xmlNewTextChild`.
+    @discardableResult
+    public func addChild(_ name: String, text: String? = nil, attributes: KeyValuePairs<String, String> = [:]) -> XMLNode {
+        let child = xmlNewTextChild(node, nil, name, text)!
+        let wrapped = XMLNode(document: document, node: child)
+        for (k, v) in attributes { wrapped.setAttribute(k, v) }
+        return wrapped
+    }
+
+    /// Appends a child element in a namespace, declaring it on that child.
+    @discardableResult
+    public func addChild(_ name: String, namespace uri: String, prefix: String) -> XMLNode {
+        let child = xmlNewChild(node, nil, name, nil)!
+        let ns = xmlNewNs(child, uri, prefix)
+        xmlSetNs(child, ns)
+        return XMLNode(document: document, node: child)
+    }
+
+    /// Appends a child in the same namespace as this element.
+    @discardableResult
+    public func addNamespacedChild(_ name: String, text: String? = nil) -> XMLNode {
+        let child = xmlNewTextChild(node, node.pointee.ns, name, text)!
+        return XMLNode(document: document, node: child)
+    }
+
+    /// The first child element called `name`, created when missing.
+    public func child(_ name: String) -> XMLNode {
+        var c = node.pointee.children
+        while let cur = c {
+            if cur.pointee.type == XML_ELEMENT_NODE, String(cString: cur.pointee.name) == name {
+                return XMLNode(document: document, node: cur)
+            }
+            c = cur.pointee.next
+        }
+        return addChild(name)
+    }
+
+    public func remove() {
+        xmlUnlinkNode(node)
+        xmlFreeNode(node)
+    }
+
+    /// This element and its subtree as text.
+    public func serialize() -> String {
+        guard let buf = xmlBufferCreate() else { return "" }
+        defer { xmlBufferFree(buf) }
+        xmlNodeDump(buf, document.doc, node, 0, 1)
+        return String(cString: xmlBufferContent(buf))
+    }
+}

@@ -1,0 +1,82 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import VirtchanAgentCore
+
+let usage = """
+USAGE: virtchan-agent [options]
+
+The virtchan guest agent. It finds its virtio-serial ports by name through
+/sys/class/virtio-ports, serves ping, info, exec and file transfers on the control
+port, and opens the data port only while a file moves.
+
+OPTIONS:
+  --control NAME     name of the control port (default: org.virtchan.control)
+  --data NAME        name of the data port (default: org.virtchan.data)
+  --config FILE      exec policy file (default: /etc/virtchan-agent.conf, if present)
+                     lines: exec = allow|deny, exec-allow = CMD..., exec-deny = CMD...
+  --log FILE         append the log to FILE instead of stderr
+  --sysfs DIR        where to look for ports (default: /sys/class/virtio-ports)
+  --list-ports       print the ports found, one "name device" per line, and exit
+  --verbose          log every request
+  --version          print the version and exit
+  -h, --help         show this help
+"""
+
+func die(_ message: String, code: Int32 = 2) -> Never {
+    var line = Array("virtchan-agent: \(message)\n".utf8)
+    _ = line.withUnsafeMutableBytes { write(2, $0.baseAddress!, $0.count) }
+    exit(code)
+}
+
+var options = AgentOptions()
+var configPath = "/etc/virtchan-agent.conf"
+var configRequired = false
+var listPorts = false
+var args = CommandLine.arguments.dropFirst()
+while let arg = args.popFirst() {
+    func value() -> String {
+        guard let v = args.popFirst() else { die("\(arg) needs a value (see --help)") }
+        return v
+    }
+    switch arg {
+    case "--control": options.controlPort = value()
+    case "--data": options.dataPort = value()
+    case "--config": configPath = value(); configRequired = true
+    case "--log": options.logPath = value()
+    case "--sysfs": options.sysfsRoot = value()
+    case "--list-ports": listPorts = true
+    case "--verbose", "-v": options.verbose = true
+    case "--version": print("virtchan-agent \(agentVersion)"); exit(0)
+    case "-h", "--help": print(usage); exit(0)
+    default: die("unknown option \(arg) (see --help)")
+    }
+}
+
+if listPorts {
+    for port in PortDiscovery.ports(sysfsRoot: options.sysfsRoot) { print("\(port.name) \(port.device)") }
+    exit(0)
+}
+
+if access(configPath, F_OK) == 0 {
+    let fd = open(configPath, O_RDONLY)
+    var text: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while fd >= 0 {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+        if n <= 0 { break }
+        text.append(contentsOf: buf[0..<n])
+    }
+    if fd >= 0 { close(fd) }
+    do {
+        options.policy = try ExecPolicy(parsing: String(decoding: text, as: UTF8.self))
+    } catch {
+        die("\(configPath): \(error)")
+    }
+} else if configRequired {
+    die("cannot read \(configPath)")
+}
+
+exit(Agent(options: options).run())

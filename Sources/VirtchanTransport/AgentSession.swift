@@ -1,0 +1,184 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import VirtchanProtocol
+
+/// Where a domain's agent listens, as resolved from its live XML.
+public struct AgentEndpoint: Sendable {
+    public var domain: String
+    public var controlSocket: String
+    public var dataSocket: String?
+    /// Where the guest console goes, named in errors when the agent does not answer.
+    public var consoleLog: String?
+
+    public init(domain: String, controlSocket: String, dataSocket: String?, consoleLog: String?) {
+        self.domain = domain
+        self.controlSocket = controlSocket
+        self.dataSocket = dataSocket
+        self.consoleLog = consoleLog
+    }
+}
+
+/// One session with the agent over the control channel: connect, handshake with a fresh
+/// nonce (stale bytes from any earlier session are dropped on both sides), then requests.
+public final class AgentSession {
+    public let endpoint: AgentEndpoint
+    public let control: FramedConnection
+    public private(set) var hello: HelloAck
+    private let lock: ChannelLock
+    private var nextID: UInt32 = 1
+    /// Frames that arrived for another request while waiting for one.
+    private var stash: [Frame] = []
+
+    /// Connects and completes the handshake, resending the hello until `timeout` passes
+    /// (an agent still booting misses what arrives before it opens its port).
+    public static func connect(_ endpoint: AgentEndpoint, timeout: Double = 10) throws(TransportError) -> AgentSession {
+        signal(SIGPIPE, SIG_IGN)
+        let lock = try ChannelLock(socketPath: endpoint.controlSocket, label: "control channel of \(endpoint.domain)")
+        let fd = try UnixSocket.connect(endpoint.controlSocket)
+        let control = FramedConnection(fd: fd)
+        var rng = SystemRandomNumberGenerator()
+        let nonce = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let hello = Hello(nonce: nonce, client: "virtchan")
+        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
+        var lastSent: UInt64 = 0
+        do throws(TransportError) {
+            while true {
+                let now = monotonicNanos()
+                if now >= deadline {
+                    var msg = "the agent in \(endpoint.domain) did not answer within \(formatSeconds(timeout))"
+                    if let log = endpoint.consoleLog { msg += "; see the guest console log \(log)" }
+                    if control.decoder.skippedBytes > 0 { msg += " (\(control.decoder.skippedBytes) bytes of noise on the channel)" }
+                    throw TransportError(.timeout, msg)
+                }
+                if now - lastSent >= 1_000_000_000 {
+                    control.send(hello, id: 0)
+                    lastSent = now
+                }
+                try pump(control, until: min(deadline, lastSent + 1_000_000_000))
+                while let frame = control.decoder.next() {
+                    // Anything before our own ack is left over from an earlier session.
+                    if frame.type == .helloAck, let ack = try? HelloAck.decode(frame), ack.nonce == nonce {
+                        return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: lock)
+                    }
+                    if frame.type == .error, let err = try? ErrorMessage.decode(frame), err.remoteCode == .unsupported {
+                        throw TransportError(remote: err)
+                    }
+                }
+            }
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    private init(endpoint: AgentEndpoint, control: FramedConnection, hello: HelloAck, lock: ChannelLock) {
+        self.endpoint = endpoint
+        self.control = control
+        self.hello = hello
+        self.lock = lock
+    }
+
+    deinit { close(control.fd) }
+
+    /// Flushes output and reads input until something arrives or `deadline` passes.
+    static func pump(_ c: FramedConnection, until deadline: UInt64, extra: Int32 = -1) throws(TransportError) {
+        var fds = [pollfd(fd: c.fd, events: Int16(POLLIN) | (c.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
+        let now = monotonicNanos()
+        let ms = deadline > now ? Int32(min((deadline - now) / 1_000_000 + 1, 60_000)) : 0
+        let rc = poll(&fds, 1, ms)
+        if rc < 0 && errno != EINTR { throw TransportError(.io, "poll: \(String(cString: strerror(errno)))") }
+        if fds[0].revents & Int16(POLLOUT) != 0 || c.pendingOutput > 0 {
+            do { try c.flush() } catch {
+                throw TransportError(.agentGone, "the control channel closed: \(error)", errno: error.errno)
+            }
+        }
+        if fds[0].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+            let outcome: ReadOutcome
+            do { outcome = try c.fill() } catch {
+                throw TransportError(.agentGone, "the control channel failed: \(error)", errno: error.errno)
+            }
+            if outcome == .eof {
+                throw TransportError(.agentGone, "the control channel closed (the domain stopped or QEMU went away)")
+            }
+        }
+    }
+
+    public func newID() -> UInt32 {
+        nextID &+= 1
+        if nextID == 0 { nextID = 1 }
+        return nextID
+    }
+
+    public func send(_ frame: Frame) { control.send(frame) }
+
+    public func send<M: WireMessage>(_ message: M, id: UInt32, flags: UInt16 = 0) {
+        control.send(message, id: id, flags: flags)
+    }
+
+    /// Writes everything queued, waiting for the socket as needed.
+    public func flush(timeout: Double = 30) throws(TransportError) {
+        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
+        while control.pendingOutput > 0 {
+            if monotonicNanos() >= deadline { throw TransportError(.timeout, "the control channel stopped taking data") }
+            try Self.pump(control, until: deadline)
+        }
+    }
+
+    /// The next frame for request `id` (or any request when nil), or nil at `deadline`.
+    public func receive(id: UInt32?, deadline: UInt64) throws(TransportError) -> Frame? {
+        if let i = stash.firstIndex(where: { id == nil || $0.id == id }) { return stash.remove(at: i) }
+        while true {
+            while let frame = control.decoder.next() {
+                if id == nil || frame.id == id { return frame }
+                if frame.type != .helloAck && frame.type != .pong { stash.append(frame) }
+                if stash.count > 64 { stash.removeFirst() }
+            }
+            if monotonicNanos() >= deadline { return nil }
+            try Self.pump(control, until: deadline)
+        }
+    }
+
+    /// Sends a request and returns the first frame answering it; an error frame is thrown.
+    public func request(_ frame: Frame, timeout: Double = 30) throws(TransportError) -> Frame {
+        send(frame)
+        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
+        guard let reply = try receive(id: frame.id, deadline: deadline) else {
+            throw TransportError(.timeout, "the agent in \(endpoint.domain) did not answer a \(frame.type) request within \(formatSeconds(timeout))")
+        }
+        if reply.type == .error { throw TransportError(remote: try decodeOrThrow(ErrorMessage.self, reply)) }
+        return reply
+    }
+
+    /// One round trip; returns the time it took in seconds.
+    public func ping(timeout: Double = 10) throws(TransportError) -> Double {
+        let id = newID()
+        var w = ByteWriter()
+        let start = monotonicNanos()
+        w.u64(start)
+        let reply = try request(Frame(.ping, id: id, payload: w.bytes), timeout: timeout)
+        guard reply.type == .pong, reply.payload == w.bytes else {
+            throw TransportError(.protocolViolation, "the agent answered a ping with \(reply.type)")
+        }
+        return Double(monotonicNanos() - start) / 1e9
+    }
+
+    public func info(timeout: Double = 10) throws(TransportError) -> Info {
+        let reply = try request(Frame(.infoRequest, id: newID()), timeout: timeout)
+        return try decodeOrThrow(Info.self, reply)
+    }
+}
+
+func decodeOrThrow<M: WireMessage>(_ type: M.Type, _ frame: Frame) throws(TransportError) -> M {
+    do {
+        return try M.decode(frame)
+    } catch {
+        throw TransportError(.protocolViolation, "malformed \(frame.type) from the agent: \(error.message)")
+    }
+}
+
+public func formatSeconds(_ s: Double) -> String {
+    s == s.rounded() ? "\(Int(s)) s" : "\(s) s"
+}

@@ -1,0 +1,285 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Crypto
+import VirtchanProtocol
+
+public struct TransferSummary: Sendable, Codable {
+    public var bytes: UInt64
+    public var seconds: Double
+    /// SHA-256 of the bytes, computed on the host.
+    public var sha256: String
+    /// SHA-256 computed in the guest, when asked for (`--sha256`).
+    public var guestSHA256: String?
+    public var xxh64: String
+    public var mode: UInt32?
+
+    public var mibPerSecond: Double { seconds > 0 ? Double(bytes) / 1_048_576 / seconds : 0 }
+}
+
+/// Called as bytes move: (bytes so far, total).
+public typealias ProgressHandler = (UInt64, UInt64) -> Void
+
+/// Moves files over the data channel. The host connects to the data socket first, asks on the
+/// control channel, and writes only after the agent says the port is open (bytes sent to a
+/// closed guest port are dropped). Every frame and the whole file carry XXH64; the receiving
+/// side writes a temporary file and renames it only once everything checks out.
+public final class FileTransfer {
+    let session: AgentSession
+    private var data: FramedConnection?
+    private var dataLock: ChannelLock?
+    /// How long the agent may stay silent before the transfer is given up.
+    public var silenceLimit: Double = 15
+
+    public init(session: AgentSession) { self.session = session }
+
+    deinit { if let data { close(data.fd) } }
+
+    private func dataConnection() throws(TransportError) -> FramedConnection {
+        if let data { return data }
+        guard let path = session.endpoint.dataSocket else {
+            throw TransportError(.unreachable, "domain \(session.endpoint.domain) has no data channel")
+        }
+        dataLock = try ChannelLock(socketPath: path, label: "data channel of \(session.endpoint.domain)")
+        let fd = try UnixSocket.connect(path)
+        let c = FramedConnection(fd: fd, maxPayload: FrameLimits.dataChunk + 4096)
+        data = c
+        return c
+    }
+
+    /// Waits for the control frame answering `id`; errors become TransportError.
+    private func controlReply(_ id: UInt32, timeout: Double) throws(TransportError) -> Frame {
+        guard let f = try session.receive(id: id, deadline: monotonicNanos() + UInt64(timeout * 1e9)) else {
+            throw TransportError(.timeout, "the agent in \(session.endpoint.domain) did not answer within \(formatSeconds(timeout))")
+        }
+        if f.type == .error { throw TransportError(remote: try decodeOrThrow(ErrorMessage.self, f)) }
+        return f
+    }
+
+    private func abort(_ id: UInt32) {
+        session.send(Frame(.abort, id: id))
+        try? session.flush(timeout: 2)
+        // Take the agent's acknowledgement off the channel so the next request starts clean.
+        _ = try? session.receive(id: id, deadline: monotonicNanos() + 2_000_000_000)
+    }
+
+    // MARK: push
+
+    /// Sends `size` bytes read from `fd` to `remote` in the guest.
+    public func push(fd: Int32, size: UInt64, to remote: String, mode: UInt32, parents: Bool,
+                     guestSHA256: Bool = false, progress: ProgressHandler? = nil) throws(TransportError) -> TransferSummary {
+        let data = try dataConnection()
+        let id = session.newID()
+        let start = monotonicNanos()
+        session.send(PushRequest(path: remote, mode: mode, size: size, parents: parents, wantSHA256: guestSHA256), id: id)
+        let ready = try controlReply(id, timeout: 30)
+        guard ready.type == .dataReady else {
+            throw TransportError(.protocolViolation, "the agent answered a push with \(ready.type)")
+        }
+        var hasher = XXH64()
+        var sha = Crypto.SHA256()
+        var sent: UInt64 = 0
+        let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: FrameLimits.dataChunk, alignment: 16)
+        defer { chunk.deallocate() }
+        var lastHeard = monotonicNanos()
+        var lastPing = lastHeard
+        var finished = false
+        do throws(TransportError) {
+            while true {
+                // Keep at most two chunks queued: memory stays flat whatever the file size.
+                while !finished && data.pendingOutput < 2 * FrameLimits.dataChunk {
+                    let want = Int(min(UInt64(chunk.count), size - sent))
+                    if want == 0 {
+                        data.send(DataEnd(size: sent, xxh64: hasher.digest()), id: id)
+                        finished = true
+                        break
+                    }
+                    let got = readFull(fd, chunk.baseAddress!, want)
+                    if got < 0 { throw TransportError(.io, "reading the local file: \(String(cString: strerror(errno)))", errno: errno) }
+                    if got == 0 {
+                        throw TransportError(.io, "the local file shrank while it was being read (\(sent) of \(size) bytes); nothing was written in the guest")
+                    }
+                    let part = UnsafeRawBufferPointer(rebasing: chunk[0..<got])
+                    hasher.update(part)
+                    sha.update(bufferPointer: part)
+                    data.send(.data, id: id, payload: part)
+                    sent += UInt64(got)
+                    progress?(sent, size)
+                }
+                if finished && data.pendingOutput == 0 { break }
+                var fds = [pollfd(fd: data.fd, events: Int16(POLLOUT), revents: 0),
+                           pollfd(fd: session.control.fd, events: Int16(POLLIN) | (session.control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
+                _ = poll(&fds, 2, 500)
+                if fds[0].revents & Int16(POLLOUT) != 0 {
+                    do { try data.flush() } catch {
+                        throw TransportError(.agentGone, "the data channel closed mid-transfer: \(error)")
+                    }
+                } else if fds[0].revents & Int16(POLLERR | POLLHUP) != 0 {
+                    throw TransportError(.agentGone, "the data channel closed mid-transfer")
+                }
+                if fds[1].revents != 0 {
+                    try AgentSession.pump(session.control, until: 0)
+                    lastHeard = monotonicNanos()
+                    // An answer before the end is an error (disk full, permission, ...).
+                    if let f = try session.receive(id: id, deadline: 0) {
+                        if f.type == .error { throw TransportError(remote: try decodeOrThrow(ErrorMessage.self, f)) }
+                        throw TransportError(.protocolViolation, "unexpected \(f.type) during a push")
+                    }
+                }
+                let now = monotonicNanos()
+                if fds[0].revents == 0 && now - lastPing > 2_000_000_000 {
+                    session.send(Frame(.ping, id: 0))
+                    lastPing = now
+                }
+                if fds[0].revents == 0 && Double(now - lastHeard) / 1e9 > silenceLimit {
+                    throw TransportError(.agentGone, "the agent in \(session.endpoint.domain) stopped taking data")
+                }
+            }
+        } catch {
+            if error.code != .remote { abort(id) }
+            throw error
+        }
+        let done = try controlReply(id, timeout: 120)
+        let result = try decodeOrThrow(TransferDone.self, done)
+        guard result.size == sent, result.xxh64 == hasher.digest() else {
+            throw TransportError(.integrity, "the guest stored \(result.size) bytes with a different checksum than was sent")
+        }
+        return TransferSummary(bytes: sent, seconds: Double(monotonicNanos() - start) / 1e9,
+                               sha256: hex(sha.finalize()), guestSHA256: result.sha256.isEmpty ? nil : result.sha256,
+                               xxh64: String(result.xxh64, radix: 16), mode: mode)
+    }
+
+    // MARK: pull
+
+    /// Receives `remote` into `fd` (positioned at the start of an empty file or a stream).
+    /// `checkSize` is asked before any byte is written, with the size the guest announced.
+    public func pull(_ remote: String, into fd: Int32, guestSHA256: Bool = false,
+                     announced: ((UInt64, UInt32) throws(TransportError) -> Void)? = nil,
+                     progress: ProgressHandler? = nil) throws(TransportError) -> TransferSummary {
+        let data = try dataConnection()
+        let id = session.newID()
+        let start = monotonicNanos()
+        session.send(PullRequest(path: remote, wantSHA256: guestSHA256), id: id)
+        let readyFrame = try controlReply(id, timeout: 30)
+        let ready = try decodeOrThrow(DataReady.self, readyFrame)
+        var hasher = XXH64()
+        var sha = Crypto.SHA256()
+        var received: UInt64 = 0
+        var lastHeard = monotonicNanos()
+        var lastPing = lastHeard
+        do throws(TransportError) {
+            try announced?(ready.size, ready.mode)
+            receiving: while true {
+                while let frame = data.decoder.next() {
+                    guard frame.id == id else { continue }
+                    switch frame.type {
+                    case .data:
+                        guard received + UInt64(frame.payload.count) <= ready.size else {
+                            throw TransportError(.integrity, "the guest sent more than the \(ready.size) bytes it announced for \(remote); refused")
+                        }
+                        let ok = frame.payload.withUnsafeBytes { raw -> Bool in
+                            hasher.update(raw)
+                            sha.update(bufferPointer: raw)
+                            return writeFully(fd, raw)
+                        }
+                        if !ok { throw TransportError(.io, "writing the local file: \(String(cString: strerror(errno)))", errno: errno) }
+                        received += UInt64(frame.payload.count)
+                        progress?(received, ready.size)
+                    case .dataEnd:
+                        let end = try decodeOrThrow(DataEnd.self, frame)
+                        guard end.size == received, received == ready.size else {
+                            throw TransportError(.integrity, "size mismatch on \(remote): announced \(ready.size), received \(received)")
+                        }
+                        guard end.xxh64 == hasher.digest() else {
+                            throw TransportError(.integrity, "checksum mismatch on \(remote): the data was damaged in transit")
+                        }
+                        break receiving
+                    default:
+                        continue
+                    }
+                }
+                var fds = [pollfd(fd: data.fd, events: Int16(POLLIN), revents: 0),
+                           pollfd(fd: session.control.fd, events: Int16(POLLIN) | (session.control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
+                _ = poll(&fds, 2, 500)
+                if fds[0].revents != 0 {
+                    let outcome: ReadOutcome
+                    do { outcome = try data.fill(limit: 4 << 20) } catch {
+                        throw TransportError(.agentGone, "the data channel failed: \(error)")
+                    }
+                    if outcome == .eof { throw TransportError(.agentGone, "the data channel closed mid-transfer") }
+                    lastHeard = monotonicNanos()
+                }
+                if fds[1].revents != 0 {
+                    try AgentSession.pump(session.control, until: 0)
+                    lastHeard = monotonicNanos()
+                    if let f = try session.receive(id: id, deadline: 0) {
+                        if f.type == .error { throw TransportError(remote: try decodeOrThrow(ErrorMessage.self, f)) }
+                    }
+                }
+                let now = monotonicNanos()
+                if fds[0].revents == 0 && now - lastPing > 2_000_000_000 {
+                    session.send(Frame(.ping, id: 0))
+                    try? session.control.flush()
+                    lastPing = now
+                }
+                if Double(now - lastHeard) / 1e9 > silenceLimit {
+                    throw TransportError(.agentGone, "the agent in \(session.endpoint.domain) stopped sending (\(received) of \(ready.size) bytes arrived)")
+                }
+            }
+        } catch {
+            if error.code != .remote && error.code != .agentGone { abort(id) }
+            throw error
+        }
+        session.send(Frame(.ok, id: id))
+        let done = try decodeOrThrow(TransferDone.self, try controlReply(id, timeout: 30))
+        return TransferSummary(bytes: received, seconds: Double(monotonicNanos() - start) / 1e9,
+                               sha256: hex(sha.finalize()), guestSHA256: done.sha256.isEmpty ? nil : done.sha256,
+                               xxh64: String(done.xxh64, radix: 16), mode: ready.mode)
+    }
+
+    // MARK: small requests used by tree copies
+
+    public func stat(_ path: String) throws(TransportError) -> StatReply {
+        let id = session.newID()
+        let f = try session.request(StatRequest(path: path).frame(id: id))
+        return try decodeOrThrow(StatReply.self, f)
+    }
+
+    public func mkdir(_ path: String, mode: UInt32, parents: Bool) throws(TransportError) {
+        _ = try session.request(MkdirRequest(path: path, mode: mode, parents: parents).frame(id: session.newID()))
+    }
+
+    public func symlink(target: String, at path: String) throws(TransportError) {
+        _ = try session.request(SymlinkRequest(target: target, path: path).frame(id: session.newID()))
+    }
+
+    public func listTree(_ path: String) throws(TransportError) -> [TreeEntry] {
+        let id = session.newID()
+        session.send(ListTree(path: path), id: id)
+        var out: [TreeEntry] = []
+        while true {
+            let f = try controlReply(id, timeout: 60)
+            out.append(contentsOf: try decodeOrThrow(TreeEntries.self, f).entries)
+            if f.flags & treeEntriesLast != 0 { return out }
+        }
+    }
+}
+
+/// Reads up to `count` bytes, retrying short reads; 0 only at end of file, -1 on error.
+func readFull(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
+    var done = 0
+    while done < count {
+        let n = read(fd, p + done, count - done)
+        if n > 0 { done += n; continue }
+        if n == 0 { break }
+        if errno == EINTR { continue }
+        return done > 0 ? done : -1
+    }
+    return done
+}
+
+func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
+    digest.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+}

@@ -1,0 +1,46 @@
+import VirtchanProtocol
+
+/// Every failure of the host's side of a conversation with the agent.
+public struct TransportError: Error, CustomStringConvertible, Sendable {
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private enum Value: String, Sendable {
+            case busy, unreachable, timeout, agentGone, protocolViolation, remote, io, invalidArgument, integrity
+        }
+        private let value: Value
+        private init(_ v: Value) { value = v }
+        /// Another client holds the channel.
+        public static let busy = Code(.busy)
+        /// The socket is missing or refuses connections.
+        public static let unreachable = Code(.unreachable)
+        /// No answer within the deadline.
+        public static let timeout = Code(.timeout)
+        /// The agent went away mid-conversation.
+        public static let agentGone = Code(.agentGone)
+        public static let protocolViolation = Code(.protocolViolation)
+        /// The agent refused or failed the request; see `remote`.
+        public static let remote = Code(.remote)
+        public static let io = Code(.io)
+        public static let invalidArgument = Code(.invalidArgument)
+        /// Data did not verify (checksum or size).
+        public static let integrity = Code(.integrity)
+        public var description: String { value.rawValue }
+    }
+
+    public let code: Code
+    public let message: String
+    public let remote: ErrorMessage?
+    public let errno: Int32?
+
+    public init(_ code: Code, _ message: String, remote: ErrorMessage? = nil, errno: Int32? = nil) {
+        self.code = code
+        self.message = message
+        self.remote = remote
+        self.errno = errno
+    }
+
+    public init(remote: ErrorMessage) {
+        self.init(.remote, remote.message, remote: remote)
+    }
+
+    public var description: String { message }
+}

@@ -1,0 +1,75 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import VirtchanProtocol
+
+public enum UnixSocket {
+    /// Connects a stream socket to `path`; the descriptor is close-on-exec and non-blocking.
+    public static func connect(_ path: String) throws(TransportError) -> Int32 {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
+        guard bytes.count < capacity else {
+            throw TransportError(.invalidArgument, "socket path \(path) is longer than \(capacity - 1) bytes")
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw TransportError(.io, "socket: \(String(cString: strerror(errno)))", errno: errno) }
+        let rc = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        guard rc == 0 else {
+            let e = errno
+            close(fd)
+            switch e {
+            case ENOENT:
+                throw TransportError(.unreachable, "no socket at \(path): is the domain running?", errno: e)
+            case ECONNREFUSED:
+                throw TransportError(.unreachable, "nothing listens on \(path): the domain's QEMU process is gone", errno: e)
+            case EACCES:
+                throw TransportError(.unreachable, "permission denied on \(path): run as root", errno: e)
+            default:
+                throw TransportError(.unreachable, "cannot connect to \(path): \(String(cString: strerror(e)))", errno: e)
+            }
+        }
+        setNonBlocking(fd)
+        return fd
+    }
+}
+
+/// An exclusive advisory lock that keeps two virtchan processes on this host off one channel
+/// (QEMU would queue the second client silently, which looks like a hang).
+final class ChannelLock {
+    let fd: Int32
+
+    init(socketPath: String, label: String) throws(TransportError) {
+        let dir = "/run/virtchan"
+        mkdir(dir, 0o755)
+        let lockPath = dir + "/" + String(XXH64.hash(Array(socketPath.utf8)), radix: 16) + ".lock"
+        fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw TransportError(.io, "cannot open the lock file \(lockPath): \(String(cString: strerror(errno)))", errno: errno)
+        }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            var holder = ""
+            var buf = [UInt8](repeating: 0, count: 32)
+            let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, 31, 0) }
+            if n > 0 { holder = " (pid \(String(decoding: buf[0..<n], as: UTF8.self)))" }
+            close(fd)
+            throw TransportError(.busy, "the \(label) is busy: another virtchan process holds it\(holder); wait for it to finish or stop it")
+        }
+        let pid = Array(String(getpid()).utf8)
+        _ = ftruncate(fd, 0)
+        _ = pid.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, 0) }
+    }
+
+    deinit { close(fd) }
+}

@@ -1,0 +1,287 @@
+import ArgumentParser
+import Foundation
+import VirtchanProtocol
+import VirtchanTransport
+
+struct TransferOptions: ParsableArguments {
+    @Flag(name: .shortAndLong, help: "Copy a directory tree (regular files, directories, symlinks, modes).") var recursive = false
+    @Flag(help: "Also compute SHA-256 in the guest and compare (slow under TCG).") var sha256 = false
+    @Flag(help: "Print a JSON summary (bytes, seconds, sha256).") var json = false
+    @Flag(help: "No progress bar.") var quiet = false
+}
+
+struct TreeSummary: Encodable {
+    var files = 0
+    var directories = 0
+    var symlinks = 0
+    var bytes: UInt64 = 0
+    var seconds: Double = 0
+}
+
+struct Push: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Copy a file (or, with -r, a tree) from the host into the guest.",
+        discussion: """
+        LOCAL '-' reads stdin. REMOTE is an absolute path in the guest; the file lands there
+        atomically (temporary file + rename) after its checksum verifies. With -r, LOCAL's
+        contents go into the directory REMOTE, which is created if missing.
+        """)
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Domain name.") var name: String
+    @Argument(help: "Local file, or - for stdin.") var local: String
+    @Argument(help: "Absolute destination path in the guest.") var remote: String
+    @Option(help: "File mode in octal (default: the local file's, 0644 for stdin).") var mode: String?
+    @Flag(name: [.customShort("p"), .long], help: "Create missing parent directories in the guest.") var parents = false
+    @OptionGroup var options: TransferOptions
+
+    func validate() throws {
+        guard remote.hasPrefix("/") else { throw ValidationError("REMOTE must be an absolute path in the guest, not '\(remote)'") }
+        if let mode, UInt32(mode, radix: 8).map({ $0 <= 0o7777 }) != true {
+            throw ValidationError("--mode takes an octal mode such as 0644, not '\(mode)'")
+        }
+        if options.recursive && local == "-" { throw ValidationError("-r cannot read a tree from stdin") }
+    }
+
+    func run() throws {
+        let explicitMode = mode.flatMap { UInt32($0, radix: 8) }
+        var st = stat()
+        if local != "-" {
+            guard lstat(local, &st) == 0 else { throw CLIError("cannot read \(local): \(String(cString: strerror(errno)))") }
+            let isDir = (st.st_mode & S_IFMT) == S_IFDIR
+            if isDir && !options.recursive { throw CLIError("\(local) is a directory (use -r to copy a tree)") }
+            if !isDir && options.recursive { throw CLIError("\(local) is not a directory; drop -r to copy one file") }
+        }
+        let session = try Resolve.session(name, global)
+        let transfer = FileTransfer(session: session)
+        if options.recursive {
+            let summary = try pushTree(transfer, explicitMode: explicitMode)
+            if options.json { return try printJSON(summary) }
+            print("\(summary.files) files, \(summary.directories) directories, \(summary.symlinks) symlinks (\(bytes(summary.bytes))) pushed to \(remote)")
+            return
+        }
+        let (fd, size, fileMode) = try openSource()
+        defer { close(fd) }
+        let bar = ProgressBar(label: "push", enabled: !options.quiet && isatty(2) == 1)
+        let summary = try transfer.push(fd: fd, size: size, to: remote, mode: explicitMode ?? fileMode, parents: parents,
+                                        guestSHA256: options.sha256, progress: bar.update)
+        bar.finish()
+        try checkGuestSHA(summary)
+        if options.json { return try printJSON(summary) }
+        if !options.quiet {
+            FileHandle.standardError.write(Data(String(format: "%@ -> %@:%@: %@ in %.2f s (%.1f MiB/s)\n", local, name, remote,
+                                                       bytes(summary.bytes), summary.seconds, summary.mibPerSecond).utf8))
+        }
+    }
+
+    /// The file to send; stdin is first spooled to an unlinked temporary file so its size is known.
+    private func openSource() throws -> (Int32, UInt64, UInt32) {
+        if local == "-" {
+            var template = Array((NSTemporaryDirectory() + "/virtchan-stdin-XXXXXX").utf8CString)
+            let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+            guard fd >= 0 else { throw CLIError("cannot create a temporary file: \(String(cString: strerror(errno)))") }
+            unlink(String(cString: template))
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+            defer { buf.deallocate() }
+            var total: UInt64 = 0
+            while true {
+                let n = read(0, buf.baseAddress!, buf.count)
+                if n < 0 && errno == EINTR { continue }
+                if n < 0 { throw CLIError("reading stdin: \(String(cString: strerror(errno)))") }
+                if n == 0 { break }
+                guard writeFully(fd, UnsafeRawBufferPointer(rebasing: buf[0..<n])) else {
+                    throw CLIError("spooling stdin: \(String(cString: strerror(errno)))")
+                }
+                total += UInt64(n)
+            }
+            lseek(fd, 0, SEEK_SET)
+            return (fd, total, 0o644)
+        }
+        let fd = open(local, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw CLIError("cannot open \(local): \(String(cString: strerror(errno)))") }
+        var st = stat()
+        fstat(fd, &st)
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            close(fd)
+            throw CLIError("\(local) is not a regular file")
+        }
+        return (fd, UInt64(st.st_size), UInt32(st.st_mode & 0o7777))
+    }
+
+    private func checkGuestSHA(_ summary: TransferSummary) throws {
+        if let g = summary.guestSHA256, g != summary.sha256 {
+            throw CLIError("SHA-256 mismatch: host \(summary.sha256), guest \(g)")
+        }
+    }
+
+    private func pushTree(_ transfer: FileTransfer, explicitMode: UInt32?) throws -> TreeSummary {
+        let start = Date()
+        var summary = TreeSummary()
+        let rootMode = explicitMode ?? 0o755
+        try transfer.mkdir(remote, mode: rootMode, parents: parents)
+        let fm = FileManager.default
+        guard let walker = fm.enumerator(atPath: local) else { throw CLIError("cannot read the directory \(local)") }
+        var links: [(String, String)] = []
+        for case let rel as String in walker {
+            let path = local + "/" + rel
+            let dest = remote + "/" + rel
+            var st = stat()
+            guard lstat(path, &st) == 0 else { continue }
+            let perm = UInt32(st.st_mode & 0o7777)
+            switch st.st_mode & S_IFMT {
+            case S_IFDIR:
+                try transfer.mkdir(dest, mode: perm, parents: false)
+                summary.directories += 1
+            case S_IFREG:
+                let fd = open(path, O_RDONLY | O_CLOEXEC)
+                guard fd >= 0 else { throw CLIError("cannot open \(path): \(String(cString: strerror(errno)))") }
+                defer { close(fd) }
+                let s = try transfer.push(fd: fd, size: UInt64(st.st_size), to: dest, mode: perm, parents: false,
+                                          guestSHA256: options.sha256)
+                try checkGuestSHA(s)
+                summary.files += 1
+                summary.bytes += s.bytes
+            case S_IFLNK:
+                links.append((try fm.destinationOfSymbolicLink(atPath: path), dest))
+            default:
+                FileHandle.standardError.write(Data("virtchan: skipping \(path): not a file, directory or symlink\n".utf8))
+            }
+        }
+        for (target, dest) in links {
+            try transfer.symlink(target: target, at: dest)
+            summary.symlinks += 1
+        }
+        summary.seconds = Date().timeIntervalSince(start)
+        return summary
+    }
+}
+
+struct Pull: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Copy a file (or, with -r, a tree) from the guest to the host.",
+        discussion: """
+        LOCAL '-' writes to stdout. An existing directory LOCAL receives the file under its own
+        name. The file lands atomically after its checksum verifies; a failed pull leaves
+        nothing behind. With -r, REMOTE's contents go into LOCAL (created if missing), and no
+        entry may lead outside LOCAL.
+        """)
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Domain name.") var name: String
+    @Argument(help: "Absolute path in the guest.") var remote: String
+    @Argument(help: "Local destination, or - for stdout.") var local: String
+    @OptionGroup var options: TransferOptions
+
+    func validate() throws {
+        guard remote.hasPrefix("/") else { throw ValidationError("REMOTE must be an absolute path in the guest, not '\(remote)'") }
+        if options.recursive && local == "-" { throw ValidationError("-r cannot write a tree to stdout") }
+    }
+
+    func run() throws {
+        let session = try Resolve.session(name, global)
+        let transfer = FileTransfer(session: session)
+        if options.recursive {
+            let summary = try pullTree(transfer)
+            if options.json { return try printJSON(summary) }
+            print("\(summary.files) files, \(summary.directories) directories, \(summary.symlinks) symlinks (\(bytes(summary.bytes))) pulled into \(local)")
+            return
+        }
+        let summary: TransferSummary
+        if local == "-" {
+            summary = try transfer.pull(remote, into: 1, guestSHA256: options.sha256)
+        } else {
+            var dest = local
+            var isDir: ObjCBool = false
+            if FileManager.default.fileExists(atPath: local, isDirectory: &isDir), isDir.boolValue {
+                dest = local + "/" + (remote as NSString).lastPathComponent
+            }
+            let bar = ProgressBar(label: "pull", enabled: !options.quiet && isatty(2) == 1)
+            summary = try pullFile(transfer, remote: remote, to: dest, progress: bar.update)
+            bar.finish()
+        }
+        if let g = summary.guestSHA256, g != summary.sha256 {
+            throw CLIError("SHA-256 mismatch: host \(summary.sha256), guest \(g)")
+        }
+        if options.json { return try printJSON(summary) }
+        if !options.quiet && local != "-" {
+            FileHandle.standardError.write(Data(String(format: "%@:%@ -> %@: %@ in %.2f s (%.1f MiB/s)\n", name, remote, local,
+                                                       bytes(summary.bytes), summary.seconds, summary.mibPerSecond).utf8))
+        }
+    }
+
+    /// Pulls into a temporary file beside `dest` and renames it into place only on success.
+    func pullFile(_ transfer: FileTransfer, remote: String, to dest: String, progress: ProgressHandler? = nil) throws -> TransferSummary {
+        let dir = (dest as NSString).deletingLastPathComponent.isEmpty ? "." : (dest as NSString).deletingLastPathComponent
+        let base = (dest as NSString).lastPathComponent
+        var template = Array("\(dir)/.\(base).virtchan-XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw CLIError("cannot write in \(dir): \(String(cString: strerror(errno)))") }
+        let temp = String(cString: template)
+        var committed = false
+        defer {
+            close(fd)
+            if !committed { unlink(temp) }
+        }
+        let summary = try transfer.pull(remote, into: fd, guestSHA256: options.sha256, progress: progress)
+        if let mode = summary.mode { fchmod(fd, mode_t(mode)) }
+        guard fsync(fd) == 0 || errno == EINVAL, rename(temp, dest) == 0 else {
+            throw CLIError("cannot put \(dest) in place: \(String(cString: strerror(errno)))")
+        }
+        committed = true
+        return summary
+    }
+
+    private func pullTree(_ transfer: FileTransfer) throws -> TreeSummary {
+        let start = Date()
+        var summary = TreeSummary()
+        let entries = try transfer.listTree(remote)
+        // Validate every path before writing anything: nothing may lead outside LOCAL.
+        for e in entries {
+            let parts = e.path.split(separator: "/", omittingEmptySubsequences: false)
+            guard !e.path.hasPrefix("/"), !parts.isEmpty, !parts.contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }),
+                  !e.path.contains("\0") else {
+                throw CLIError("the guest listed an unsafe path '\(e.path)' under \(remote); refusing to write anything")
+            }
+        }
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: local, withIntermediateDirectories: true)
+        func checkInside(_ rel: String) throws {
+            // Every parent must be a real directory, never a symlink that could lead elsewhere.
+            var path = local
+            for part in rel.split(separator: "/").dropLast() {
+                path += "/" + part
+                var st = stat()
+                guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
+                    throw CLIError("refusing to write \(rel): \(path) is not a plain directory")
+                }
+            }
+        }
+        for e in entries where e.kind == .directory {
+            try checkInside(e.path)
+            let path = local + "/" + e.path
+            if mkdir(path, mode_t(0o700)) != 0 && errno != EEXIST {
+                throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))")
+            }
+            summary.directories += 1
+        }
+        for e in entries where e.kind == .regular {
+            try checkInside(e.path)
+            let s = try pullFile(transfer, remote: remote + "/" + e.path, to: local + "/" + e.path)
+            summary.files += 1
+            summary.bytes += s.bytes
+        }
+        for e in entries where e.kind == .symlink {
+            try checkInside(e.path)
+            let path = local + "/" + e.path
+            unlink(path)
+            guard symlink(e.linkTarget, path) == 0 else {
+                throw CLIError("cannot create the symlink \(path): \(String(cString: strerror(errno)))")
+            }
+            summary.symlinks += 1
+        }
+        // Directory modes last, so read-only directories do not block their own contents.
+        for e in entries.reversed() where e.kind == .directory { chmod(local + "/" + e.path, mode_t(e.mode)) }
+        summary.seconds = Date().timeIntervalSince(start)
+        return summary
+    }
+}

@@ -1,0 +1,142 @@
+import ArgumentParser
+import Foundation
+import VirtchanProtocol
+import VirtchanProvisioning
+import VirtchanTransport
+
+@main
+struct Virtchan: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "virtchan",
+        abstract: "Network-free host <-> guest messaging over virtio-serial channels of libvirt/QEMU domains.",
+        discussion: """
+        virtchan defines and starts domains with a control and a data channel already wired,
+        talks to virtchan-agent inside the guest through them, and runs commands, copies files
+        and runs first-boot scripts without any network.
+
+        The libvirt URI is --connect, else LIBVIRT_DEFAULT_URI, else qemu:///system.
+        Exit codes: 0 success; 1 error; 64 bad usage; for exec, the guest command's own code
+        (128+N when killed by signal N, 124 on --timeout, 125 when virtchan itself failed,
+        126 not executable, 127 command not found).
+        """,
+        version: "0.1.0",
+        subcommands: [Create.self, ListDomains.self, Channels.self, XMLCommand.self, Destroy.self,
+                      Wait.self, Ping.self, InfoCommand.self, Exec.self, Push.self, Pull.self,
+                      Bootstrap.self])
+
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as CLIError {
+            report(error.message)
+            Foundation.exit(error.exitCode)
+        } catch let error as ProvisioningError {
+            report(error.message)
+            Foundation.exit(1)
+        } catch let error as TransportError {
+            report(error.message)
+            Foundation.exit(1)
+        } catch {
+            exit(withError: error)
+        }
+    }
+
+    static func report(_ message: String) {
+        FileHandle.standardError.write(Data("virtchan: error: \(message)\n".utf8))
+    }
+}
+
+/// A failure to report in one line, with the exit code it calls for.
+struct CLIError: Error {
+    let message: String
+    let exitCode: Int32
+    init(_ message: String, exitCode: Int32 = 1) {
+        self.message = message
+        self.exitCode = exitCode
+    }
+}
+
+struct GlobalOptions: ParsableArguments {
+    @Option(name: [.customShort("c"), .long], help: "libvirt URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system).")
+    var connect: String?
+
+    func open() throws -> Connection { try Connection(uri: connect) }
+}
+
+enum Paths {
+    static var stateBase: String { env("VIRTCHAN_STATE_DIR") ?? "/var/lib/virtchan/domains" }
+    static var imageDirectory: String { env("VIRTCHAN_IMAGE_DIR") ?? "/var/lib/virtchan/images" }
+    static var cacheDirectory: String { env("VIRTCHAN_CACHE_DIR") ?? "/var/cache/virtchan" }
+    static func stateDirectory(for domain: String) -> String { stateBase + "/" + domain }
+
+    private static func env(_ key: String) -> String? {
+        guard let v = ProcessInfo.processInfo.environment[key], !v.isEmpty else { return nil }
+        return v
+    }
+}
+
+/// A running managed domain and where its agent listens.
+struct ResolvedDomain {
+    let domain: Domain
+    let metadata: VirtchanMetadata?
+    let channels: [ChannelInfo]
+    let endpoint: AgentEndpoint
+}
+
+enum Resolve {
+    static func running(_ name: String, _ global: GlobalOptions) throws -> ResolvedDomain {
+        let conn = try global.open()
+        let domain = try conn.requireDomain(name)
+        guard domain.isActive else {
+            throw CLIError("domain \(name) is not running (start it with: virsh start \(name))")
+        }
+        let xml = try domain.xml()
+        let channels = try ChannelResolver.channels(inDomainXML: xml)
+        let meta = domain.metadata(namespace: VirtchanMetadata.namespace).flatMap { VirtchanMetadata(elementXML: $0) }
+        let controlName = meta?.controlChannel ?? ChannelNames.control
+        let dataName = meta?.dataChannel ?? ChannelNames.data
+        guard let control = channels.first(where: { $0.name == controlName }) else {
+            throw CLIError("domain \(name) has no \(controlName) channel; create it with virtchan create, or add the channel to its XML")
+        }
+        guard let controlPath = control.path else {
+            throw CLIError("the \(controlName) channel of \(name) is not a unix socket channel")
+        }
+        guard global.connect == nil || conn.isLocal else {
+            throw CLIError("\(conn.uri) is not on this host; run virtchan on the host that runs \(name)")
+        }
+        let doc = try XMLDocument(parsing: xml)
+        let console = doc.string("string(/domain/devices/serial[@type='file']/source/@path)")
+        let endpoint = AgentEndpoint(domain: name, controlSocket: controlPath,
+                                     dataSocket: channels.first(where: { $0.name == dataName })?.path,
+                                     consoleLog: console)
+        return ResolvedDomain(domain: domain, metadata: meta, channels: channels, endpoint: endpoint)
+    }
+
+    static func session(_ name: String, _ global: GlobalOptions, timeout: Double = 10) throws -> AgentSession {
+        let resolved = try running(name, global)
+        return try AgentSession.connect(resolved.endpoint, timeout: timeout)
+    }
+}
+
+func printJSON<T: Encodable>(_ value: T) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    let data = try encoder.encode(value)
+    FileHandle.standardOutput.write(data)
+    FileHandle.standardOutput.write(Data("\n".utf8))
+}
+
+/// A table with left-aligned columns, as virsh prints them.
+func printTable(_ header: [String], _ rows: [[String]]) {
+    var widths = header.map(\.count)
+    for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
+    func line(_ cells: [String]) -> String {
+        cells.enumerated().map { i, c in i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
+            .joined(separator: "  ")
+    }
+    print(line(header))
+    for row in rows { print(line(row)) }
+}
+
+extension Accelerator: ExpressibleByArgument {}

@@ -31,7 +31,10 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore"]),
-        .testTarget(name: "ProtocolTests", dependencies: ["VirtchanProtocol", "VirtchanTransport"]),
+        .testTarget(name: "ProtocolTests", dependencies: [
+            "VirtchanProtocol", "VirtchanTransport", "VirtchanAgentCore",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         .testTarget(name: "ProvisioningTests", dependencies: ["VirtchanProvisioning"]),
         .testTarget(name: "EndToEndTests", dependencies: ["VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol"]),
     ],

@@ -149,7 +149,11 @@ public final class Domain: @unchecked Sendable {
     public func undefine() throws(ProvisioningError) {
         let flags = UInt32(VIR_DOMAIN_UNDEFINE_MANAGED_SAVE.rawValue | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA.rawValue
                            | VIR_DOMAIN_UNDEFINE_NVRAM.rawValue)
-        guard virDomainUndefineFlags(pointer, flags) == 0 else {
+        if virDomainUndefineFlags(pointer, flags) == 0 { return }
+        let first = ProvisioningError.fromLibvirt("cannot undefine \(name)")
+        // Drivers without NVRAM or snapshot support refuse those flags; plain undefine is then right.
+        guard first.libvirtCode == Int32(VIR_ERR_INVALID_ARG.rawValue) else { throw first }
+        guard virDomainUndefine(pointer) == 0 else {
             throw ProvisioningError.fromLibvirt("cannot undefine \(name)")
         }
     }

@@ -35,16 +35,18 @@ public struct VirtchanMetadata: Sendable, Equatable, Codable {
         self.init(node: doc.root)
     }
 
+    /// libvirt hands the element back without its namespace, the full domain XML with it:
+    /// children are matched by local name so both read the same.
     init?(node: XMLNode) {
         let doc = node.document
-        let ns = ["vc": Self.namespace]
-        guard let control = doc.string("string(vc:channel[@role='control']/@name)", namespaces: ns, from: node),
-              let data = doc.string("string(vc:channel[@role='data']/@name)", namespaces: ns, from: node) else { return nil }
+        func child(_ name: String) -> String { "*[local-name()='\(name)']" }
+        guard let control = doc.string("string(\(child("channel"))[@role='control']/@name)", from: node),
+              let data = doc.string("string(\(child("channel"))[@role='data']/@name)", from: node) else { return nil }
         controlChannel = control
         dataChannel = data
-        stateDirectory = doc.string("string(vc:state-dir)", namespaces: ns, from: node)
+        stateDirectory = doc.string("string(\(child("state-dir")))", from: node)
         version = node.attribute("version") ?? ""
-        if let b = doc.select("vc:bootstrap", namespaces: ns, from: node).first {
+        if let b = doc.select(child("bootstrap"), from: node).first {
             bootstrap = BootstrapRecord(
                 script: b.attribute("script") ?? "",
                 sha256: b.attribute("sha256") ?? "",
@@ -60,16 +62,16 @@ public struct VirtchanMetadata: Sendable, Equatable, Codable {
     /// Appends the element under `parent` (the domain's `<metadata>`).
     func write(into parent: XMLNode) {
         let el = parent.addChild(Self.rootName, namespace: Self.namespace, prefix: "virtchan")
-        fill(el)
+        fill(el) { el.addNamespacedChild($0, text: $1) }
     }
 
-    private func fill(_ el: XMLNode) {
+    private func fill(_ el: XMLNode, child: (String, String?) -> XMLNode) {
         el.setAttribute("version", version)
-        el.addNamespacedChild("channel").setAttribute("role", "control").setAttribute("name", controlChannel)
-        el.addNamespacedChild("channel").setAttribute("role", "data").setAttribute("name", dataChannel)
-        if let stateDirectory { el.addNamespacedChild("state-dir", text: stateDirectory) }
+        child("channel", nil).setAttribute("role", "control").setAttribute("name", controlChannel)
+        child("channel", nil).setAttribute("role", "data").setAttribute("name", dataChannel)
+        if let stateDirectory { _ = child("state-dir", stateDirectory) }
         if let b = bootstrap {
-            let n = el.addNamespacedChild("bootstrap")
+            let n = child("bootstrap", nil)
             n.setAttribute("script", b.script)
             n.setAttribute("sha256", b.sha256)
             n.setAttribute("state", b.state.rawValue)
@@ -81,11 +83,13 @@ public struct VirtchanMetadata: Sendable, Equatable, Codable {
         }
     }
 
-    /// The element alone, for `virDomainSetMetadata` (which adds the namespace itself).
+    /// The element alone and without a namespace, for `virDomainSetMetadata`, which puts it
+    /// in the namespace itself (and refuses an element that declares one).
     public func elementXML() -> String {
-        let doc = XMLDocument(root: "metadata")
-        write(into: doc.root)
-        return doc.select("/metadata/*").first?.serialize() ?? ""
+        let doc = XMLDocument(root: Self.rootName)
+        let root = doc.root
+        fill(root) { root.addChild($0, text: $1) }
+        return root.serialize()
     }
 }
 

@@ -37,13 +37,16 @@ public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
     public var description: String { message }
 
     /// Turns libvirt's last error on this thread into a ProvisioningError right away.
-    static func fromLibvirt(_ what: String, code: Code = .libvirt) -> ProvisioningError {
+    /// `what` is evaluated only after the error is captured: every libvirt call (even
+    /// virDomainGetName) clears the thread's last error.
+    static func fromLibvirt(_ what: @autoclosure () -> String, code: Code = .libvirt) -> ProvisioningError {
         guard let err = virGetLastError() else {
-            return ProvisioningError(code, "\(what) failed")
+            return ProvisioningError(code, "\(what()) failed")
         }
         let number = err.pointee.code
         let text = err.pointee.message.map { String(cString: $0) } ?? "unknown libvirt error"
         virResetLastError()
+        let what = what()
         var resolved = code
         if number == Int32(VIR_ERR_NO_DOMAIN.rawValue) { resolved = .notFound }
         if number == Int32(VIR_ERR_OPERATION_INVALID.rawValue) && text.contains("not running") { resolved = .notRunning }

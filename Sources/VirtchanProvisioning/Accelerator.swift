@@ -60,7 +60,8 @@ public enum AcceleratorProbe {
                 if seen.contains("Linux version") { ok = true; break }
             }
         }
-        p.terminate()
+        // A vCPU stuck in KVM ignores SIGTERM.
+        kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
         return ok
     }

@@ -71,13 +71,16 @@ struct Create: ParsableCommand {
             spec.templateXML = text
         }
         try spec.validate()
-        let domainType = dryRun && accel == .auto ? "qemu"
-            : AcceleratorProbe.domainType(for: accel, imageDirectory: Paths.imageDirectory, cacheDirectory: Paths.cacheDirectory)
-        let xml = try DomainXML.build(spec, domainType: domainType).serialize()
+        // Everything is checked before the accelerator probe, which may take seconds.
+        let doc = try DomainXML.build(spec, domainType: accel == .kvm ? "kvm" : "qemu")
         if dryRun {
-            print(xml, terminator: "")
+            print(doc.serialize(), terminator: "")
             return
         }
+        let domainType = AcceleratorProbe.domainType(for: accel, imageDirectory: Paths.imageDirectory,
+                                                     cacheDirectory: Paths.cacheDirectory)
+        doc.root.setAttribute("type", domainType)
+        let xml = doc.serialize()
 
         let conn = try global.open()
         if conn.domain(named: name) != nil {

@@ -1,0 +1,158 @@
+import Foundation
+import Testing
+
+extension EndToEnd {
+    /// Issue 2: a real guest under libvirtd with its channels wired, inspected and torn down.
+    @Suite struct Provisioning {
+        @Test func sharedGuestBootsWithBothChannels() throws {
+            try SharedGuest.require()
+            let rows = channels(SharedGuest.name)
+            let control = try #require(rows.first { $0.role == "control" })
+            let data = try #require(rows.first { $0.role == "data" })
+            #expect(control.name == "org.virtchan.control")
+            #expect(control.port == 1)
+            #expect(data.name == "org.virtchan.data")
+            #expect(data.port == 2)
+            // The sockets exist where `channels` says.
+            for row in [control, data] {
+                let path = try #require(row.path)
+                var st = stat()
+                #expect(lstat(path, &st) == 0, "no socket at \(path)")
+                #expect((st.st_mode & S_IFMT) == S_IFSOCK)
+            }
+            #expect(control.state == "connected")
+            #expect(data.state == "disconnected")
+            // The JSON carries exactly the documented keys.
+            let raw = VC.run(["channels", SharedGuest.name, "--json"]).stdout
+            let objects = try #require(try JSONSerialization.jsonObject(with: raw) as? [[String: Any]])
+            #expect(objects.allSatisfy { Set($0.keys) == ["name", "role", "port", "path", "state"] })
+        }
+
+        @Test func consoleListsThePortsByName() throws {
+            try SharedGuest.require()
+            let log = "/var/lib/virtchan/domains/\(SharedGuest.name)/console.log"
+            let text = try String(contentsOfFile: log, encoding: .utf8)
+            #expect(text.contains("org.virtchan.control /dev/vport"))
+            #expect(text.contains("org.virtchan.data /dev/vport"))
+        }
+
+        @Test func listShowsManagedDomains() throws {
+            try SharedGuest.require()
+            let r = VC.run(["list", "--json"])
+            #expect(r.code == 0)
+            struct Row: Decodable { let name: String; let state: String; let channels: Int }
+            let rows = try JSONDecoder().decode([Row].self, from: r.stdout)
+            let row = try #require(rows.first { $0.name == SharedGuest.name })
+            #expect(row.state == "running")
+            #expect(row.channels == 3)
+            #expect(VC.run(["xml", SharedGuest.name]).out.contains("<channel type='unix'>"))
+        }
+
+        /// Create to connected, destroy, and everything gone; plus libvirt-chosen socket paths.
+        @Test func createConnectDestroyLeavesNothing() throws {
+            let name = "vctest-life"
+            removeAtExit(name)
+            _ = VC.run(["destroy", name, "--force"])
+            let r = VC.run(["create", name, "--accel", "tcg", "--libvirt-socket-paths", "--no-wait"], timeout: 120)
+            #expect(r.code == 0, "\(r.stderr)")
+            let start = Date()
+            let connected = eventually(90, interval: 0.1) {
+                channels(name).first { $0.role == "control" }?.state == "connected"
+            }
+            #expect(connected, "the control channel never turned connected")
+            let rows = channels(name)
+            let path = try #require(rows.first { $0.role == "control" }?.path)
+            // libvirt chose the path; we read it back from the live XML.
+            #expect(!path.hasPrefix("/var/lib/virtchan/"))
+            #expect(FileManager.default.fileExists(atPath: path))
+            print("create-to-connected: \(String(format: "%.1f", Date().timeIntervalSince(start))) s after create returned")
+
+            let d = VC.run(["destroy", name])
+            #expect(d.code == 0, "\(d.stderr)")
+            #expect(VC.virsh(["domstate", name]).code != 0)
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(name)"))
+            #expect(!FileManager.default.fileExists(atPath: path))
+        }
+
+        @Test func destroyKeepDefinitionStopsButKeeps() throws {
+            let name = "vctest-keep"
+            removeAtExit(name)
+            _ = VC.run(["destroy", name, "--force"])
+            #expect(VC.run(["create", name, "--accel", "tcg", "--no-wait"]).code == 0)
+            let r = VC.run(["destroy", name, "--keep-definition"])
+            #expect(r.code == 0, "\(r.stderr)")
+            #expect(VC.virsh(["domstate", name]).out.contains("shut off"))
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(name)"))
+            #expect(VC.run(["destroy", name]).code == 0)
+            #expect(VC.virsh(["domstate", name]).code != 0)
+        }
+
+        @Test func unmanagedDomainNeedsForce() throws {
+            let name = "vctest-foreign"
+            let xml = "<domain type='qemu'><name>\(name)</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"
+            let file = "/tmp/\(name).xml"
+            try xml.write(toFile: file, atomically: true, encoding: .utf8)
+            #expect(VC.virsh(["define", file]).code == 0)
+            removeAtExit(name)
+            let refused = VC.run(["destroy", name])
+            #expect(refused.code == 1)
+            #expect(refused.stderr.contains("not managed by virtchan; use --force"))
+            #expect(VC.virsh(["domstate", name]).code == 0)
+            #expect(VC.run(["destroy", name, "--force"]).code == 0)
+            #expect(VC.virsh(["domstate", name]).code != 0)
+        }
+    }
+
+    /// Issue 2: every bad input exits non-zero with one line, and defines nothing.
+    @Suite struct BadInput {
+        func expectRefused(_ args: [String], _ fragment: String, env: [String: String] = [:],
+                           sourceLocation: SourceLocation = #_sourceLocation) {
+            let r = VC.run(args, environment: env)
+            #expect(r.code != 0, sourceLocation: sourceLocation)
+            #expect(r.stderr.contains(fragment), "stderr was: \(r.stderr)", sourceLocation: sourceLocation)
+            #expect(r.stderr.split(separator: "\n").count == 1, "want one line, got: \(r.stderr)", sourceLocation: sourceLocation)
+            #expect(!r.stderr.contains("Fatal error"), sourceLocation: sourceLocation)
+        }
+
+        @Test func createRefusals() throws {
+            try SharedGuest.require()
+            expectRefused(["create", SharedGuest.name, "--accel", "tcg"], "already exists")
+            expectRefused(["create", "vctest-bad", "--memory", "1"], "out of range")
+            expectRefused(["create", "vctest-bad", "--ports", "64"], "1 to 31")
+            expectRefused(["create", "vctest-bad", "--ports", "2"], "only 2 ports")
+            expectRefused(["create", "vctest-bad", "--kernel", "/no/such/vmlinuz"], "does not exist")
+            expectRefused(["create", "bad/name"], "not a usable domain name")
+            expectRefused(["create", "vctest-bad"], "longer than a unix socket allows",
+                          env: ["VIRTCHAN_STATE_DIR": "/tmp/" + String(repeating: "x", count: 100)])
+            let notXML = "/tmp/vctest-notxml.xml"
+            try "<domain><oops".write(toFile: notXML, atomically: true, encoding: .utf8)
+            expectRefused(["create", "vctest-bad", "--template", notXML], "not valid XML")
+            let clash = "/tmp/vctest-clash.xml"
+            try """
+            <domain type='qemu'><name>x</name><memory unit='MiB'>128</memory><os><type>hvm</type></os>
+            <devices><channel type='pty'><target type='virtio' name='org.virtchan.data'/></channel></devices></domain>
+            """.write(toFile: clash, atomically: true, encoding: .utf8)
+            expectRefused(["create", "vctest-bad", "--template", clash], "already has a channel named org.virtchan.data")
+            #expect(VC.virsh(["domstate", "vctest-bad"]).code != 0, "a refused create left a domain behind")
+        }
+
+        @Test func unknownDomainAndStoppedDomain() {
+            expectRefused(["channels", "vctest-nosuch"], "no domain named 'vctest-nosuch'")
+            expectRefused(["ping", "vctest-nosuch"], "no domain named")
+            expectRefused(["destroy", "vctest-nosuch"], "no domain named")
+        }
+
+        @Test func daemonNotRunningNamesTheSetupScript() {
+            expectRefused(["list", "--connect", "qemu:///system?socket=/nonexistent/sock"], "Scripts/setup-host")
+        }
+
+        @Test func dryRunPrintsXMLAndTouchesNothing() throws {
+            let r = VC.run(["create", "vctest-dry", "--dry-run", "--accel", "tcg"])
+            #expect(r.code == 0)
+            #expect(r.out.contains("<controller type=\"virtio-serial\" index=\"0\" ports=\"16\"/>"))
+            #expect(r.out.contains("org.virtchan.control"))
+            #expect(VC.virsh(["domstate", "vctest-dry"]).code != 0)
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/vctest-dry"))
+        }
+    }
+}

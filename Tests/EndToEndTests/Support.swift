@@ -1,0 +1,153 @@
+import Foundation
+import Testing
+
+/// Every end-to-end suite nests in here, so they run one at a time: they share one booted
+/// guest, and a virtio channel takes one client at a time.
+@Suite(.serialized) enum EndToEnd {}
+
+struct RunResult {
+    let code: Int32
+    let stdout: Data
+    let stderr: String
+    let seconds: Double
+    var out: String { String(decoding: stdout, as: UTF8.self) }
+}
+
+enum VC {
+    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().path
+    static let binary = ProcessInfo.processInfo.environment["VIRTCHAN_BIN"] ?? packageRoot + "/.build/debug/virtchan"
+
+    /// Runs the virtchan binary as a user would and collects everything it prints.
+    @discardableResult
+    static func run(_ args: [String], stdin: Data? = nil, timeout: Double = 240,
+                    environment: [String: String] = [:]) -> RunResult {
+        runProgram(binary, args, stdin: stdin, timeout: timeout, environment: environment)
+    }
+
+    static func runProgram(_ path: String, _ args: [String], stdin: Data? = nil, timeout: Double = 240,
+                           environment: [String: String] = [:]) -> RunResult {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        p.environment = env
+        let tmp = FileManager.default.temporaryDirectory
+        let outURL = tmp.appendingPathComponent("vc-out-\(UUID().uuidString)")
+        let errURL = tmp.appendingPathComponent("vc-err-\(UUID().uuidString)")
+        FileManager.default.createFile(atPath: outURL.path, contents: nil)
+        FileManager.default.createFile(atPath: errURL.path, contents: nil)
+        defer {
+            try? FileManager.default.removeItem(at: outURL)
+            try? FileManager.default.removeItem(at: errURL)
+        }
+        let outHandle = try! FileHandle(forWritingTo: outURL)
+        let errHandle = try! FileHandle(forWritingTo: errURL)
+        p.standardOutput = outHandle
+        p.standardError = errHandle
+        let inPipe = Pipe()
+        p.standardInput = stdin == nil ? FileHandle.nullDevice : inPipe
+        let start = Date()
+        do { try p.run() } catch { return RunResult(code: -1, stdout: Data(), stderr: "\(error)", seconds: 0) }
+        if let stdin {
+            let writer = inPipe.fileHandleForWriting
+            DispatchQueue.global().async {
+                writer.write(stdin)
+                try? writer.close()
+            }
+        }
+        let deadline = Date().addingTimeInterval(timeout)
+        while p.isRunning && Date() < deadline { usleep(20_000) }
+        if p.isRunning {
+            p.interrupt()
+            usleep(500_000)
+            if p.isRunning { kill(p.processIdentifier, SIGKILL) }
+            p.waitUntilExit()
+            try? outHandle.close(); try? errHandle.close()
+            let err = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
+            return RunResult(code: -999, stdout: (try? Data(contentsOf: outURL)) ?? Data(),
+                             stderr: "TIMED OUT after \(timeout) s\n" + err, seconds: timeout)
+        }
+        p.waitUntilExit()
+        try? outHandle.close(); try? errHandle.close()
+        return RunResult(code: p.terminationStatus, stdout: (try? Data(contentsOf: outURL)) ?? Data(),
+                         stderr: (try? String(contentsOf: errURL, encoding: .utf8)) ?? "",
+                         seconds: Date().timeIntervalSince(start))
+    }
+
+    static func virsh(_ args: [String]) -> RunResult {
+        runProgram("/usr/bin/virsh", ["-c", "qemu:///system"] + args, timeout: 60)
+    }
+
+    /// A command in the shared guest; its stdout.
+    @discardableResult
+    static func guest(_ shell: String, in domain: String = SharedGuest.name) -> RunResult {
+        run(["exec", domain, "-n", "--", "/bin/sh", "-c", shell], timeout: 120)
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+func eventually(_ timeout: Double, interval: Double = 0.2, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        if condition() { return true }
+        Thread.sleep(forTimeInterval: interval)
+    }
+    return condition()
+}
+
+struct ChannelRow: Decodable, Equatable {
+    let name: String
+    let role: String
+    let port: Int?
+    let path: String?
+    let state: String?
+}
+
+func channels(_ domain: String) -> [ChannelRow] {
+    let r = VC.run(["channels", domain, "--json"])
+    return (try? JSONDecoder().decode([ChannelRow].self, from: r.stdout)) ?? []
+}
+
+nonisolated(unsafe) private var domainsToRemove: Set<String> = []
+private let cleanupLock = NSLock()
+
+/// Destroys test domains when the test process ends, even after failures.
+func removeAtExit(_ name: String) {
+    cleanupLock.lock()
+    defer { cleanupLock.unlock() }
+    if domainsToRemove.isEmpty {
+        atexit {
+            for d in domainsToRemove { _ = VC.run(["destroy", d, "--force"], timeout: 60) }
+        }
+    }
+    domainsToRemove.insert(name)
+}
+
+/// One tiny guest booted once and shared by every suite that can share it.
+enum SharedGuest {
+    static let name = "vctest-shared"
+
+    /// Boots it on first use; records how long create took until the agent answered.
+    static let boot: Result<Double, BootError> = {
+        _ = VC.run(["destroy", name, "--force"], timeout: 60)
+        removeAtExit(name)
+        let r = VC.run(["create", name, "--accel", "tcg", "--memory", "2048", "--qemu-ga"], timeout: 300)
+        guard r.code == 0 else { return .failure(BootError(message: "create failed (\(r.code)): \(r.stderr) \(r.out)")) }
+        return .success(r.seconds)
+    }()
+
+    struct BootError: Error, CustomStringConvertible {
+        let message: String
+        var description: String { message }
+    }
+
+    /// Fails the calling test when the shared guest could not boot.
+    static func require() throws {
+        if case .failure(let e) = boot { throw e }
+        // A test that killed the agent leaves it restarting; wait for it.
+        let w = VC.run(["wait", name, "--timeout", "60"], timeout: 90)
+        if w.code != 0 { throw BootError(message: "agent not ready: \(w.stderr)") }
+    }
+}

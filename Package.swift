@@ -36,7 +36,10 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .testTarget(name: "ProvisioningTests", dependencies: ["VirtchanProvisioning"]),
-        .testTarget(name: "EndToEndTests", dependencies: ["VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol"]),
+        .testTarget(name: "EndToEndTests", dependencies: [
+            "VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

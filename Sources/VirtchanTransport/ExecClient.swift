@@ -69,6 +69,13 @@ public enum ExecClient {
         setNonBlocking(pipeFDs[0]); setNonBlocking(pipeFDs[1])
         execSignalPipe = pipeFDs[1]
         var saved: [Int32: sigaction] = [:]
+        // A parent may have started us with these blocked; forwarding needs them delivered.
+        var unblock = sigset_t()
+        sigemptyset(&unblock)
+        for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] { sigaddset(&unblock, sig) }
+        var previousMask = sigset_t()
+        sigprocmask(SIG_UNBLOCK, &unblock, &previousMask)
+        defer { sigprocmask(SIG_SETMASK, &previousMask, nil) }
         for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
             var action = sigaction()
             action.__sigaction_handler.sa_handler = { sig in

@@ -1,0 +1,268 @@
+import Crypto
+import Foundation
+import Testing
+import VirtchanProtocol
+
+private func sha256Hex(_ data: Data) -> String {
+    Crypto.SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+}
+
+/// A virtchan process left running while the test does something else.
+final class Background: @unchecked Sendable {
+    let process = Process()
+    let output = Pipe()
+    private(set) var lines: [(Date, String)] = []
+    private let lock = NSLock()
+
+    init(_ args: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: VC.binary)
+        process.arguments = args
+        process.standardOutput = output
+        process.standardError = output
+        process.standardInput = FileHandle.nullDevice
+        output.fileHandleForReading.readabilityHandler = { [weak self] h in
+            let data = h.availableData
+            guard let self, !data.isEmpty else { return }
+            self.lock.lock()
+            for line in String(decoding: data, as: UTF8.self).split(separator: "\n") { self.lines.append((Date(), String(line))) }
+            self.lock.unlock()
+        }
+        try process.run()
+    }
+
+    var seen: [(Date, String)] {
+        lock.lock()
+        defer { lock.unlock() }
+        return lines
+    }
+
+    func wait(_ timeout: Double) -> Int32? {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        if process.isRunning { return nil }
+        output.fileHandleForReading.readabilityHandler = nil
+        return process.terminationStatus
+    }
+
+    deinit {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    }
+}
+
+/// Writes raw bytes straight into a domain's control socket, as a broken client would.
+private func writeRaw(_ bytes: [UInt8], to socketPath: String) throws {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    #expect(fd >= 0)
+    defer { close(fd) }
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        let p = Array(socketPath.utf8)
+        raw.copyBytes(from: p)
+        raw[p.count] = 0
+    }
+    let rc = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    #expect(rc == 0)
+    _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+    usleep(300_000)
+}
+
+extension EndToEnd {
+    /// Issue 3: the agent and the control channel, in the real guest.
+    @Suite struct Control {
+        let name = SharedGuest.name
+
+        @Test func infoDescribesAgentAndGuest() throws {
+            try SharedGuest.require()
+            let r = VC.run(["info", name, "--json"])
+            #expect(r.code == 0, "\(r.stderr)")
+            let info = try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])
+            #expect(info["agentVersion"] as? String == "0.1.0")
+            #expect(info["protocolVersion"] as? Int == 1)
+            #expect((info["capabilities"] as? [String])?.contains("exec") == true)
+            #expect((info["kernelRelease"] as? String)?.hasSuffix("-amd64") == true)
+            #expect(info["hostname"] as? String == "virtchan-guest")
+            #expect((info["uptimeSeconds"] as? Int ?? -1) >= 0)
+        }
+
+        @Test func pingMeasuresRoundTrips() throws {
+            try SharedGuest.require()
+            let r = VC.run(["ping", name, "--count", "5", "--json"])
+            #expect(r.code == 0, "\(r.stderr)")
+            let s = try #require(try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any])
+            #expect(s["count"] as? Int == 5)
+            #expect((s["timesMs"] as? [Double])?.count == 5)
+            #expect((s["medianMs"] as? Double ?? 0) > 0)
+        }
+
+        @Test func exitCodesPassThrough() throws {
+            try SharedGuest.require()
+            #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0)
+            #expect(VC.run(["exec", name, "-n", "--", "sh", "-c", "exit 3"]).code == 3)
+            let missing = VC.run(["exec", name, "-n", "--", "no-such-command"])
+            #expect(missing.code == 127)
+            #expect(missing.stderr.contains("no-such-command: command not found"))
+            let killed = VC.run(["exec", name, "-n", "--", "sh", "-c", "kill -TERM $$"])
+            #expect(killed.code == 128 + 15)
+            VC.guest("printf 'echo hi' > /tmp/not-exec; chmod 0644 /tmp/not-exec")
+            #expect(VC.run(["exec", name, "-n", "--", "/tmp/not-exec"]).code == 126)
+        }
+
+        @Test func envCwdAndTTY() throws {
+            try SharedGuest.require()
+            let r = VC.run(["exec", name, "-n", "--env", "FOO=bar baz", "--cwd", "/tmp", "--", "sh", "-c", "echo \"$FOO\"; pwd"])
+            #expect(r.out == "bar baz\n/tmp\n")
+            let t = VC.run(["exec", name, "-t", "-n", "--", "tty"])
+            #expect(t.code == 0)
+            #expect(t.out.hasPrefix("/dev/pts/"))
+            let noTTY = VC.run(["exec", name, "-n", "--", "tty"])
+            #expect(noTTY.out.contains("not a tty"))
+        }
+
+        @Test func outputStreamsWhileTheProcessRuns() throws {
+            try SharedGuest.require()
+            let start = Date()
+            let bg = try Background(["exec", name, "-n", "--", "sh", "-c", "echo first; sleep 3; echo second"])
+            #expect(bg.wait(30) == 0)
+            let lines = bg.seen
+            #expect(lines.map(\.1) == ["first", "second"])
+            if lines.count == 2 {
+                let firstAt = lines[0].0.timeIntervalSince(start)
+                let gap = lines[1].0.timeIntervalSince(lines[0].0)
+                // The first line arrives long before the process ends, not at exit.
+                #expect(gap > 2, "first at \(firstAt) s, second \(gap) s later")
+            }
+        }
+
+        @Test func stdinIsForwardedUntilEOF() throws {
+            try SharedGuest.require()
+            let sorted = VC.run(["exec", name, "--", "sort", "-r"], stdin: Data("a\nb\n".utf8))
+            #expect(sorted.code == 0)
+            #expect(sorted.out == "b\na\n")
+            var blob = Data(count: 3 << 20)
+            blob.withUnsafeMutableBytes { raw in
+                for i in 0..<raw.count { raw[i] = UInt8(truncatingIfNeeded: i &* 2_654_435_761 >> 7) }
+            }
+            let hashed = VC.run(["exec", name, "--", "sha256sum"], stdin: blob)
+            #expect(hashed.out.hasPrefix(sha256Hex(blob)))
+        }
+
+        @Test func largeBinaryOutputArrivesByteExact() throws {
+            try SharedGuest.require()
+            let made = VC.guest("head -c 67108864 /dev/urandom > /tmp/out64 && sha256sum /tmp/out64")
+            #expect(made.code == 0)
+            let guestHash = String(made.out.prefix(64))
+            let r = VC.run(["exec", name, "-n", "--", "cat", "/tmp/out64"], timeout: 300)
+            #expect(r.code == 0)
+            #expect(r.stdout.count == 64 << 20)
+            #expect(sha256Hex(r.stdout) == guestHash)
+            VC.guest("rm -f /tmp/out64")
+        }
+
+        @Test func timeoutKillsAndExits124() throws {
+            try SharedGuest.require()
+            let r = VC.run(["exec", name, "-n", "--timeout", "2", "--", "sleep", "30"])
+            #expect(r.code == 124)
+            #expect(r.seconds < 15)
+            #expect(r.stderr.contains("timed out"))
+            #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0)
+        }
+
+        @Test func ctrlCReachesTheGuestProcess() throws {
+            try SharedGuest.require()
+            let bg = try Background(["exec", name, "-n", "--", "sh", "-c",
+                                     "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.2; done"])
+            #expect(eventually(20) { bg.seen.contains { $0.1 == "ready" } })
+            kill(bg.process.processIdentifier, SIGINT)
+            #expect(bg.wait(20) == 7)
+            #expect(bg.seen.contains { $0.1 == "got-int" })
+        }
+
+        @Test func killedHostClientThenExecAgain() throws {
+            try SharedGuest.require()
+            let bg = try Background(["exec", name, "-n", "--", "sh", "-c", "echo started; sleep 300"])
+            #expect(eventually(20) { bg.seen.contains { $0.1 == "started" } })
+            kill(bg.process.processIdentifier, SIGKILL)
+            _ = bg.wait(5)
+            let again = VC.run(["exec", name, "-n", "--", "echo", "ok"], timeout: 30)
+            #expect(again.code == 0)
+            #expect(again.out == "ok\n")
+            // The agent ended the orphaned command with its session.
+            #expect(eventually(10) { !VC.guest("ps").out.contains("sleep 300") })
+        }
+
+        @Test func secondClientIsToldBusy() throws {
+            try SharedGuest.require()
+            let bg = try Background(["exec", name, "-n", "--", "sh", "-c", "echo holding; sleep 4"])
+            #expect(eventually(20) { bg.seen.contains { $0.1 == "holding" } })
+            let r = VC.run(["ping", name], timeout: 20)
+            #expect(r.code == 1)
+            #expect(r.stderr.contains("busy"))
+            #expect(r.seconds < 5)
+            #expect(bg.wait(30) == 0)
+        }
+
+        @Test func garbageAndTruncatedFramesThenPing() throws {
+            try SharedGuest.require()
+            let path = try #require(channels(name).first { $0.role == "control" }?.path)
+            var rng = SystemRandomNumberGenerator()
+            var junk = (0..<100_000).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            junk += FrameHeader.magic + [1, 2, 3]
+            // A header with a sound checksum that claims a 2 GiB payload.
+            var huge = FrameEncoder.encode(Frame(.execStart, id: 1, payload: []))
+            huge.withUnsafeMutableBytes { h in
+                h.storeBytes(of: UInt32(0x8000_0000).littleEndian, toByteOffset: 12, as: UInt32.self)
+                let hc = UInt32(truncatingIfNeeded: XXH64.hash(UnsafeRawBufferPointer(rebasing: h[0..<20])))
+                h.storeBytes(of: hc.littleEndian, toByteOffset: 20, as: UInt32.self)
+            }
+            let half = Array(FrameEncoder.encode(Hello(nonce: [1], client: "junk").frame(id: 1)).prefix(20))
+            try writeRaw(junk + huge + half, to: path)
+            let r = VC.run(["ping", name, "--count", "2"], timeout: 30)
+            #expect(r.code == 0, "\(r.stderr)")
+            // The agent noticed, resynchronised and kept its memory small.
+            let log = try String(contentsOfFile: "/var/lib/virtchan/domains/\(name)/console.log", encoding: .utf8)
+            #expect(log.contains("bytes of noise on the control port"))
+            let rss = VC.guest("grep VmHWM /proc/$(pidof virtchan-agent)/status").out
+            let kb = Int(rss.split(whereSeparator: { !$0.isNumber }).first ?? "0") ?? 0
+            #expect(kb > 0 && kb < 32 * 1024, "agent peak RSS \(kb) kB")
+        }
+
+        @Test func qemuGuestAgentRunsBesideIt() throws {
+            try SharedGuest.require()
+            let ok = eventually(30) { VC.virsh(["qemu-agent-command", name, "{\"execute\":\"guest-ping\"}"]).code == 0 }
+            #expect(ok)
+        }
+
+        @Test func policyCanDenyExec() throws {
+            try SharedGuest.require()
+            VC.guest("echo 'exec-deny = uname' > /etc/virtchan-agent.conf")
+            restartAgent()
+            let denied = VC.run(["exec", name, "-n", "--", "uname"])
+            #expect(denied.code == 126)
+            #expect(denied.stderr.contains("denied by the agent's policy"))
+            VC.guest("rm -f /etc/virtchan-agent.conf")
+            restartAgent()
+            #expect(VC.run(["exec", name, "-n", "--", "uname"]).code == 0)
+        }
+
+        /// Killing the agent mid-exec gives a bounded error; its restart serves again.
+        @Test func killedAgentGivesABoundedError() throws {
+            try SharedGuest.require()
+            let r = VC.run(["exec", name, "-n", "--", "sh", "-c", "echo bye; kill -9 $(pidof virtchan-agent); sleep 60"], timeout: 60)
+            #expect(r.code == 125)
+            #expect(r.stderr.contains("stopped answering"))
+            #expect(r.seconds < 30)
+            let w = VC.run(["wait", name, "--timeout", "30"])
+            #expect(w.code == 0, "\(w.stderr)")
+            #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0)
+        }
+
+        private func restartAgent() {
+            _ = VC.run(["exec", name, "-n", "--", "sh", "-c", "kill $(pidof virtchan-agent)"], timeout: 30)
+            Thread.sleep(forTimeInterval: 0.5)
+            _ = VC.run(["wait", name, "--timeout", "30"])
+        }
+    }
+}

@@ -117,7 +117,8 @@ private let cleanupLock = NSLock()
 func removeAtExit(_ name: String) {
     cleanupLock.lock()
     defer { cleanupLock.unlock() }
-    if domainsToRemove.isEmpty {
+    // VIRTCHAN_TEST_KEEP=1 leaves the domains for a post-mortem.
+    if domainsToRemove.isEmpty && ProcessInfo.processInfo.environment["VIRTCHAN_TEST_KEEP"] != "1" {
         atexit {
             for d in domainsToRemove { _ = VC.run(["destroy", d, "--force"], timeout: 60) }
         }

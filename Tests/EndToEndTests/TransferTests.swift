@@ -1,0 +1,276 @@
+import Crypto
+import Foundation
+import Testing
+import VirtchanProtocol
+import VirtchanTransport
+
+private func makeFile(_ path: String, size: Int, pattern: ((Int) -> UInt8)? = nil) throws {
+    var data = Data(count: size)
+    if let pattern {
+        data.withUnsafeMutableBytes { (raw: UnsafeMutableRawBufferPointer) in for i in 0..<size { raw[i] = pattern(i) } }
+    } else {
+        var rng = SystemRandomNumberGenerator()
+        data.withUnsafeMutableBytes { (raw: UnsafeMutableRawBufferPointer) in
+            var i = 0
+            while i + 8 <= size { raw.storeBytes(of: rng.next(), toByteOffset: i, as: UInt64.self); i += 8 }
+            while i < size { raw[i] = UInt8.random(in: 0...255, using: &rng); i += 1 }
+        }
+    }
+    try data.write(to: URL(fileURLWithPath: path))
+}
+
+private func sameBytes(_ a: String, _ b: String) -> Bool {
+    VC.runProgram("/usr/bin/cmp", ["-s", a, b]).code == 0
+}
+
+private func mode(_ path: String) -> Int {
+    var st = stat()
+    return lstat(path, &st) == 0 ? Int(st.st_mode & 0o7777) : -1
+}
+
+extension EndToEnd {
+    /// Issue 5: files over the data channel, opened on demand, in the real guest.
+    @Suite struct Transfer {
+        let name = SharedGuest.name
+        let work = "/tmp/vctest-transfer"
+
+        init() throws {
+            try? FileManager.default.removeItem(atPath: work)
+            try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        }
+
+        @Test(arguments: [0, 1, 32 * 1024 - 1, 32 * 1024, 32 * 1024 + 1, (1 << 20) + 7])
+        func roundTripIsByteExact(size: Int) throws {
+            try SharedGuest.require()
+            let src = "\(work)/src-\(size)", back = "\(work)/back-\(size)"
+            try makeFile(src, size: size)
+            let push = VC.run(["push", name, src, "/tmp/rt-\(size)", "--json"])
+            #expect(push.code == 0, "\(push.stderr)")
+            let pull = VC.run(["pull", name, "/tmp/rt-\(size)", back])
+            #expect(pull.code == 0, "\(pull.stderr)")
+            #expect(sameBytes(src, back))
+            VC.guest("rm -f /tmp/rt-\(size)")
+        }
+
+        @Test(arguments: ["ff", "magic"])
+        func adversarialContentRoundTrips(kind: String) throws {
+            try SharedGuest.require()
+            let src = "\(work)/adv-\(kind)", back = "\(work)/adv-\(kind).back"
+            let magic = FrameHeader.magic + [FrameHeader.version]
+            try makeFile(src, size: 3 << 20) { i in kind == "ff" ? 0xFF : magic[i % magic.count] }
+            #expect(VC.run(["push", name, src, "/tmp/adv"]).code == 0)
+            #expect(VC.run(["pull", name, "/tmp/adv", back]).code == 0)
+            #expect(sameBytes(src, back))
+            VC.guest("rm -f /tmp/adv")
+        }
+
+        @Test func bigFileAndDataChannelStateDuringTransfer() throws {
+            try SharedGuest.require()
+            let src = "\(work)/big", back = "\(work)/big.back"
+            try makeFile(src, size: 128 << 20)
+            #expect(channels(name).first { $0.role == "data" }?.state == "disconnected")
+            let bg = try Background(["push", name, src, "/tmp/big", "--json"])
+            var sawConnected = false
+            while bg.process.isRunning {
+                if channels(name).first(where: { $0.role == "data" })?.state == "connected" { sawConnected = true }
+                usleep(50_000)
+            }
+            #expect(bg.wait(120) == 0)
+            #expect(sawConnected, "the data channel never showed connected during the push")
+            #expect(eventually(5) { channels(name).first { $0.role == "data" }?.state == "disconnected" })
+            let summary = bg.seen.map(\.1).joined()
+            let expected = Crypto.SHA256.hash(data: try Data(contentsOf: URL(fileURLWithPath: src)))
+                .map { String(format: "%02x", $0) }.joined()
+            #expect(summary.contains(expected))
+            let pulled = VC.run(["pull", name, "/tmp/big", back, "--sha256", "--json"], timeout: 180)
+            #expect(pulled.code == 0, "\(pulled.stderr)")
+            #expect(pulled.out.contains("\"guestSHA256\" : \"\(expected)\""))
+            #expect(sameBytes(src, back))
+            VC.guest("rm -f /tmp/big")
+        }
+
+        @Test func modesAreKept() throws {
+            try SharedGuest.require()
+            let src = "\(work)/script"
+            try makeFile(src, size: 100)
+            chmod(src, 0o750)
+            #expect(VC.run(["push", name, src, "/tmp/m1"]).code == 0)
+            #expect(VC.guest("stat -c %a /tmp/m1").out == "750\n")
+            #expect(VC.run(["push", name, src, "/tmp/m2", "--mode", "0604"]).code == 0)
+            #expect(VC.guest("stat -c %a /tmp/m2").out == "604\n")
+            #expect(VC.run(["pull", name, "/tmp/m2", "\(work)/m2"]).code == 0)
+            #expect(mode("\(work)/m2") == 0o604)
+            VC.guest("rm -f /tmp/m1 /tmp/m2")
+        }
+
+        @Test func stdinAndStdoutForms() throws {
+            try SharedGuest.require()
+            let payload = Data((0..<200_000).map { UInt8(truncatingIfNeeded: $0 * 7) })
+            #expect(VC.run(["push", name, "-", "/tmp/from-stdin"], stdin: payload).code == 0)
+            let out = VC.run(["pull", name, "/tmp/from-stdin", "-"])
+            #expect(out.code == 0)
+            #expect(out.stdout == payload)
+            VC.guest("rm -f /tmp/from-stdin")
+        }
+
+        @Test func directoryTreesBothWays() throws {
+            try SharedGuest.require()
+            let tree = "\(work)/tree"
+            let fm = FileManager.default
+            try fm.createDirectory(atPath: "\(tree)/a/b", withIntermediateDirectories: true)
+            try makeFile("\(tree)/top.bin", size: 70_000)
+            try makeFile("\(tree)/a/b/deep.txt", size: 12)
+            try makeFile("\(tree)/a/empty", size: 0)
+            chmod("\(tree)/a/b/deep.txt", 0o600)
+            chmod("\(tree)/a", 0o750)
+            try fm.createSymbolicLink(atPath: "\(tree)/a/link", withDestinationPath: "b/deep.txt")
+            VC.guest("rm -rf /tmp/tree")
+            let push = VC.run(["push", name, "-r", tree, "/tmp/tree"])
+            #expect(push.code == 0, "\(push.stderr)")
+            #expect(push.out.contains("3 files, 2 directories, 1 symlinks"))
+            #expect(VC.guest("readlink /tmp/tree/a/link; stat -c %a /tmp/tree/a /tmp/tree/a/b/deep.txt").out == "b/deep.txt\n750\n600\n")
+            let pull = VC.run(["pull", name, "-r", "/tmp/tree", "\(work)/tree.back"])
+            #expect(pull.code == 0, "\(pull.stderr)")
+            for f in ["top.bin", "a/b/deep.txt", "a/empty"] {
+                #expect(sameBytes("\(tree)/\(f)", "\(work)/tree.back/\(f)"), "\(f)")
+            }
+            #expect(try fm.destinationOfSymbolicLink(atPath: "\(work)/tree.back/a/link") == "b/deep.txt")
+            #expect(mode("\(work)/tree.back/a/b/deep.txt") == 0o600)
+            #expect(mode("\(work)/tree.back/a") == 0o750)
+            VC.guest("rm -rf /tmp/tree")
+        }
+
+        @Test func pathErrorsAreClear() throws {
+            try SharedGuest.require()
+            let src = "\(work)/small"
+            try makeFile(src, size: 10)
+            VC.guest("rm -rf /tmp/newdir")
+            let noParent = VC.run(["push", name, src, "/tmp/newdir/sub/file"])
+            #expect(noParent.code == 1)
+            #expect(noParent.stderr.contains("does not exist (use --parents"))
+            #expect(VC.run(["push", name, src, "/tmp/newdir/sub/file", "--parents"]).code == 0)
+            let isDir = VC.run(["push", name, src, "/tmp/newdir"])
+            #expect(isDir.code == 1)
+            #expect(isDir.stderr.contains("is a directory"))
+            let missing = VC.run(["pull", name, "/tmp/no-such-file", "\(work)/x"])
+            #expect(missing.code == 1)
+            #expect(missing.stderr.contains("No such file"))
+            #expect(!FileManager.default.fileExists(atPath: "\(work)/x"))
+            VC.guest("mkdir -p /mnt/ro && mount -t tmpfs -o ro tmpfs /mnt/ro")
+            let ro = VC.run(["push", name, src, "/mnt/ro/file"])
+            #expect(ro.code == 1)
+            #expect(ro.stderr.contains("Read-only file system"))
+            VC.guest("umount /mnt/ro; rm -rf /tmp/newdir")
+        }
+
+        @Test func fullDiskLeavesNothing() throws {
+            try SharedGuest.require()
+            VC.guest("mkdir -p /mnt/small && mount -t tmpfs -o size=1m tmpfs /mnt/small")
+            defer { VC.guest("umount /mnt/small") }
+            let src = "\(work)/four"
+            try makeFile(src, size: 4 << 20)
+            let r = VC.run(["push", name, src, "/mnt/small/four"])
+            #expect(r.code == 1)
+            #expect(r.stderr.contains("space"))
+            #expect(VC.guest("ls -A /mnt/small").out == "")
+            #expect(VC.run(["push", name, "\(work)/four", "/tmp/after-full"]).code == 0)
+            VC.guest("rm -f /tmp/after-full")
+        }
+
+        @Test func hostKilledMidPushLeavesNothing() throws {
+            try SharedGuest.require()
+            let src = "\(work)/kill-push"
+            try makeFile(src, size: 128 << 20)
+            VC.guest("rm -rf /tmp/kp && mkdir /tmp/kp")
+            let bg = try Background(["push", name, src, "/tmp/kp/file"])
+            #expect(eventually(30, interval: 0.02) { channels(name).first { $0.role == "data" }?.state == "connected" })
+            kill(bg.process.processIdentifier, SIGKILL)
+            _ = bg.wait(5)
+            #expect(eventually(10) { VC.guest("ls -A /tmp/kp").out == "" }, "a partial file was left in the guest")
+            #expect(VC.run(["push", name, "\(work)/kill-push", "/tmp/kp/file"]).code == 0)
+            VC.guest("rm -rf /tmp/kp")
+        }
+
+        @Test func agentKilledMidPullLeavesNothing() throws {
+            try SharedGuest.require()
+            VC.guest("head -c 134217728 /dev/zero > /tmp/kill-pull")
+            let dest = "\(work)/pulled"
+            let bg = try Background(["pull", name, "/tmp/kill-pull", dest])
+            #expect(eventually(30, interval: 0.02) { channels(name).first { $0.role == "data" }?.state == "connected" })
+            // The channel is busy, so the kill goes through qemu-guest-agent.
+            let cmd = #"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","kill -9 $(pidof virtchan-agent)"]}}"#
+            #expect(VC.virsh(["qemu-agent-command", name, cmd]).code == 0)
+            let code = bg.wait(60)
+            #expect(code == 1, "pull should fail within its bound")
+            let leftovers = try FileManager.default.contentsOfDirectory(atPath: work).filter { $0.contains("pulled") }
+            #expect(leftovers.isEmpty, "left behind: \(leftovers)")
+            #expect(VC.run(["wait", name, "--timeout", "30"]).code == 0)
+            #expect(VC.run(["pull", name, "/tmp/kill-pull", dest]).code == 0)
+            VC.guest("rm -f /tmp/kill-pull")
+        }
+
+        /// The library's own failure paths against the real agent: a checksum that does not
+        /// match and a local file that is shorter than announced (as when it shrinks mid-read).
+        @Test func checksumMismatchAndShrinkingSource() throws {
+            try SharedGuest.require()
+            let rows = channels(name)
+            let endpoint = AgentEndpoint(domain: name, controlSocket: try #require(rows.first { $0.role == "control" }?.path),
+                                         dataSocket: rows.first { $0.role == "data" }?.path, consoleLog: nil)
+            let session = try AgentSession.connect(endpoint)
+            do {
+                // A DataEnd whose checksum does not match what was sent.
+                let id: UInt32 = 9_999
+                session.send(PushRequest(path: "/tmp/bad-sum", mode: 0o644, size: 4, parents: false, wantSHA256: false), id: id)
+                let ready = try #require(try session.receive(id: id, deadline: monotonicNanos() + 10_000_000_000))
+                #expect(ready.type == .dataReady)
+                let data = try UnixSocket.connect(try #require(endpoint.dataSocket))
+                defer { close(data) }
+                var bytes = FrameEncoder.encode(Frame(.data, id: id, payload: [1, 2, 3, 4]))
+                bytes += FrameEncoder.encode(DataEnd(size: 4, xxh64: 12345).frame(id: id))
+                _ = bytes.withUnsafeBytes { write(data, $0.baseAddress!, $0.count) }
+                let answer = try #require(try session.receive(id: id, deadline: monotonicNanos() + 10_000_000_000))
+                #expect(answer.type == .error)
+                #expect(try ErrorMessage.decode(answer).message.contains("checksum mismatch"))
+            }
+            let transfer = FileTransfer(session: session)
+            let src = "\(work)/short"
+            try makeFile(src, size: 1000)
+            let fd = open(src, O_RDONLY)
+            defer { close(fd) }
+            do {
+                _ = try transfer.push(fd: fd, size: 5000, to: "/tmp/short", mode: 0o644, parents: false)
+                Issue.record("a short source was accepted")
+            } catch {
+                #expect(error.message.contains("shrank"))
+            }
+            #expect(try transfer.stat("/tmp/bad-sum").kind == .missing)
+            #expect(try transfer.stat("/tmp/short").kind == .missing)
+        }
+
+        @Test func memoryStaysFlatOnAGigabyte() throws {
+            try SharedGuest.require()
+            let src = "\(work)/gig"
+            try makeFile(src, size: 1 << 30)
+            defer { unlink(src) }
+            VC.guest("mkdir -p /mnt/big && mount -t tmpfs -o size=1100m tmpfs /mnt/big")
+            defer { VC.guest("umount /mnt/big") }
+            // GNU time reports the peak RSS of exactly the virtchan process, in KiB.
+            func peakKiB(_ args: [String]) -> Int {
+                let report = "\(work)/rss"
+                let r = VC.runProgram("/usr/bin/time", ["-f", "%M", "-o", report, VC.binary] + args, timeout: 600)
+                #expect(r.code == 0, "\(args): \(r.stderr)")
+                return Int((try? String(contentsOfFile: report, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? -1
+            }
+            let pushPeak = peakKiB(["push", name, src, "/mnt/big/gig", "--quiet"])
+            let pullPeak = peakKiB(["pull", name, "/mnt/big/gig", "\(work)/gig.back", "--quiet"])
+            defer { unlink("\(work)/gig.back") }
+            #expect(sameBytes(src, "\(work)/gig.back"))
+            #expect(pushPeak > 0 && pushPeak < 64 * 1024, "push peak RSS \(pushPeak) KiB")
+            #expect(pullPeak > 0 && pullPeak < 64 * 1024, "pull peak RSS \(pullPeak) KiB")
+            let hwm = VC.guest("grep VmHWM /proc/$(pidof virtchan-agent)/status").out
+            let kb = Int(hwm.split(whereSeparator: { !$0.isNumber }).first ?? "0") ?? 0
+            #expect(kb > 0 && kb < 32 * 1024, "agent peak RSS \(kb) KiB")
+            print("1 GiB: host peak RSS push \(pushPeak) KiB, pull \(pullPeak) KiB; agent peak RSS \(kb) KiB")
+        }
+    }
+}

@@ -253,6 +253,14 @@ struct Bootstrap: ParsableCommand {
         @Option(help: "Seconds to wait for the agent.") var waitTimeout: Double = 90
 
         func run() throws {
+            // Refuse a second runner before touching the (exclusive) channel.
+            let domain = try global.open().requireDomain(name)
+            if var meta = BootstrapRunner.metadata(domain), meta.bootstrap != nil {
+                try BootstrapRunner.reconcile(&meta, domain)
+                if let b = meta.bootstrap, b.state == .running {
+                    throw CLIError("the bootstrap of \(name) is already running (host pid \(b.runnerPID ?? 0)); wait for it or stop that process")
+                }
+            }
             let session = try waitForAgent(name, global, timeout: waitTimeout)
             let code = try BootstrapRunner.run(domainName: name, global: global, session: session, force: force,
                                                timeout: timeout, quiet: false)

@@ -31,6 +31,8 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore"]),
+        // Scripts/bench: virtchan against qemu-guest-agent and the bare port, in process.
+        .executableTarget(name: "virtchan-bench", dependencies: ["VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol"]),
         .testTarget(name: "ProtocolTests", dependencies: [
             "VirtchanProtocol", "VirtchanTransport", "VirtchanAgentCore",
             .product(name: "Crypto", package: "swift-crypto"),

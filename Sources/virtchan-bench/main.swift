@@ -1,0 +1,286 @@
+// Measures virtchan against qemu-guest-agent and against the bare virtio-serial port, in one
+// tiny guest, and prints one key=value line per figure. Run it through Scripts/bench.
+import Foundation
+import VirtchanProtocol
+import VirtchanProvisioning
+import VirtchanTransport
+
+signal(SIGPIPE, SIG_IGN)
+
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("virtchan-bench: \(message)\n".utf8))
+    exit(1)
+}
+
+let args = CommandLine.arguments
+guard args.count >= 3 else { fail("usage: virtchan-bench DOMAIN VIRTCHAN_BINARY [FILE_MIB] [QGA_FILE_MIB]") }
+let domainName = args[1]
+let virtchanBinary = args[2]
+let fileMiB = args.count > 3 ? Int(args[3]) ?? 128 : 128
+let qgaMiB = args.count > 4 ? Int(args[4]) ?? 16 : 16
+let fileBytes = fileMiB << 20
+let rounds = 15
+
+func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
+func now() -> Double { Double(monotonicNanos()) / 1e9 }
+func say(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
+func emit(_ key: String, _ value: Double, _ digits: Int = 2) { say("\(key)=\(String(format: "%.\(digits)f", value))") }
+
+let domain: Domain
+do { domain = try Connection().requireDomain(domainName) } catch { fail("\(error)") }
+
+func endpoint() throws -> AgentEndpoint {
+    let channels = try ChannelResolver.channels(inDomainXML: domain.xml())
+    guard let c = channels.first(where: { $0.role == .control })?.path else { throw TransportError(.unreachable, "no control channel") }
+    return AgentEndpoint(domain: domainName, controlSocket: c, dataSocket: channels.first { $0.role == .data }?.path, consoleLog: nil)
+}
+
+/// Runs `body` with a session that is closed again afterwards (the channel is exclusive).
+func withSession<T>(_ body: (AgentSession) throws -> T) throws -> T {
+    let session = try AgentSession.connect(endpoint(), timeout: 60)
+    return try withExtendedLifetime(session) { try body(session) }
+}
+
+/// A guest command's stdout, over an open session.
+func guestRun(_ session: AgentSession, _ shell: String) throws -> String {
+    var out = Data()
+    var options = ExecOptions(argv: ["/bin/sh", "-c", shell])
+    options.forwardStdin = false
+    let r = try ExecClient.run(session, options, stdin: 0, terminal: 1) { stream, bytes in
+        if stream == .stdout { out.append(contentsOf: bytes) }
+        return true
+    }
+    guard r.status == 0 else { throw TransportError(.remote, "guest command failed (\(r.status)): \(shell)") }
+    return String(decoding: out, as: UTF8.self)
+}
+
+func qga(_ json: String, timeout: Int32 = 60) throws -> Any? {
+    let reply = try domain.qemuAgentCommand(json, timeoutSeconds: timeout)
+    let obj = try JSONSerialization.jsonObject(with: Data(reply.utf8)) as? [String: Any]
+    return obj?["return"]
+}
+
+final class StatusBox: @unchecked Sendable { var value: Int32 = -1 }
+
+func runCLI(_ arguments: [String]) -> Int32 {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: virtchanBinary)
+    p.arguments = arguments
+    p.standardInput = FileHandle.nullDevice
+    p.standardOutput = FileHandle.nullDevice
+    try? p.run()
+    p.waitUntilExit()
+    return p.terminationStatus
+}
+
+/// Writes `count` bytes of `buffer` (repeated) into a connected socket.
+func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, total: Int) -> Bool {
+    setNonBlocking(fd, false)
+    var sent = 0
+    while sent < total {
+        let n = write(fd, buffer.baseAddress!, min(buffer.count, total - sent))
+        if n <= 0 { return false }
+        sent += n
+    }
+    return true
+}
+
+do {
+    let ep = try endpoint()
+    guard let dataSocket = ep.dataSocket else { fail("no data channel") }
+    var qgaUp = false
+    for _ in 0..<150 where !qgaUp {
+        qgaUp = (try? qga("{\"execute\":\"guest-ping\"}", timeout: 2)) != nil
+        if !qgaUp { usleep(200_000) }
+    }
+    guard qgaUp else { fail("qemu-guest-agent does not answer in \(domainName) (create the domain with --qemu-ga)") }
+    let dataPort = try withSession { s in
+        try guestRun(s, "for p in /sys/class/virtio-ports/*; do [ \"$(cat $p/name)\" = org.virtchan.data ] && echo /dev/${p##*/}; done; true")
+    }.trimmingCharacters(in: .whitespacesAndNewlines)
+    guard dataPort.hasPrefix("/dev/vport") else { fail("cannot find the data port in the guest") }
+
+    // --- control path -------------------------------------------------------------------
+    try withSession { s in
+        var pings: [Double] = []
+        for _ in 0..<5 { _ = try s.ping() }
+        for _ in 0..<200 { pings.append(try s.ping() * 1000) }
+        emit("ping_ms", median(pings), 3)
+        var inproc: [Double] = []
+        for _ in 0..<rounds {
+            let t = now()
+            var o = ExecOptions(argv: ["true"])
+            o.forwardStdin = false
+            _ = try ExecClient.run(s, o)
+            inproc.append((now() - t) * 1000)
+        }
+        emit("exec_session_ms", median(inproc))
+    }
+    var qgaPings: [Double] = []
+    for _ in 0..<5 { _ = try qga("{\"execute\":\"guest-ping\"}") }
+    for _ in 0..<200 {
+        let t = now()
+        _ = try qga("{\"execute\":\"guest-ping\"}")
+        qgaPings.append((now() - t) * 1000)
+    }
+    emit("qga_ping_ms", median(qgaPings), 3)
+
+    var cli: [Double] = []
+    for _ in 0..<rounds {
+        let t = now()
+        guard runCLI(["exec", domainName, "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
+        cli.append((now() - t) * 1000)
+    }
+    emit("exec_ms", median(cli))
+
+    var qgaExec: [Double] = []
+    for _ in 0..<rounds {
+        let t = now()
+        let started = try qga("{\"execute\":\"guest-exec\",\"arguments\":{\"path\":\"/bin/true\"}}") as? [String: Any]
+        guard let pid = started?["pid"] as? Int else { fail("guest-exec gave no pid") }
+        while true {
+            let st = try qga("{\"execute\":\"guest-exec-status\",\"arguments\":{\"pid\":\(pid)}}") as? [String: Any]
+            if st?["exited"] as? Bool == true { break }
+        }
+        qgaExec.append((now() - t) * 1000)
+    }
+    emit("qga_exec_ms", median(qgaExec))
+
+    // --- data path ----------------------------------------------------------------------
+    let local = "/tmp/virtchan-bench-\(getpid())"
+    let back = local + ".back"
+    defer { unlink(local); unlink(back) }
+    do {
+        var rng = SystemRandomNumberGenerator()
+        var data = Data(count: fileBytes)
+        data.withUnsafeMutableBytes { (raw: UnsafeMutableRawBufferPointer) in
+            for i in stride(from: 0, to: raw.count, by: 8) { raw.storeBytes(of: rng.next(), toByteOffset: i, as: UInt64.self) }
+        }
+        try data.write(to: URL(fileURLWithPath: local))
+    }
+    let guestFile = "/tmp/bench.bin", guestRaw = "/tmp/bench.raw"
+    func clearGuest() throws { _ = try withSession { try guestRun($0, "rm -f \(guestFile) \(guestRaw) /tmp/qga.bin") } }
+    try clearGuest()
+
+    var pushes: [Double] = [], pulls: [Double] = []
+    for _ in 0..<3 {
+        let t = now()
+        guard runCLI(["push", domainName, local, guestFile, "--quiet"]) == 0 else { fail("virtchan push failed") }
+        pushes.append(Double(fileMiB) / (now() - t))
+        let u = now()
+        guard runCLI(["pull", domainName, guestFile, back, "--quiet"]) == 0 else { fail("virtchan pull failed") }
+        pulls.append(Double(fileMiB) / (now() - u))
+        try clearGuest()
+    }
+    emit("push_mib_s", median(pushes), 1)
+    emit("pull_mib_s", median(pulls), 1)
+
+    // The bare port: the same bytes through the same socket, dd on the guest side, into the
+    // same directory a push lands in.
+    let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+    defer { chunk.deallocate() }
+    let src = open(local, O_RDONLY)
+    _ = read(src, chunk.baseAddress!, chunk.count)
+    close(src)
+    var rawPush: [Double] = [], rawPull: [Double] = []
+    for _ in 0..<3 {
+        try withSession { s in
+            let fd = try UnixSocket.connect(dataSocket)
+            let status = StatusBox()
+            var t = 0.0
+            let ddDone = DispatchSemaphore(value: 0)
+            nonisolated(unsafe) let session = s
+            Thread.detachNewThread {
+                var o = ExecOptions(argv: ["/bin/sh", "-c", "dd if=\(dataPort) of=\(guestRaw) bs=1M count=\(fileMiB) iflag=fullblock 2>/dev/null"])
+                o.forwardStdin = false
+                status.value = (try? ExecClient.run(session, o, stdin: 0, terminal: 1) { _, _ in true })?.status ?? -1
+                ddDone.signal()
+            }
+            // Wait for dd to open the port: bytes sent to a closed port are dropped.
+            while (try? ChannelResolver.channels(inDomainXML: domain.xml()))?.first(where: { $0.role == .data })?.state != "connected" {
+                usleep(1000)
+            }
+            t = now()
+            let f = open(local, O_RDONLY)
+            var sent = 0
+            setNonBlocking(fd, false)
+            while sent < fileBytes {
+                let n = read(f, chunk.baseAddress!, chunk.count)
+                if n <= 0 { break }
+                guard writeAll(fd, UnsafeRawBufferPointer(rebasing: chunk[0..<n]), total: n) else { break }
+                sent += n
+            }
+            close(f)
+            // dd stops after exactly the file's size; the host hangs up only then, because
+            // bytes still queued when a side closes are lost.
+            ddDone.wait()
+            close(fd)
+            rawPush.append(Double(fileMiB) / (now() - t))
+            guard status.value == 0 else { throw TransportError(.remote, "guest dd failed") }
+            let landed = try guestRun(s, "stat -c %s \(guestRaw)").trimmingCharacters(in: .whitespacesAndNewlines)
+            guard landed == String(fileBytes) else { throw TransportError(.io, "raw push delivered \(landed) of \(fileBytes) bytes") }
+        }
+        // Raw pull: the guest writes the file into the port, the host reads it off the socket.
+        try withSession { s in
+            let fd = try UnixSocket.connect(dataSocket)
+            setNonBlocking(fd, false)
+            nonisolated(unsafe) let session = s
+            let ddDone = DispatchSemaphore(value: 0)
+            let t = now()
+            Thread.detachNewThread {
+                // The port stays open (the shell holds it) until the host has read everything:
+                // bytes still queued when the guest closes a port are lost.
+                var o = ExecOptions(argv: ["/bin/sh", "-c", "exec 3>\(dataPort); dd if=\(guestRaw) bs=32k >&3 2>/dev/null; read -t 30 x <&3; true"])
+                o.forwardStdin = false
+                _ = try? ExecClient.run(session, o, stdin: 0, terminal: 1) { _, _ in true }
+                ddDone.signal()
+            }
+            defer { ddDone.wait() }
+            let out = open(back, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            var got = 0
+            while got < fileBytes {
+                let n = read(fd, chunk.baseAddress!, chunk.count)
+                if n <= 0 { break }
+                _ = write(out, chunk.baseAddress!, n)
+                got += n
+            }
+            close(out)
+            rawPull.append(Double(fileMiB) / (now() - t))
+            close(fd) // the guest's read sees the hang-up and the shell ends
+            guard got == fileBytes else { throw TransportError(.io, "raw pull got \(got) of \(fileBytes) bytes") }
+        }
+        try clearGuest()
+    }
+    emit("raw_push_mib_s", median(rawPush), 1)
+    emit("raw_pull_mib_s", median(rawPull), 1)
+
+    // qemu-guest-agent: base64 in JSON, 48 KiB chunks, the largest that works reliably.
+    let qgaBytes = qgaMiB << 20
+    let qgaChunk = 48 * 1024
+    let payload = try Data(contentsOf: URL(fileURLWithPath: local)).prefix(qgaBytes)
+    var t = now()
+    let h = try qga("{\"execute\":\"guest-file-open\",\"arguments\":{\"path\":\"/tmp/qga.bin\",\"mode\":\"w\"}}") as? Int ?? -1
+    var off = 0
+    while off < qgaBytes {
+        let piece = payload[payload.startIndex + off ..< payload.startIndex + min(qgaBytes, off + qgaChunk)]
+        _ = try qga("{\"execute\":\"guest-file-write\",\"arguments\":{\"handle\":\(h),\"buf-b64\":\"\(piece.base64EncodedString())\"}}")
+        off += piece.count
+    }
+    _ = try qga("{\"execute\":\"guest-file-close\",\"arguments\":{\"handle\":\(h)}}")
+    emit("qga_push_mib_s", Double(qgaMiB) / (now() - t), 2)
+    t = now()
+    let r = try qga("{\"execute\":\"guest-file-open\",\"arguments\":{\"path\":\"/tmp/qga.bin\",\"mode\":\"r\"}}") as? Int ?? -1
+    var pulled = 0
+    while true {
+        let part = try qga("{\"execute\":\"guest-file-read\",\"arguments\":{\"handle\":\(r),\"count\":\(qgaChunk)}}") as? [String: Any]
+        let n = part?["count"] as? Int ?? 0
+        pulled += Data(base64Encoded: part?["buf-b64"] as? String ?? "")?.count ?? 0
+        if n == 0 || part?["eof"] as? Bool == true { break }
+    }
+    _ = try qga("{\"execute\":\"guest-file-close\",\"arguments\":{\"handle\":\(r)}}")
+    emit("qga_pull_mib_s", Double(pulled) / 1_048_576 / (now() - t), 2)
+    say("file_mib=\(fileMiB)")
+    say("qga_file_mib=\(qgaMiB)")
+    try clearGuest()
+} catch {
+    fail("\(error)")
+}

@@ -437,20 +437,20 @@ public final class Agent {
     private func pumpOutput(_ exec: ExecProcess, _ stream: ExecStream) {
         guard let control else { return }
         let fd = stream == .stdout ? exec.stdoutFD : exec.stderrFD
-        var buffer = [UInt8](repeating: 0, count: FrameLimits.execChunk)
         var rounds = 0
         while rounds < 16 && control.pendingOutput < outputHighWater {
             rounds += 1
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-            if n > 0 {
-                buffer.withUnsafeBytes { raw in
-                    control.send(.execOutput, id: exec.id, flags: stream.rawValue,
-                                 payload: UnsafeRawBufferPointer(rebasing: raw[0..<n]))
+            var readErrno: Int32 = 0
+            let (n, _) = control.sendInPlace(.execOutput, id: exec.id, flags: stream.rawValue, maxPayload: FrameLimits.execChunk) { room in
+                while true {
+                    let got = read(fd, room.baseAddress!, room.count)
+                    if got < 0 && errno == EINTR { continue }
+                    if got < 0 { readErrno = errno }
+                    return got
                 }
-                continue
             }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
+            if n > 0 { continue }
+            if n < 0 && (readErrno == EAGAIN || readErrno == EWOULDBLOCK) { return }
             // EOF, or EIO from a pty whose other side is gone.
             exec.closeOutput(stream)
             return
@@ -599,81 +599,91 @@ public final class Agent {
         }
         if outcome == .eof { return noteDataHup(t) }
         if case .data = outcome { t.dataConnected = true }
-        while let frame = t.data.decoder.next() {
-            guard frame.id == t.id else { continue } // stale bytes of an earlier transfer
+        var failure: TransferFailure?
+        var finished = false
+        while failure == nil && !finished && t.data.decoder.nextInPlace({ frame in
+            guard frame.id == t.id else { return } // stale bytes of an earlier transfer
             switch frame.type {
             case .data:
                 guard t.bytes + UInt64(frame.payload.count) <= t.expectedSize else {
-                    return abortTransfer(t, TransferFailure(.tooLarge, "the host sent more than the \(t.expectedSize) bytes it announced"))
+                    failure = TransferFailure(.tooLarge, "the host sent more than the \(t.expectedSize) bytes it announced")
+                    return
                 }
-                let rc = frame.payload.withUnsafeBytes { raw -> Int32 in
-                    t.hasher.update(raw)
-                    t.sha?.update(raw)
-                    return writeAll(t.fileFD, raw.baseAddress!, raw.count)
+                t.digest.add(payloadHash: frame.payloadHash, length: frame.payload.count)
+                t.sha?.update(frame.payload)
+                if frame.payload.count > 0 {
+                    let rc = writeAll(t.fileFD, frame.payload.baseAddress!, frame.payload.count)
+                    if rc != 0 { failure = TransferFailure(errno: rc, "writing \(t.path)"); return }
                 }
-                if rc != 0 { return abortTransfer(t, TransferFailure(errno: rc, "writing \(t.path)")) }
                 t.bytes += UInt64(frame.payload.count)
             case .dataEnd:
-                guard let end = try? DataEnd.decode(frame) else {
-                    return abortTransfer(t, TransferFailure(.badRequest, "malformed end of data"))
+                var r = ByteReader(Array(frame.payload))
+                guard let end = try? DataEnd(from: &r) else {
+                    failure = TransferFailure(.badRequest, "malformed end of data")
+                    return
                 }
-                let digest = t.hasher.digest()
                 guard end.size == t.bytes, end.size == t.expectedSize else {
-                    return abortTransfer(t, TransferFailure(.checksum, "size mismatch: got \(t.bytes) bytes, expected \(t.expectedSize)"))
+                    failure = TransferFailure(.checksum, "size mismatch: got \(t.bytes) bytes, expected \(t.expectedSize)")
+                    return
                 }
-                guard end.xxh64 == digest else {
-                    return abortTransfer(t, TransferFailure(.checksum, "checksum mismatch on \(t.path): the data was damaged in transit"))
+                guard end.digest == t.digest.digest() else {
+                    failure = TransferFailure(.checksum, "checksum mismatch on \(t.path): the data was damaged in transit")
+                    return
                 }
-                if fchmod(t.fileFD, mode_t(t.mode)) != 0 || fsync(t.fileFD) != 0 {
-                    let e = errno
-                    return abortTransfer(t, TransferFailure(errno: e, "finishing \(t.path)"))
-                }
-                if rename(t.tempPath, t.path) != 0 {
-                    let e = errno
-                    return abortTransfer(t, TransferFailure(errno: e, "renaming into \(t.path)"))
-                }
-                log.debug("push \(t.id) complete: \(t.bytes) bytes")
-                t.close(completed: true)
-                transfer = nil
-                reply(TransferDone(size: t.bytes, xxh64: digest, sha256: t.sha?.hexDigest() ?? ""), id: t.id)
-                return
+                finished = true
             default:
-                continue
+                return
             }
+        }) {}
+        if let failure { return abortTransfer(t, failure) }
+        guard finished else { return }
+        if fchmod(t.fileFD, mode_t(t.mode)) != 0 || fsync(t.fileFD) != 0 {
+            let e = errno
+            return abortTransfer(t, TransferFailure(errno: e, "finishing \(t.path)"))
         }
+        if rename(t.tempPath, t.path) != 0 {
+            let e = errno
+            return abortTransfer(t, TransferFailure(errno: e, "renaming into \(t.path)"))
+        }
+        log.debug("push \(t.id) complete: \(t.bytes) bytes")
+        t.close(completed: true)
+        transfer = nil
+        reply(TransferDone(size: t.bytes, digest: t.digest.digest(), sha256: t.sha?.hexDigest() ?? ""), id: t.id)
     }
 
     private func servicePull(_ t: Transfer, revents: Int16) {
         if revents & Int16(POLLHUP | POLLERR) != 0 && revents & Int16(POLLOUT) == 0 && t.data.pendingOutput > 0 {
             return noteDataHup(t)
         }
-        var chunk = [UInt8](repeating: 0, count: FrameLimits.dataChunk)
         var rounds = 0
         while t.data.pendingOutput < FrameLimits.dataChunk && t.phase == .streaming && rounds < 8 {
             rounds += 1
-            let n = chunk.withUnsafeMutableBytes { read(t.fileFD, $0.baseAddress!, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                return abortTransfer(t, TransferFailure(errno: errno, "reading \(t.path)"))
-            }
-            if n == 0 || t.bytes + UInt64(n) > t.expectedSize {
-                // The file may have changed size since it was announced; send what was promised.
-                if n > 0 {
-                    return abortTransfer(t, TransferFailure(.aborted, "\(t.path) grew while it was being read"))
+            // The file is read straight into the output buffer, behind the frame header.
+            var readErrno: Int32 = 0
+            let (n, hash) = t.data.sendInPlace(.data, id: t.id, maxPayload: FrameLimits.dataChunk) { room in
+                let want = Int(min(UInt64(room.count), t.expectedSize - min(t.bytes, t.expectedSize) + 1))
+                while true {
+                    let got = read(t.fileFD, room.baseAddress!, want)
+                    if got < 0 && errno == EINTR { continue }
+                    if got < 0 { readErrno = errno }
+                    if got > 0 { t.sha?.update(UnsafeRawBufferPointer(rebasing: room[0..<got])) }
+                    return got
                 }
+            }
+            if n < 0 { return abortTransfer(t, TransferFailure(errno: readErrno, "reading \(t.path)")) }
+            if n == 0 {
                 guard t.bytes == t.expectedSize else {
                     return abortTransfer(t, TransferFailure(.aborted, "\(t.path) shrank while it was being read"))
                 }
-                t.data.send(DataEnd(size: t.bytes, xxh64: t.hasher.digest()), id: t.id)
+                t.data.send(DataEnd(size: t.bytes, digest: t.digest.digest()), id: t.id)
                 t.phase = .awaitingAck
                 break
             }
-            chunk.withUnsafeBytes { raw in
-                let part = UnsafeRawBufferPointer(rebasing: raw[0..<n])
-                t.hasher.update(part)
-                t.sha?.update(part)
-                t.data.send(.data, id: t.id, payload: part)
+            // One byte more than announced is read on purpose, to notice a file that grew.
+            guard t.bytes + UInt64(n) <= t.expectedSize else {
+                return abortTransfer(t, TransferFailure(.aborted, "\(t.path) grew while it was being read"))
             }
+            t.digest.add(payloadHash: hash, length: n)
             t.bytes += UInt64(n)
         }
         do {
@@ -693,7 +703,7 @@ public final class Agent {
     private func completePull(_ t: Transfer) {
         // The host has checked everything it received; only now is the port closed, so no
         // byte still in flight can be dropped by the close.
-        let done = TransferDone(size: t.bytes, xxh64: t.hasher.digest(), sha256: t.sha?.hexDigest() ?? "")
+        let done = TransferDone(size: t.bytes, digest: t.digest.digest(), sha256: t.sha?.hexDigest() ?? "")
         t.close(completed: true)
         transfer = nil
         reply(done, id: t.id)

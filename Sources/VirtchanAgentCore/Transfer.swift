@@ -21,7 +21,7 @@ final class Transfer {
     let mode: UInt32
     let expectedSize: UInt64
     var bytes: UInt64 = 0
-    var hasher = XXH64()
+    var digest = TransferDigest()
     var sha: SHA256Digest?
     var phase = Phase.streaming
     /// Whether the host's end of the data port has been seen connected.
@@ -100,14 +100,14 @@ enum FileOps {
         guard fd >= 0 else { throw TransferFailure(errno: errno, "cannot create a file in \(parent)") }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         let temp = String(decoding: template.dropLast(), as: UTF8.self)
-        // Reserve the space up front where the filesystem can, so a full disk fails at once.
-        if request.size > 0 {
-            let rc = posix_fallocate(fd, 0, off_t(request.size))
-            if rc == ENOSPC || rc == EFBIG {
-                close(fd)
-                unlink(temp)
-                throw TransferFailure(.noSpace, errno: rc, "not enough space in the guest for \(path) (\(request.size) bytes)")
-            }
+        // A file that cannot fit fails at once, before any byte moves. (Reserving the space
+        // with fallocate would zero every page of a tmpfs first, at a real cost under TCG.)
+        var fs = statvfs()
+        if request.size > 0, fstatvfs(fd, &fs) == 0, fs.f_blocks > 0,
+           UInt64(fs.f_bavail) * UInt64(fs.f_frsize) < request.size {
+            close(fd)
+            unlink(temp)
+            throw TransferFailure(.noSpace, errno: ENOSPC, "not enough space in the guest for \(path) (\(request.size) bytes)")
         }
         return (fd, temp)
     }

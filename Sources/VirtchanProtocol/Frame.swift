@@ -56,45 +56,77 @@ public struct Frame: Sendable, Equatable {
 
 @inline(__always) func low32(_ v: UInt64) -> UInt32 { UInt32(truncatingIfNeeded: v) }
 
+/// A decoded frame whose payload still sits in the decoder's buffer (valid only inside the
+/// closure it is handed to).
+public struct FrameView {
+    public let type: MessageType
+    public let flags: UInt16
+    public let id: UInt32
+    public let payload: UnsafeRawBufferPointer
+    /// The payload's full XXH64 (the header carries its low 32 bits).
+    public let payloadHash: UInt64
+}
+
 public enum FrameEncoder {
-    /// Appends one encoded frame to `out`.
-    public static func append(_ type: MessageType, id: UInt32, flags: UInt16 = 0,
-                              payload: UnsafeRawBufferPointer, to out: inout [UInt8]) {
-        precondition(payload.count <= FrameLimits.maxPayload, "frame payload over the limit")
-        var header = [UInt8](repeating: 0, count: FrameLimits.headerSize)
-        header.withUnsafeMutableBytes { h in
-            h.copyBytes(from: FrameHeader.magic)
-            h[4] = FrameHeader.version
-            h[5] = type.rawValue
-            h.storeBytes(of: flags.littleEndian, toByteOffset: 6, as: UInt16.self)
-            h.storeBytes(of: id.littleEndian, toByteOffset: 8, as: UInt32.self)
-            h.storeBytes(of: UInt32(payload.count).littleEndian, toByteOffset: 12, as: UInt32.self)
-            h.storeBytes(of: low32(XXH64.hash(payload)).littleEndian, toByteOffset: 16, as: UInt32.self)
-            let hc = low32(XXH64.hash(UnsafeRawBufferPointer(rebasing: h[0..<20])))
-            h.storeBytes(of: hc.littleEndian, toByteOffset: 20, as: UInt32.self)
-        }
-        out.append(contentsOf: header)
-        out.append(contentsOf: payload)
+    @inline(__always)
+    static func writeHeader(_ h: UnsafeMutableRawBufferPointer, _ type: MessageType, id: UInt32, flags: UInt16,
+                            length: Int, payloadHash: UInt64) {
+        h[0] = FrameHeader.magic[0]; h[1] = FrameHeader.magic[1]; h[2] = FrameHeader.magic[2]; h[3] = FrameHeader.magic[3]
+        h[4] = FrameHeader.version
+        h[5] = type.rawValue
+        h.storeBytes(of: flags.littleEndian, toByteOffset: 6, as: UInt16.self)
+        h.storeBytes(of: id.littleEndian, toByteOffset: 8, as: UInt32.self)
+        h.storeBytes(of: UInt32(length).littleEndian, toByteOffset: 12, as: UInt32.self)
+        h.storeBytes(of: low32(payloadHash).littleEndian, toByteOffset: 16, as: UInt32.self)
+        let hc = low32(XXH64.hash(UnsafeRawBufferPointer(rebasing: h[0..<20])))
+        h.storeBytes(of: hc.littleEndian, toByteOffset: 20, as: UInt32.self)
     }
 
-    public static func append(_ frame: Frame, to out: inout [UInt8]) {
-        frame.payload.withUnsafeBytes { append(frame.type, id: frame.id, flags: frame.flags, payload: $0, to: &out) }
+    /// Appends one encoded frame to `out`; returns the payload's XXH64.
+    @discardableResult
+    public static func append(_ type: MessageType, id: UInt32, flags: UInt16 = 0,
+                              payload: UnsafeRawBufferPointer, to out: ByteBuffer) -> UInt64 {
+        precondition(payload.count <= FrameLimits.maxPayload, "frame payload over the limit")
+        let room = out.reserve(FrameLimits.headerSize + payload.count)
+        if payload.count > 0 {
+            (room.baseAddress! + FrameLimits.headerSize).copyMemory(from: payload.baseAddress!, byteCount: payload.count)
+        }
+        let hash = XXH64.hash(payload)
+        writeHeader(UnsafeMutableRawBufferPointer(rebasing: room[0..<FrameLimits.headerSize]), type, id: id, flags: flags,
+                    length: payload.count, payloadHash: hash)
+        out.commit(FrameLimits.headerSize + payload.count)
+        return hash
+    }
+
+    /// Appends a frame whose payload `fill` writes in place (no copy). `fill` returns how many
+    /// bytes it wrote; zero or less appends nothing and is returned as is.
+    public static func appendInPlace(_ type: MessageType, id: UInt32, flags: UInt16 = 0, maxPayload: Int,
+                                     to out: ByteBuffer,
+                                     fill: (UnsafeMutableRawBufferPointer) -> Int) -> (count: Int, hash: UInt64) {
+        precondition(maxPayload <= FrameLimits.maxPayload, "frame payload over the limit")
+        let room = out.reserve(FrameLimits.headerSize + maxPayload)
+        let n = fill(UnsafeMutableRawBufferPointer(rebasing: room[FrameLimits.headerSize..<(FrameLimits.headerSize + maxPayload)]))
+        guard n > 0 else { return (n, 0) }
+        let hash = XXH64.hash(UnsafeRawBufferPointer(rebasing: room[FrameLimits.headerSize..<(FrameLimits.headerSize + n)]))
+        writeHeader(UnsafeMutableRawBufferPointer(rebasing: room[0..<FrameLimits.headerSize]), type, id: id, flags: flags,
+                    length: n, payloadHash: hash)
+        out.commit(FrameLimits.headerSize + n)
+        return (n, hash)
     }
 
     public static func encode(_ frame: Frame) -> [UInt8] {
-        var out: [UInt8] = []
-        out.reserveCapacity(FrameLimits.headerSize + frame.payload.count)
-        append(frame, to: &out)
-        return out
+        let buffer = ByteBuffer(capacity: FrameLimits.headerSize + frame.payload.count)
+        frame.payload.withUnsafeBytes { append(frame.type, id: frame.id, flags: frame.flags, payload: $0, to: buffer) }
+        return Array(buffer.readable)
     }
 }
 
-/// Incremental frame decoder. Feed it bytes as they arrive; take frames out with `next()`.
-/// Garbage is skipped byte by byte until a header whose checksum holds; a header that claims
-/// more than `maxPayload` is treated as garbage, never allocated.
-public struct FrameDecoder: Sendable {
-    private var buffer: [UInt8] = []
-    private var start = 0
+/// Incremental frame decoder. Feed it bytes as they arrive; take frames out with `next()` or,
+/// without copying the payload, `nextInPlace`. Garbage is skipped byte by byte until a header
+/// whose checksum holds; a header that claims more than `maxPayload` is treated as garbage,
+/// never waited for or allocated.
+public final class FrameDecoder {
+    let buffer: ByteBuffer
     public let maxPayload: Int
     /// Bytes thrown away while looking for a valid header.
     public private(set) var skippedBytes = 0
@@ -105,86 +137,78 @@ public struct FrameDecoder: Sendable {
 
     public init(maxPayload: Int = FrameLimits.maxPayload) {
         self.maxPayload = maxPayload
-        buffer.reserveCapacity(FrameLimits.headerSize + FrameLimits.dataChunk + 8192)
+        buffer = ByteBuffer(capacity: 64 * 1024)
     }
 
-    public var bufferedBytes: Int { buffer.count - start }
+    public var bufferedBytes: Int { buffer.count }
 
-    public mutating func feed(_ bytes: UnsafeRawBufferPointer) {
-        compactIfNeeded()
-        buffer.append(contentsOf: bytes)
-    }
+    public func feed(_ bytes: UnsafeRawBufferPointer) { buffer.append(bytes) }
 
-    public mutating func feed(_ bytes: [UInt8]) {
-        bytes.withUnsafeBytes { feed($0) }
-    }
+    public func feed(_ bytes: [UInt8]) { bytes.withUnsafeBytes { feed($0) } }
 
     /// Drops everything buffered (a new session starts).
-    public mutating func reset() {
-        buffer.removeAll(keepingCapacity: true)
-        start = 0
+    public func reset() {
+        buffer.removeAll()
+        buffer.shrink(to: 64 * 1024)
     }
 
-    private mutating func compactIfNeeded() {
-        if start > 0 && (start == buffer.count || start >= 64 * 1024) {
-            buffer.removeSubrange(0..<start)
-            start = 0
-        }
+    /// The next complete, valid frame, copied out, or nil when more bytes are needed.
+    public func next() -> Frame? {
+        var out: Frame?
+        _ = nextInPlace { v in out = Frame(v.type, id: v.id, flags: v.flags, payload: Array(v.payload)) }
+        return out
     }
 
-    /// The next complete, valid frame, or nil when more bytes are needed.
-    public mutating func next() -> Frame? {
+    /// Hands the next complete, valid frame to `body` without copying its payload.
+    /// Returns false when more bytes are needed.
+    public func nextInPlace(_ body: (FrameView) -> Void) -> Bool {
+        let m0 = FrameHeader.magic[0], m1 = FrameHeader.magic[1], m2 = FrameHeader.magic[2], m3 = FrameHeader.magic[3]
         while true {
-            let available = buffer.count - start
-            if available < FrameLimits.headerSize {
-                skipToMagicCandidate()
-                return nil
+            let r = buffer.readable
+            guard r.count >= FrameLimits.headerSize else {
+                // Drop leading bytes that cannot start a frame.
+                var drop = 0
+                while drop < r.count && r[drop] != m0 { drop += 1 }
+                if drop > 0 { buffer.consume(drop); skippedBytes += drop }
+                return false
             }
-            let parsed: (FrameHeader, Bool)? = buffer.withUnsafeBytes { raw in
-                let h = UnsafeRawBufferPointer(rebasing: raw[start..<(start + FrameLimits.headerSize)])
-                guard h[0] == FrameHeader.magic[0], h[1] == FrameHeader.magic[1],
-                      h[2] == FrameHeader.magic[2], h[3] == FrameHeader.magic[3] else { return nil }
-                let hc = UInt32(littleEndian: h.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
-                guard hc == low32(XXH64.hash(UnsafeRawBufferPointer(rebasing: h[0..<20]))) else { return nil }
-                let header = FrameHeader(
-                    type: h[5],
-                    flags: UInt16(littleEndian: h.loadUnaligned(fromByteOffset: 6, as: UInt16.self)),
-                    id: UInt32(littleEndian: h.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
-                    length: UInt32(littleEndian: h.loadUnaligned(fromByteOffset: 12, as: UInt32.self)),
-                    payloadCheck: UInt32(littleEndian: h.loadUnaligned(fromByteOffset: 16, as: UInt32.self)))
-                return (header, h[4] == FrameHeader.version)
+            guard r[0] == m0, r[1] == m1, r[2] == m2, r[3] == m3, r[4] == FrameHeader.version,
+                  UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 20, as: UInt32.self))
+                    == low32(XXH64.hash(UnsafeRawBufferPointer(rebasing: r[0..<20]))) else {
+                // Not a header: skip to the next byte that could start one.
+                var drop = 1
+                while drop < r.count && r[drop] != m0 { drop += 1 }
+                buffer.consume(drop)
+                skippedBytes += drop
+                continue
             }
-            guard let (header, versionOK) = parsed, versionOK, Int(header.length) <= maxPayload else {
-                start += 1
+            let length = Int(UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
+            guard length <= maxPayload else {
+                buffer.consume(1)
                 skippedBytes += 1
                 continue
             }
-            let total = FrameLimits.headerSize + Int(header.length)
-            if available < total { return nil }
-            let payloadStart = start + FrameLimits.headerSize
-            let payload = Array(buffer[payloadStart..<(start + total)])
-            let check = payload.withUnsafeBytes { low32(XXH64.hash($0)) }
-            guard check == header.payloadCheck else {
+            let total = FrameLimits.headerSize + length
+            if r.count < total { return false }
+            let payload = UnsafeRawBufferPointer(rebasing: r[FrameLimits.headerSize..<total])
+            let hash = XXH64.hash(payload)
+            guard low32(hash) == UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 16, as: UInt32.self)) else {
                 // The header was sound but the payload is damaged: drop the whole frame.
                 corruptFrames += 1
-                start += total
+                buffer.consume(total)
                 continue
             }
-            start += total
-            guard let type = MessageType(rawValue: header.type) else {
+            guard let type = MessageType(rawValue: r[5]) else {
                 unknownFrames += 1
+                buffer.consume(total)
                 continue
             }
-            return Frame(type, id: header.id, flags: header.flags, payload: payload)
-        }
-    }
-
-    /// With less than a header buffered, drop leading bytes that cannot start a frame.
-    private mutating func skipToMagicCandidate() {
-        let m0 = FrameHeader.magic[0]
-        while start < buffer.count && buffer[start] != m0 {
-            start += 1
-            skippedBytes += 1
+            body(FrameView(type: type,
+                           flags: UInt16(littleEndian: r.loadUnaligned(fromByteOffset: 6, as: UInt16.self)),
+                           id: UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
+                           payload: payload, payloadHash: hash))
+            buffer.consume(total)
+            return true
         }
     }
 }

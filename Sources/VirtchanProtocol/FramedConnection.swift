@@ -31,78 +31,71 @@ public enum ReadOutcome: Equatable, Sendable {
 /// the caller owns the poll loop and the descriptor's lifetime.
 public final class FramedConnection {
     public let fd: Int32
-    public var decoder: FrameDecoder
-    private var out: [UInt8] = []
-    private var outStart = 0
-    private let readBuffer: UnsafeMutableRawBufferPointer
+    public let decoder: FrameDecoder
+    private let out: ByteBuffer
+    private let readChunk: Int
 
     public init(fd: Int32, maxPayload: Int = FrameLimits.maxPayload, readBufferSize: Int = 256 * 1024) {
         self.fd = fd
         decoder = FrameDecoder(maxPayload: maxPayload)
-        readBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: readBufferSize, alignment: 16)
-        out.reserveCapacity(FrameLimits.dataChunk + 64)
+        out = ByteBuffer(capacity: 64 * 1024)
+        readChunk = readBufferSize
     }
 
-    deinit { readBuffer.deallocate() }
-
     /// Bytes queued but not yet written.
-    public var pendingOutput: Int { out.count - outStart }
+    public var pendingOutput: Int { out.count }
 
     public func send(_ frame: Frame) {
-        compact()
-        FrameEncoder.append(frame, to: &out)
+        frame.payload.withUnsafeBytes { FrameEncoder.append(frame.type, id: frame.id, flags: frame.flags, payload: $0, to: out) }
     }
 
     public func send<M: WireMessage>(_ message: M, id: UInt32, flags: UInt16 = 0) {
         send(message.frame(id: id, flags: flags))
     }
 
-    public func send(_ type: MessageType, id: UInt32, flags: UInt16 = 0, payload: UnsafeRawBufferPointer) {
-        compact()
-        FrameEncoder.append(type, id: id, flags: flags, payload: payload, to: &out)
+    @discardableResult
+    public func send(_ type: MessageType, id: UInt32, flags: UInt16 = 0, payload: UnsafeRawBufferPointer) -> UInt64 {
+        FrameEncoder.append(type, id: id, flags: flags, payload: payload, to: out)
+    }
+
+    /// Queues a frame whose payload `fill` writes straight into the output buffer.
+    public func sendInPlace(_ type: MessageType, id: UInt32, flags: UInt16 = 0, maxPayload: Int,
+                            fill: (UnsafeMutableRawBufferPointer) -> Int) -> (count: Int, hash: UInt64) {
+        FrameEncoder.appendInPlace(type, id: id, flags: flags, maxPayload: maxPayload, to: out, fill: fill)
     }
 
     /// Drops queued output (the session it belonged to is gone).
     public func discardOutput() {
-        out.removeAll(keepingCapacity: true)
-        outStart = 0
-    }
-
-    private func compact() {
-        if outStart > 0 && (outStart == out.count || outStart >= 1 << 20) {
-            out.removeSubrange(0..<outStart)
-            outStart = 0
-        }
+        out.removeAll()
+        out.shrink(to: 64 * 1024)
     }
 
     /// Writes as much queued output as the descriptor takes without blocking.
     /// Returns true when nothing is left queued.
     @discardableResult
     public func flush() throws(SystemError) -> Bool {
-        while outStart < out.count {
-            let n = out.withUnsafeBytes { raw in
-                write(fd, raw.baseAddress! + outStart, out.count - outStart)
-            }
+        while !out.isEmpty {
+            let r = out.readable
+            let n = write(fd, r.baseAddress!, r.count)
             if n > 0 {
-                outStart += n
+                out.consume(n)
                 continue
             }
             if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return false }
             if n < 0 && errno == EINTR { continue }
             throw SystemError("write")
         }
-        out.removeAll(keepingCapacity: true)
-        outStart = 0
         return true
     }
 
-    /// Reads whatever is available (up to `limit` bytes in all) into the decoder.
+    /// Reads whatever is available (up to `limit` bytes in all) straight into the decoder.
     public func fill(limit: Int = 4 << 20) throws(SystemError) -> ReadOutcome {
         var total = 0
         while total < limit {
-            let n = read(fd, readBuffer.baseAddress!, readBuffer.count)
+            let room = decoder.buffer.reserve(readChunk)
+            let n = read(fd, room.baseAddress!, readChunk)
             if n > 0 {
-                decoder.feed(UnsafeRawBufferPointer(rebasing: readBuffer[0..<n]))
+                decoder.buffer.commit(n)
                 total += n
                 continue
             }

@@ -310,27 +310,27 @@ public struct DataReady: WireMessage, Equatable {
     public init(from r: inout ByteReader) throws(ProtocolError) { size = try r.u64(); mode = try r.u32() }
 }
 
-/// Last frame of a file on the data port: the total size and XXH64 of all data payloads.
+/// Last frame of a file on the data port: the total size and the TransferDigest of its frames.
 public struct DataEnd: WireMessage, Equatable {
     public static let type = MessageType.dataEnd
     public var size: UInt64
-    public var xxh64: UInt64
-    public init(size: UInt64, xxh64: UInt64) { self.size = size; self.xxh64 = xxh64 }
-    public func encode(into w: inout ByteWriter) { w.u64(size); w.u64(xxh64) }
-    public init(from r: inout ByteReader) throws(ProtocolError) { size = try r.u64(); xxh64 = try r.u64() }
+    public var digest: UInt64
+    public init(size: UInt64, digest: UInt64) { self.size = size; self.digest = digest }
+    public func encode(into w: inout ByteWriter) { w.u64(size); w.u64(digest) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { size = try r.u64(); digest = try r.u64() }
 }
 
 /// The agent's word that a transfer is complete and verified (push: renamed into place).
 public struct TransferDone: WireMessage, Equatable {
     public static let type = MessageType.transferDone
     public var size: UInt64
-    public var xxh64: UInt64
+    public var digest: UInt64
     /// Hex SHA-256 computed in the guest, only when asked for; empty otherwise.
     public var sha256: String
-    public init(size: UInt64, xxh64: UInt64, sha256: String) { self.size = size; self.xxh64 = xxh64; self.sha256 = sha256 }
-    public func encode(into w: inout ByteWriter) { w.u64(size); w.u64(xxh64); w.string(sha256) }
+    public init(size: UInt64, digest: UInt64, sha256: String) { self.size = size; self.digest = digest; self.sha256 = sha256 }
+    public func encode(into w: inout ByteWriter) { w.u64(size); w.u64(digest); w.string(sha256) }
     public init(from r: inout ByteReader) throws(ProtocolError) {
-        size = try r.u64(); xxh64 = try r.u64(); sha256 = try r.string()
+        size = try r.u64(); digest = try r.u64(); sha256 = try r.string()
     }
 }
 

@@ -13,7 +13,8 @@ public struct TransferSummary: Sendable, Codable {
     public var sha256: String
     /// SHA-256 computed in the guest, when asked for (`--sha256`).
     public var guestSHA256: String?
-    public var xxh64: String
+    /// The transfer digest both sides agreed on (XXH64 over each frame's XXH64 and length).
+    public var digest: String
     public var mode: UInt32?
 
     public var mibPerSecond: Double { seconds > 0 ? Double(bytes) / 1_048_576 / seconds : 0 }
@@ -78,11 +79,9 @@ public final class FileTransfer {
         guard ready.type == .dataReady else {
             throw TransportError(.protocolViolation, "the agent answered a push with \(ready.type)")
         }
-        var hasher = XXH64()
+        var digest = TransferDigest()
         var sha = Crypto.SHA256()
         var sent: UInt64 = 0
-        let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: FrameLimits.dataChunk, alignment: 16)
-        defer { chunk.deallocate() }
         var lastHeard = monotonicNanos()
         var lastPing = lastHeard
         var finished = false
@@ -90,21 +89,25 @@ public final class FileTransfer {
             while true {
                 // Keep at most two chunks queued: memory stays flat whatever the file size.
                 while !finished && data.pendingOutput < 2 * FrameLimits.dataChunk {
-                    let want = Int(min(UInt64(chunk.count), size - sent))
+                    let want = Int(min(UInt64(FrameLimits.dataChunk), size - sent))
                     if want == 0 {
-                        data.send(DataEnd(size: sent, xxh64: hasher.digest()), id: id)
+                        data.send(DataEnd(size: sent, digest: digest.digest()), id: id)
                         finished = true
                         break
                     }
-                    let got = readFull(fd, chunk.baseAddress!, want)
-                    if got < 0 { throw TransportError(.io, "reading the local file: \(String(cString: strerror(errno)))", errno: errno) }
+                    // Read straight into the output buffer, behind the frame header.
+                    var readErrno: Int32 = 0
+                    let (got, hash) = data.sendInPlace(.data, id: id, maxPayload: want) { room in
+                        let n = readFull(fd, room.baseAddress!, want)
+                        if n < 0 { readErrno = errno }
+                        if n > 0 { sha.update(bufferPointer: UnsafeRawBufferPointer(rebasing: room[0..<n])) }
+                        return n
+                    }
+                    if got < 0 { throw TransportError(.io, "reading the local file: \(String(cString: strerror(readErrno)))", errno: readErrno) }
                     if got == 0 {
                         throw TransportError(.io, "the local file shrank while it was being read (\(sent) of \(size) bytes); nothing was written in the guest")
                     }
-                    let part = UnsafeRawBufferPointer(rebasing: chunk[0..<got])
-                    hasher.update(part)
-                    sha.update(bufferPointer: part)
-                    data.send(.data, id: id, payload: part)
+                    digest.add(payloadHash: hash, length: got)
                     sent += UInt64(got)
                     progress?(sent, size)
                 }
@@ -143,12 +146,12 @@ public final class FileTransfer {
         }
         let done = try controlReply(id, timeout: 120)
         let result = try decodeOrThrow(TransferDone.self, done)
-        guard result.size == sent, result.xxh64 == hasher.digest() else {
+        guard result.size == sent, result.digest == digest.digest() else {
             throw TransportError(.integrity, "the guest stored \(result.size) bytes with a different checksum than was sent")
         }
         return TransferSummary(bytes: sent, seconds: Double(monotonicNanos() - start) / 1e9,
                                sha256: hex(sha.finalize()), guestSHA256: result.sha256.isEmpty ? nil : result.sha256,
-                               xxh64: String(result.xxh64, radix: 16), mode: mode)
+                               digest: String(result.digest, radix: 16), mode: mode)
     }
 
     // MARK: pull
@@ -164,42 +167,53 @@ public final class FileTransfer {
         session.send(PullRequest(path: remote, wantSHA256: guestSHA256), id: id)
         let readyFrame = try controlReply(id, timeout: 30)
         let ready = try decodeOrThrow(DataReady.self, readyFrame)
-        var hasher = XXH64()
+        var digest = TransferDigest()
         var sha = Crypto.SHA256()
         var received: UInt64 = 0
         var lastHeard = monotonicNanos()
         var lastPing = lastHeard
         do throws(TransportError) {
             try announced?(ready.size, ready.mode)
-            receiving: while true {
-                while let frame = data.decoder.next() {
-                    guard frame.id == id else { continue }
+            var ended = false
+            while !ended {
+                var failure: TransportError?
+                while failure == nil && !ended && data.decoder.nextInPlace({ frame in
+                    guard frame.id == id else { return }
                     switch frame.type {
                     case .data:
                         guard received + UInt64(frame.payload.count) <= ready.size else {
-                            throw TransportError(.integrity, "the guest sent more than the \(ready.size) bytes it announced for \(remote); refused")
+                            failure = TransportError(.integrity, "the guest sent more than the \(ready.size) bytes it announced for \(remote); refused")
+                            return
                         }
-                        let ok = frame.payload.withUnsafeBytes { raw -> Bool in
-                            hasher.update(raw)
-                            sha.update(bufferPointer: raw)
-                            return writeFully(fd, raw)
+                        digest.add(payloadHash: frame.payloadHash, length: frame.payload.count)
+                        sha.update(bufferPointer: frame.payload)
+                        if !writeFully(fd, frame.payload) {
+                            failure = TransportError(.io, "writing the local file: \(String(cString: strerror(errno)))", errno: errno)
+                            return
                         }
-                        if !ok { throw TransportError(.io, "writing the local file: \(String(cString: strerror(errno)))", errno: errno) }
                         received += UInt64(frame.payload.count)
                         progress?(received, ready.size)
                     case .dataEnd:
-                        let end = try decodeOrThrow(DataEnd.self, frame)
+                        var r = ByteReader(Array(frame.payload))
+                        guard let end = try? DataEnd(from: &r) else {
+                            failure = TransportError(.protocolViolation, "malformed end of data from the agent")
+                            return
+                        }
                         guard end.size == received, received == ready.size else {
-                            throw TransportError(.integrity, "size mismatch on \(remote): announced \(ready.size), received \(received)")
+                            failure = TransportError(.integrity, "size mismatch on \(remote): announced \(ready.size), received \(received)")
+                            return
                         }
-                        guard end.xxh64 == hasher.digest() else {
-                            throw TransportError(.integrity, "checksum mismatch on \(remote): the data was damaged in transit")
+                        guard end.digest == digest.digest() else {
+                            failure = TransportError(.integrity, "checksum mismatch on \(remote): the data was damaged in transit")
+                            return
                         }
-                        break receiving
+                        ended = true
                     default:
-                        continue
+                        return
                     }
-                }
+                }) {}
+                if let failure { throw failure }
+                if ended { break }
                 var fds = [pollfd(fd: data.fd, events: Int16(POLLIN), revents: 0),
                            pollfd(fd: session.control.fd, events: Int16(POLLIN) | (session.control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
                 _ = poll(&fds, 2, 500)
@@ -236,7 +250,7 @@ public final class FileTransfer {
         let done = try decodeOrThrow(TransferDone.self, try controlReply(id, timeout: 30))
         return TransferSummary(bytes: received, seconds: Double(monotonicNanos() - start) / 1e9,
                                sha256: hex(sha.finalize()), guestSHA256: done.sha256.isEmpty ? nil : done.sha256,
-                               xxh64: String(done.xxh64, radix: 16), mode: ready.mode)
+                               digest: String(done.digest, radix: 16), mode: ready.mode)
     }
 
     // MARK: small requests used by tree copies

@@ -88,12 +88,14 @@ enum Resolve {
     static func running(_ name: String, _ global: GlobalOptions) throws -> ResolvedDomain {
         let conn = try global.open()
         let domain = try conn.requireDomain(name)
-        guard domain.isActive else {
+        // One RPC for everything: the live XML has the channels, the metadata and, while the
+        // domain runs, its id.
+        let doc = try XMLDocument(parsing: try domain.xml(), name: "the domain XML")
+        guard doc.string("string(/domain/@id)") != nil else {
             throw CLIError("domain \(name) is not running (start it with: virsh start \(name))")
         }
-        let xml = try domain.xml()
-        let channels = try ChannelResolver.channels(inDomainXML: xml)
-        let meta = domain.metadata(namespace: VirtchanMetadata.namespace).flatMap { VirtchanMetadata(elementXML: $0) }
+        let channels = ChannelResolver.channels(in: doc)
+        let meta = VirtchanMetadata(domainDocument: doc)
         let controlName = meta?.controlChannel ?? ChannelNames.control
         let dataName = meta?.dataChannel ?? ChannelNames.data
         guard let control = channels.first(where: { $0.name == controlName }) else {
@@ -105,7 +107,6 @@ enum Resolve {
         guard global.connect == nil || conn.isLocal else {
             throw CLIError("\(conn.uri) is not on this host; run virtchan on the host that runs \(name)")
         }
-        let doc = try XMLDocument(parsing: xml)
         let console = doc.string("string(/domain/devices/serial[@type='file']/source/@path)")
         let endpoint = AgentEndpoint(domain: name, controlSocket: controlPath,
                                      dataSocket: channels.first(where: { $0.name == dataName })?.path,

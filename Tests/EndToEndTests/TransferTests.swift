@@ -226,7 +226,7 @@ extension EndToEnd {
                 let data = try UnixSocket.connect(try #require(endpoint.dataSocket))
                 defer { close(data) }
                 var bytes = FrameEncoder.encode(Frame(.data, id: id, payload: [1, 2, 3, 4]))
-                bytes += FrameEncoder.encode(DataEnd(size: 4, xxh64: 12345).frame(id: id))
+                bytes += FrameEncoder.encode(DataEnd(size: 4, digest: 12345).frame(id: id))
                 _ = bytes.withUnsafeBytes { write(data, $0.baseAddress!, $0.count) }
                 let answer = try #require(try session.receive(id: id, deadline: monotonicNanos() + 10_000_000_000))
                 #expect(answer.type == .error)

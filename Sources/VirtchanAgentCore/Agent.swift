@@ -593,7 +593,7 @@ public final class Agent {
         }
         let outcome: ReadOutcome
         do {
-            outcome = try t.data.fill(limit: 8 << 20)
+            outcome = try t.data.fill(limit: 512 * 1024)
         } catch {
             return abortTransfer(t, TransferFailure(errno: error.errno, "reading the data port"))
         }

@@ -69,9 +69,11 @@ public final class Connection: @unchecked Sendable {
         return (0..<Int(n)).compactMap { i in list[i].map { Domain(connection: self, pointer: $0) } }
     }
 
-    /// True when the connection is to this machine (so socket paths can be used directly).
+    /// True when the URI names no remote host, so the channel sockets are on this machine.
     public var isLocal: Bool {
-        !(uri.contains("+tcp") || uri.contains("+ssh") || uri.contains("+tls") || uri.contains("://") && uri.split(separator: "/").count > 2 && !uri.contains(":///"))
+        guard let components = URLComponents(string: uri) else { return true }
+        let host = components.host ?? ""
+        return host.isEmpty || host == "localhost" || host == "127.0.0.1"
     }
 }
 

@@ -236,12 +236,8 @@ struct Pull: ParsableCommand {
         var summary = TreeSummary()
         let entries = try transfer.listTree(remote)
         // Validate every path before writing anything: nothing may lead outside LOCAL.
-        for e in entries {
-            let parts = e.path.split(separator: "/", omittingEmptySubsequences: false)
-            guard !e.path.hasPrefix("/"), !parts.isEmpty, !parts.contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }),
-                  !e.path.contains("\0") else {
-                throw CLIError("the guest listed an unsafe path '\(e.path)' under \(remote); refusing to write anything")
-            }
+        for e in entries where !isSafeRelativePath(e.path) {
+            throw CLIError("the guest listed an unsafe path '\(e.path)' under \(remote); refusing to write anything")
         }
         let fm = FileManager.default
         try fm.createDirectory(atPath: local, withIntermediateDirectories: true)

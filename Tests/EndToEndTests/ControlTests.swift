@@ -229,6 +229,23 @@ extension EndToEnd {
             #expect(kb > 0 && kb < 32 * 1024, "agent peak RSS \(kb) kB")
         }
 
+        @Test func idleAgentCostsAlmostNothing() throws {
+            try SharedGuest.require()
+            func ticks() -> Int {
+                // utime + stime of the agent, in clock ticks (100 per second).
+                let stat = VC.guest("cat /proc/$(pidof virtchan-agent)/stat").out
+                guard let close = stat.lastIndex(of: ")") else { return -1 }
+                let fields = stat[stat.index(after: close)...].split(separator: " ")
+                return (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0)
+            }
+            let before = ticks()
+            Thread.sleep(forTimeInterval: 10) // no host connected meanwhile
+            let after = ticks()
+            #expect(before >= 0 && after >= before)
+            // 1% of 10 s is 10 ticks; the two reads themselves cost a little of that.
+            #expect(after - before < 10, "the idle agent used \(after - before) ticks in 10 s")
+        }
+
         @Test func qemuGuestAgentRunsBesideIt() throws {
             try SharedGuest.require()
             let ok = eventually(30) { VC.virsh(["qemu-agent-command", name, "{\"execute\":\"guest-ping\"}"]).code == 0 }

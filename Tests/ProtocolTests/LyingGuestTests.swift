@@ -1,0 +1,91 @@
+import Foundation
+import Testing
+import VirtchanProtocol
+@testable import VirtchanTransport
+
+/// A guest that breaks the rules, played by a scripted peer on real unix sockets: the host
+/// must refuse what it says rather than trust it.
+@Suite(.serialized) struct LyingGuestTests {
+    init() { signal(SIGPIPE, SIG_IGN) }
+
+    private func listen(_ path: String) -> Int32 {
+        unlink(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            let p = Array(path.utf8)
+            raw.copyBytes(from: p)
+            raw[p.count] = 0
+        }
+        _ = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        Glibc.listen(fd, 4)
+        return fd
+    }
+
+    /// Reads frames from a blocking socket until one of `type` arrives.
+    private func awaitFrame(_ type: MessageType, on fd: Int32, _ decoder: FrameDecoder) -> Frame? {
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            while let f = decoder.next() { if f.type == type { return f } }
+            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            if n <= 0 { return nil }
+            decoder.feed(Array(buf[0..<n]))
+        }
+    }
+
+    private func send(_ frame: Frame, _ fd: Int32) {
+        let bytes = FrameEncoder.encode(frame)
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
+    }
+
+    @Test func moreBytesThanAnnouncedAreRefused() throws {
+        let dir = "/tmp/vc-liar-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let controlListener = listen(dir + "/c.sock"), dataListener = listen(dir + "/d.sock")
+        defer { close(controlListener); close(dataListener) }
+
+        let liar = Thread {
+            let c = accept(controlListener, nil, nil)
+            let decoder = FrameDecoder()
+            guard let helloFrame = self.awaitFrame(.hello, on: c, decoder), let hello = try? Hello.decode(helloFrame) else { return }
+            self.send(HelloAck(nonce: hello.nonce, version: 1, agentVersion: "liar", capabilities: []).frame(id: helloFrame.id), c)
+            let d = accept(dataListener, nil, nil)
+            guard let req = self.awaitFrame(.pullRequest, on: c, decoder) else { return }
+            // Announce 10 bytes, then send 20.
+            self.send(DataReady(size: 10, mode: 0o644).frame(id: req.id), c)
+            self.send(Frame(.data, id: req.id, payload: Array(repeating: 0x41, count: 20)), d)
+            _ = self.awaitFrame(.abort, on: c, decoder)
+            close(d)
+            close(c)
+        }
+        liar.start()
+        let session = try AgentSession.connect(AgentEndpoint(domain: "liar", controlSocket: dir + "/c.sock",
+                                                             dataSocket: dir + "/d.sock", consoleLog: nil), timeout: 10)
+        let transfer = FileTransfer(session: session)
+        let sink = open(dir + "/out", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        defer { close(sink) }
+        do {
+            _ = try transfer.pull("/etc/passwd", into: sink)
+            Issue.record("a pull that overflowed its announced size was accepted")
+        } catch {
+            #expect(error.code == .integrity)
+            #expect(error.message.contains("more than the 10 bytes it announced"))
+        }
+        var st = stat()
+        fstat(sink, &st)
+        #expect(st.st_size == 0, "bytes beyond the announced size reached the file")
+    }
+
+    @Test func treePathsThatEscapeAreRejected() {
+        for bad in ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "", "a/\0b"] {
+            #expect(!isSafeRelativePath(bad), "\(bad) was accepted")
+        }
+        for good in ["a", "a/b/c.txt", "..a", "a..", ".hidden/x"] {
+            #expect(isSafeRelativePath(good), "\(good) was refused")
+        }
+    }
+}

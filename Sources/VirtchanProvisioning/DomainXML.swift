@@ -87,6 +87,7 @@ public enum DomainXML {
         return doc
     }
 
+    @discardableResult
     private static func setOnly(_ parent: XMLNode, _ name: String, _ value: String) -> XMLNode {
         for old in parent.document.select(name, from: parent) { old.remove() }
         return parent.addChild(name, text: value)

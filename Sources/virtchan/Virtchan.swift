@@ -48,7 +48,8 @@ struct Virtchan: ParsableCommand {
 }
 
 /// A failure to report in one line, with the exit code it calls for.
-struct CLIError: Error {
+struct CLIError: Error, CustomStringConvertible {
+    var description: String { message }
     let message: String
     let exitCode: Int32
     init(_ message: String, exitCode: Int32 = 1) {

@@ -15,7 +15,7 @@ struct Wait: ParsableCommand {
     func run() throws {
         let start = Date()
         let session = try waitForAgent(name, global, timeout: timeout)
-        print(String(format: "Agent %@ in %@ is ready (%.1f s)", session.hello.agentVersion, name, Date().timeIntervalSince(start)))
+        say(String(format: "Agent %@ in %@ is ready (%.1f s)", session.hello.agentVersion, name, Date().timeIntervalSince(start)))
         if let code = try BootstrapRunner.runIfPending(domainName: name, global: global, session: session), code != 0 {
             throw ExitCode(code)
         }

@@ -139,7 +139,7 @@ enum BootstrapRunner {
             throw CLIError("the bootstrap of \(domainName) is already running (host pid \(record.runnerPID ?? 0)); wait for it or stop that process")
         }
         if record.state == .succeeded && !force {
-            print("The bootstrap of \(domainName) already succeeded at \(record.endedAt ?? "?"); nothing to do (use --force to run it again)")
+            say("The bootstrap of \(domainName) already succeeded at \(record.endedAt ?? "?"); nothing to do (use --force to run it again)")
             return 0
         }
         let stateDir = meta.stateDirectory ?? Paths.stateDirectory(for: domainName)
@@ -162,7 +162,7 @@ enum BootstrapRunner {
         do {
             if !force, let marker = try? guestOutput(session, ["cat", guestMarker]), marker.trimmingCharacters(in: .whitespacesAndNewlines) == plan.sha256 {
                 outcome = (0, "the guest had already completed this script")
-                if !quiet { print("The guest reports this bootstrap already completed; not running it again") }
+                if !quiet { say("The guest reports this bootstrap already completed; not running it again") }
             } else {
                 let transfer = FileTransfer(session: session)
                 for f in plan.files {
@@ -172,7 +172,7 @@ enum BootstrapRunner {
                     var st = stat()
                     fstat(fd, &st)
                     _ = try transfer.push(fd: fd, size: UInt64(st.st_size), to: f.remote, mode: UInt32(st.st_mode & 0o7777), parents: true)
-                    if !quiet { print("bootstrap: pushed \(f.remote)") }
+                    if !quiet { say("bootstrap: pushed \(f.remote)") }
                 }
                 let remoteScript = guestDirectory + "/" + plan.scriptName
                 let fd = open(plan.scriptPath, O_RDONLY | O_CLOEXEC)
@@ -181,7 +181,7 @@ enum BootstrapRunner {
                 fstat(fd, &st)
                 _ = try transfer.push(fd: fd, size: UInt64(st.st_size), to: remoteScript, mode: 0o755, parents: true)
                 close(fd)
-                if !quiet { print("bootstrap: running \(plan.scriptName)") }
+                if !quiet { say("bootstrap: running \(plan.scriptName)") }
                 var options = ExecOptions(argv: [remoteScript])
                 options.env = plan.env
                 options.forwardStdin = false

@@ -110,13 +110,13 @@ struct Create: ParsableCommand {
             throw error
         }
         let started = Date()
-        print("Domain \(name) started (\(domainType == "kvm" ? "KVM" : "TCG"), console log \(spec.consoleLog ?? "-"))")
+        say("Domain \(name) started (\(domainType == "kvm" ? "KVM" : "TCG"), console log \(spec.consoleLog ?? "-"))")
         if noWait {
-            if plan != nil { print("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }
+            if plan != nil { say("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }
             return
         }
         let session = try waitForAgent(name, global, timeout: waitTimeout)
-        print(String(format: "Agent %@ answered after %.1f s", session.hello.agentVersion, Date().timeIntervalSince(started)))
+        say(String(format: "Agent %@ answered after %.1f s", session.hello.agentVersion, Date().timeIntervalSince(started)))
         if plan != nil {
             let code = try BootstrapRunner.run(domainName: name, global: global, session: session, force: false,
                                                timeout: bootstrap.bootstrapTimeout, quiet: false)

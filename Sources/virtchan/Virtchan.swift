@@ -142,3 +142,9 @@ func printTable(_ header: [String], _ rows: [[String]]) {
 }
 
 extension Accelerator: ExpressibleByArgument {}
+
+/// A status line on stdout, written at once: streamed guest output goes out unbuffered too,
+/// and the two must not change order when stdout is a pipe or a file.
+func say(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}

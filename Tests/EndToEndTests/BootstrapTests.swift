@@ -115,6 +115,28 @@ extension EndToEnd {
             #expect(VC.run(["destroy", name]).code == 0)
         }
 
+        @Test func destroyOnFailureAndWaitDeliversAPendingBootstrap() throws {
+            let failing = "vctest-boot-dof", pending = "vctest-boot-wait"
+            removeAtExit(failing)
+            removeAtExit(pending)
+            _ = VC.run(["destroy", failing, "--force"])
+            _ = VC.run(["destroy", pending, "--force"])
+            let r = VC.run(["create", failing, "--accel", "tcg", "--bootstrap", "\(dir)/bad.sh", "--destroy-on-failure"])
+            #expect(r.code == 5)
+            #expect(r.stderr.contains("domain \(failing) destroyed"))
+            #expect(VC.virsh(["domstate", failing]).code != 0)
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(failing)"))
+
+            #expect(VC.run(["create", pending, "--accel", "tcg", "--no-wait", "--bootstrap", "\(dir)/good.sh",
+                            "--bootstrap-file", "\(dir)/payload:/etc/payload", "--bootstrap-env", "PAUSE=0"]).code == 0)
+            #expect(status(pending)?.state == "pending")
+            let w = VC.run(["wait", pending, "--timeout", "120"])
+            #expect(w.code == 0, "\(w.stderr)")
+            #expect(w.out.contains("step 2"))
+            #expect(status(pending)?.state == "succeeded")
+            #expect(VC.run(["destroy", pending]).code == 0)
+        }
+
         @Test func badBootstrapInputIsRefusedBeforeDefining() {
             let missing = VC.run(["create", "vctest-boot-bad", "--bootstrap", "/no/such/script.sh"])
             #expect(missing.code == 1)

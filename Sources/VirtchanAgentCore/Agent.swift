@@ -568,7 +568,7 @@ public final class Agent {
             return
         }
         if t.phase == .awaitingAck {
-            if now - t.startedAt > 0 && revents & Int16(POLLOUT) != 0 { _ = try? t.data.flush() }
+            if revents & Int16(POLLOUT) != 0 { _ = try? t.data.flush() }
             return
         }
         switch t.kind {

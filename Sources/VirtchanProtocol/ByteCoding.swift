@@ -61,6 +61,4 @@ public struct ByteReader: Sendable {
         return out
     }
 
-    /// Optional trailing field: returns nil when an older peer did not send it.
-    public mutating func optionalU64() throws(ProtocolError) -> UInt64? { isAtEnd ? nil : try u64() }
 }

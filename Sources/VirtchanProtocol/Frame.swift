@@ -21,23 +21,9 @@ public enum FrameLimits {
     public static let execChunk = 64 * 1024
 }
 
-public struct FrameHeader: Sendable, Equatable {
+public enum FrameHeader {
     public static let magic: [UInt8] = [0x56, 0x43, 0x48, 0x46] // "VCHF"
     public static let version: UInt8 = 1
-
-    public var type: UInt8
-    public var flags: UInt16
-    public var id: UInt32
-    public var length: UInt32
-    public var payloadCheck: UInt32
-
-    public init(type: UInt8, flags: UInt16, id: UInt32, length: UInt32, payloadCheck: UInt32) {
-        self.type = type
-        self.flags = flags
-        self.id = id
-        self.length = length
-        self.payloadCheck = payloadCheck
-    }
 }
 
 public struct Frame: Sendable, Equatable {

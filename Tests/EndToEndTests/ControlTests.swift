@@ -2,6 +2,7 @@ import Crypto
 import Foundation
 import Testing
 import VirtchanProtocol
+import VirtchanTransport
 
 private func sha256Hex(_ data: Data) -> String {
     Crypto.SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
@@ -51,20 +52,9 @@ final class Background: @unchecked Sendable {
 
 /// Writes raw bytes straight into a domain's control socket, as a broken client would.
 private func writeRaw(_ bytes: [UInt8], to socketPath: String) throws {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    #expect(fd >= 0)
+    let fd = try UnixSocket.connect(socketPath)
     defer { close(fd) }
-    var addr = sockaddr_un()
-    addr.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-        let p = Array(socketPath.utf8)
-        raw.copyBytes(from: p)
-        raw[p.count] = 0
-    }
-    let rc = withUnsafePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
-    #expect(rc == 0)
+    setNonBlocking(fd, false)
     _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
     usleep(300_000)
 }

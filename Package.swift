@@ -13,8 +13,12 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
-        .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
-        .systemLibrary(name: "CLibXML2", pkgConfig: "libxml-2.0", providers: [.apt(["libxml2-dev"])]),
+        // libvirt's headers, and its functions loaded with dlopen on first use (see the header).
+        .target(name: "CLibvirt"),
+        // libxml2's headers, its functions likewise loaded on first use.
+        // include/libxml links to /usr/include/libxml2/libxml (libxml2-dev) so that the headers
+        // resolve for this target and for every module that imports it.
+        .target(name: "CLibXML2"),
         // Wire format shared by host and guest. No Foundation, no C libraries.
         .target(name: "VirtchanProtocol"),
         // libvirt connection, DomainSpec -> XML, live channel resolution, metadata.

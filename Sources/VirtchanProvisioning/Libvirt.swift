@@ -7,7 +7,7 @@ public final class Connection: @unchecked Sendable {
     public let uri: String
 
     private static let setup: Void = {
-        virInitialize()
+        vc_virInitialize()
         vc_virt_silence_errors()
     }()
 
@@ -19,9 +19,12 @@ public final class Connection: @unchecked Sendable {
 
     /// Opens a connection. The corresponding C function is `virConnectOpen`.
     public init(uri: String? = nil) throws(ProvisioningError) {
+        if let reason = vc_virt_load() {
+            throw ProvisioningError(.connection, String(cString: reason))
+        }
         _ = Self.setup
         let target = uri ?? Self.defaultURI
-        guard let p = virConnectOpen(target) else {
+        guard let p = vc_virConnectOpen(target) else {
             let err = ProvisioningError.fromLibvirt("cannot connect to \(target)", code: .connection)
             var hint = ""
             if target.hasPrefix("qemu:///") || target.hasPrefix("qemu+unix") {
@@ -33,11 +36,11 @@ public final class Connection: @unchecked Sendable {
         self.uri = target
     }
 
-    deinit { virConnectClose(pointer) }
+    deinit { vc_virConnectClose(pointer) }
 
     /// Defines a persistent domain. The corresponding C function is `virDomainDefineXML`.
     public func define(xml: String) throws(ProvisioningError) -> Domain {
-        guard let d = virDomainDefineXML(pointer, xml) else {
+        guard let d = vc_virDomainDefineXML(pointer, xml) else {
             throw ProvisioningError.fromLibvirt("libvirt refused the domain definition")
         }
         return Domain(connection: self, pointer: d)
@@ -45,8 +48,8 @@ public final class Connection: @unchecked Sendable {
 
     /// The domain called `name`, or nil. The corresponding C function is `virDomainLookupByName`.
     public func domain(named name: String) -> Domain? {
-        guard let d = virDomainLookupByName(pointer, name) else {
-            virResetLastError()
+        guard let d = vc_virDomainLookupByName(pointer, name) else {
+            vc_virResetLastError()
             return nil
         }
         return Domain(connection: self, pointer: d)
@@ -63,7 +66,7 @@ public final class Connection: @unchecked Sendable {
     /// Every domain, running or not. The corresponding C function is `virConnectListAllDomains`.
     public func allDomains() throws(ProvisioningError) -> [Domain] {
         var list: UnsafeMutablePointer<virDomainPtr?>?
-        let n = virConnectListAllDomains(pointer, &list, 0)
+        let n = vc_virConnectListAllDomains(pointer, &list, 0)
         guard n >= 0, let list else { throw ProvisioningError.fromLibvirt("cannot list domains") }
         defer { free(list) }
         return (0..<Int(n)).compactMap { i in list[i].map { Domain(connection: self, pointer: $0) } }
@@ -104,29 +107,29 @@ public final class Domain: @unchecked Sendable {
         self.pointer = pointer
     }
 
-    deinit { virDomainFree(pointer) }
+    deinit { vc_virDomainFree(pointer) }
 
     /// The corresponding C function is `virDomainGetName`.
-    public var name: String { virDomainGetName(pointer).map { String(cString: $0) } ?? "" }
+    public var name: String { vc_virDomainGetName(pointer).map { String(cString: $0) } ?? "" }
 
     /// The corresponding C function is `virDomainGetState`.
     public var state: DomainState {
         var s: Int32 = 0
         var reason: Int32 = 0
-        guard virDomainGetState(pointer, &s, &reason, 0) == 0 else {
-            virResetLastError()
+        guard vc_virDomainGetState(pointer, &s, &reason, 0) == 0 else {
+            vc_virResetLastError()
             return .unknown
         }
         return DomainState(s)
     }
 
-    public var isActive: Bool { virDomainIsActive(pointer) == 1 }
+    public var isActive: Bool { vc_virDomainIsActive(pointer) == 1 }
 
     /// The live XML (or the persistent one when stopped). The corresponding C function is
     /// `virDomainGetXMLDesc`.
     public func xml(inactive: Bool = false) throws(ProvisioningError) -> String {
         let flags = inactive ? UInt32(VIR_DOMAIN_XML_INACTIVE.rawValue) : 0
-        guard let c = virDomainGetXMLDesc(pointer, flags) else {
+        guard let c = vc_virDomainGetXMLDesc(pointer, flags) else {
             throw ProvisioningError.fromLibvirt("cannot read the XML of \(name)")
         }
         defer { free(c) }
@@ -135,14 +138,14 @@ public final class Domain: @unchecked Sendable {
 
     /// Starts the defined domain. The corresponding C function is `virDomainCreate`.
     public func start() throws(ProvisioningError) {
-        guard virDomainCreate(pointer) == 0 else {
+        guard vc_virDomainCreate(pointer) == 0 else {
             throw ProvisioningError.fromLibvirt("cannot start \(name)")
         }
     }
 
     /// Stops the domain at once. The corresponding C function is `virDomainDestroy`.
     public func destroy() throws(ProvisioningError) {
-        guard virDomainDestroy(pointer) == 0 else {
+        guard vc_virDomainDestroy(pointer) == 0 else {
             throw ProvisioningError.fromLibvirt("cannot stop \(name)")
         }
     }
@@ -151,11 +154,11 @@ public final class Domain: @unchecked Sendable {
     public func undefine() throws(ProvisioningError) {
         let flags = UInt32(VIR_DOMAIN_UNDEFINE_MANAGED_SAVE.rawValue | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA.rawValue
                            | VIR_DOMAIN_UNDEFINE_NVRAM.rawValue)
-        if virDomainUndefineFlags(pointer, flags) == 0 { return }
+        if vc_virDomainUndefineFlags(pointer, flags) == 0 { return }
         let first = ProvisioningError.fromLibvirt("cannot undefine \(name)")
         // Drivers without NVRAM or snapshot support refuse those flags; plain undefine is then right.
         guard first.libvirtCode == Int32(VIR_ERR_INVALID_ARG.rawValue) else { throw first }
-        guard virDomainUndefine(pointer) == 0 else {
+        guard vc_virDomainUndefine(pointer) == 0 else {
             throw ProvisioningError.fromLibvirt("cannot undefine \(name)")
         }
     }
@@ -164,8 +167,8 @@ public final class Domain: @unchecked Sendable {
     /// The corresponding C function is `virDomainGetMetadata`.
     public func metadata(namespace uri: String, live: Bool = true) -> String? {
         let flags = live ? UInt32(VIR_DOMAIN_AFFECT_CURRENT.rawValue) : UInt32(VIR_DOMAIN_AFFECT_CONFIG.rawValue)
-        guard let c = virDomainGetMetadata(pointer, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), uri, flags) else {
-            virResetLastError()
+        guard let c = vc_virDomainGetMetadata(pointer, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), uri, flags) else {
+            vc_virResetLastError()
             return nil
         }
         defer { free(c) }
@@ -177,7 +180,7 @@ public final class Domain: @unchecked Sendable {
     public func setMetadata(_ xml: String, key: String, namespace uri: String) throws(ProvisioningError) {
         var flags = UInt32(VIR_DOMAIN_AFFECT_CONFIG.rawValue)
         if isActive { flags |= UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue) }
-        guard virDomainSetMetadata(pointer, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), xml, key, uri, flags) == 0 else {
+        guard vc_virDomainSetMetadata(pointer, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), xml, key, uri, flags) == 0 else {
             throw ProvisioningError.fromLibvirt("cannot update the metadata of \(name)")
         }
     }
@@ -185,7 +188,7 @@ public final class Domain: @unchecked Sendable {
     /// Sends a command to qemu-guest-agent through libvirt.
     /// The corresponding C function is `virDomainQemuAgentCommand`.
     public func qemuAgentCommand(_ json: String, timeoutSeconds: Int32 = 10) throws(ProvisioningError) -> String {
-        guard let c = virDomainQemuAgentCommand(pointer, json, timeoutSeconds, 0) else {
+        guard let c = vc_virDomainQemuAgentCommand(pointer, json, timeoutSeconds, 0) else {
             throw ProvisioningError.fromLibvirt("qemu-guest-agent command failed")
         }
         defer { free(c) }

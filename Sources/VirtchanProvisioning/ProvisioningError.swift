@@ -40,12 +40,12 @@ public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
     /// `what` is evaluated only after the error is captured: every libvirt call (even
     /// virDomainGetName) clears the thread's last error.
     static func fromLibvirt(_ what: @autoclosure () -> String, code: Code = .libvirt) -> ProvisioningError {
-        guard let err = virGetLastError() else {
+        guard let err = vc_virGetLastError() else {
             return ProvisioningError(code, "\(what()) failed")
         }
         let number = err.pointee.code
         let text = err.pointee.message.map { String(cString: $0) } ?? "unknown libvirt error"
-        virResetLastError()
+        vc_virResetLastError()
         let what = what()
         var resolved = code
         if number == Int32(VIR_ERR_NO_DOMAIN.rawValue) { resolved = .notFound }

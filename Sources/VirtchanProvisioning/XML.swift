@@ -7,16 +7,22 @@ public final class XMLDocument: @unchecked Sendable {
     let doc: xmlDocPtr
 
     private static let setup: Void = {
-        xmlInitParser()
+        if let reason = vc_xml_load() {
+            // libvirt itself needs libxml2, so this is a broken installation, not a mistake
+            // to recover from.
+            FileHandle.standardError.write(Data("virtchan: error: \(String(cString: reason))\n".utf8))
+            exit(1)
+        }
+        vc_xmlInitParser()
         vc_xml_silence_errors()
     }()
 
     /// A new document whose root element is `root`. The corresponding C function is `xmlNewDoc`.
     public init(root: String) {
         _ = Self.setup
-        doc = xmlNewDoc("1.0")
-        let node = xmlNewNode(nil, root)
-        xmlDocSetRootElement(doc, node)
+        doc = vc_xmlNewDoc("1.0")
+        let node = vc_xmlNewNode(nil, root)
+        vc_xmlDocSetRootElement(doc, node)
     }
 
     /// Parses XML text. The corresponding C function is `xmlReadMemory`.
@@ -25,29 +31,29 @@ public final class XMLDocument: @unchecked Sendable {
         let bytes = Array(text.utf8)
         let parsed = bytes.withUnsafeBufferPointer { buf in
             buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
-                xmlReadMemory($0, Int32(buf.count), nil, "UTF-8", Int32(XML_PARSE_NONET.rawValue | XML_PARSE_NOBLANKS.rawValue))
+                vc_xmlReadMemory($0, Int32(buf.count), nil, "UTF-8", Int32(XML_PARSE_NONET.rawValue | XML_PARSE_NOBLANKS.rawValue))
             }
         }
-        guard let parsed, xmlDocGetRootElement(parsed) != nil else {
+        guard let parsed, vc_xmlDocGetRootElement(parsed) != nil else {
             var detail = "not well-formed XML"
-            if let err = xmlGetLastError(), let msg = err.pointee.message {
+            if let err = vc_xmlGetLastError(), let msg = err.pointee.message {
                 detail = String(cString: msg).trimmingCharacters(in: .whitespacesAndNewlines) + " at line \(err.pointee.line)"
             }
-            if let parsed { xmlFreeDoc(parsed) }
+            if let parsed { vc_xmlFreeDoc(parsed) }
             throw ProvisioningError(.invalidXML, "\(name) is not valid XML: \(detail)")
         }
         doc = parsed
     }
 
-    deinit { xmlFreeDoc(doc) }
+    deinit { vc_xmlFreeDoc(doc) }
 
-    public var root: XMLNode { XMLNode(document: self, node: xmlDocGetRootElement(doc)) }
+    public var root: XMLNode { XMLNode(document: self, node: vc_xmlDocGetRootElement(doc)) }
 
     /// The document as text, indented. The corresponding C function is `xmlDocDumpFormatMemory`.
     public func serialize() -> String {
         var out: UnsafeMutablePointer<xmlChar>?
         var size: Int32 = 0
-        xmlDocDumpFormatMemoryEnc(doc, &out, &size, "UTF-8", 1)
+        vc_xmlDocDumpFormatMemoryEnc(doc, &out, &size, "UTF-8", 1)
         guard let out else { return "" }
         defer { vc_xml_free(out) }
         let text = String(cString: out)
@@ -61,12 +67,12 @@ public final class XMLDocument: @unchecked Sendable {
     /// Evaluates an XPath expression and returns the matching element or attribute nodes.
     /// `namespaces` maps prefixes used in the expression to namespace URIs.
     public func select(_ xpath: String, namespaces: [String: String] = [:], from context: XMLNode? = nil) -> [XMLNode] {
-        guard let ctx = xmlXPathNewContext(doc) else { return [] }
-        defer { xmlXPathFreeContext(ctx) }
-        for (prefix, uri) in namespaces { xmlXPathRegisterNs(ctx, prefix, uri) }
+        guard let ctx = vc_xmlXPathNewContext(doc) else { return [] }
+        defer { vc_xmlXPathFreeContext(ctx) }
+        for (prefix, uri) in namespaces { vc_xmlXPathRegisterNs(ctx, prefix, uri) }
         if let context { ctx.pointee.node = context.node }
-        guard let result = xmlXPathEvalExpression(xpath, ctx) else { return [] }
-        defer { xmlXPathFreeObject(result) }
+        guard let result = vc_xmlXPathEvalExpression(xpath, ctx) else { return [] }
+        defer { vc_xmlXPathFreeObject(result) }
         let count = vc_xpath_nodeset_count(result)
         return (0..<count).compactMap { i in
             vc_xpath_nodeset_item(result, Int32(i)).map { XMLNode(document: self, node: $0) }
@@ -75,13 +81,13 @@ public final class XMLDocument: @unchecked Sendable {
 
     /// The string value of an XPath expression (e.g. "string(/domain/name)").
     public func string(_ xpath: String, namespaces: [String: String] = [:], from context: XMLNode? = nil) -> String? {
-        guard let ctx = xmlXPathNewContext(doc) else { return nil }
-        defer { xmlXPathFreeContext(ctx) }
-        for (prefix, uri) in namespaces { xmlXPathRegisterNs(ctx, prefix, uri) }
+        guard let ctx = vc_xmlXPathNewContext(doc) else { return nil }
+        defer { vc_xmlXPathFreeContext(ctx) }
+        for (prefix, uri) in namespaces { vc_xmlXPathRegisterNs(ctx, prefix, uri) }
         if let context { ctx.pointee.node = context.node }
-        guard let result = xmlXPathEvalExpression(xpath, ctx) else { return nil }
-        defer { xmlXPathFreeObject(result) }
-        guard let s = xmlXPathCastToString(result) else { return nil }
+        guard let result = vc_xmlXPathEvalExpression(xpath, ctx) else { return nil }
+        defer { vc_xmlXPathFreeObject(result) }
+        guard let s = vc_xmlXPathCastToString(result) else { return nil }
         defer { vc_xml_free(s) }
         let value = String(cString: s)
         return value.isEmpty ? nil : value
@@ -97,20 +103,20 @@ public struct XMLNode: @unchecked Sendable {
 
     /// Text content. The corresponding C function is `xmlNodeGetContent`.
     public var text: String {
-        guard let c = xmlNodeGetContent(node) else { return "" }
+        guard let c = vc_xmlNodeGetContent(node) else { return "" }
         defer { vc_xml_free(c) }
         return String(cString: c)
     }
 
     public func attribute(_ name: String) -> String? {
-        guard let v = xmlGetProp(node, name) else { return nil }
+        guard let v = vc_xmlGetProp(node, name) else { return nil }
         defer { vc_xml_free(v) }
         return String(cString: v)
     }
 
     @discardableResult
     public func setAttribute(_ name: String, _ value: String) -> XMLNode {
-        xmlSetProp(node, name, value)
+        vc_xmlSetProp(node, name, value)
         return self
     }
 
@@ -118,7 +124,7 @@ public struct XMLNode: @unchecked Sendable {
     /// The corresponding C function is `xmlNewTextChild`.
     @discardableResult
     public func addChild(_ name: String, text: String? = nil, attributes: KeyValuePairs<String, String> = [:]) -> XMLNode {
-        let child = xmlNewTextChild(node, nil, name, text)!
+        let child = vc_xmlNewTextChild(node, nil, name, text)!
         let wrapped = XMLNode(document: document, node: child)
         for (k, v) in attributes { wrapped.setAttribute(k, v) }
         return wrapped
@@ -127,16 +133,16 @@ public struct XMLNode: @unchecked Sendable {
     /// Appends a child element in a namespace, declaring it on that child.
     @discardableResult
     public func addChild(_ name: String, namespace uri: String, prefix: String) -> XMLNode {
-        let child = xmlNewChild(node, nil, name, nil)!
-        let ns = xmlNewNs(child, uri, prefix)
-        xmlSetNs(child, ns)
+        let child = vc_xmlNewChild(node, nil, name, nil)!
+        let ns = vc_xmlNewNs(child, uri, prefix)
+        vc_xmlSetNs(child, ns)
         return XMLNode(document: document, node: child)
     }
 
     /// Appends a child in the same namespace as this element.
     @discardableResult
     public func addNamespacedChild(_ name: String, text: String? = nil) -> XMLNode {
-        let child = xmlNewTextChild(node, node.pointee.ns, name, text)!
+        let child = vc_xmlNewTextChild(node, node.pointee.ns, name, text)!
         return XMLNode(document: document, node: child)
     }
 
@@ -153,15 +159,15 @@ public struct XMLNode: @unchecked Sendable {
     }
 
     public func remove() {
-        xmlUnlinkNode(node)
-        xmlFreeNode(node)
+        vc_xmlUnlinkNode(node)
+        vc_xmlFreeNode(node)
     }
 
     /// This element and its subtree as text.
     public func serialize() -> String {
-        guard let buf = xmlBufferCreate() else { return "" }
-        defer { xmlBufferFree(buf) }
-        xmlNodeDump(buf, document.doc, node, 0, 1)
-        return String(cString: xmlBufferContent(buf))
+        guard let buf = vc_xmlBufferCreate() else { return "" }
+        defer { vc_xmlBufferFree(buf) }
+        vc_xmlNodeDump(buf, document.doc, node, 0, 1)
+        return String(cString: vc_xmlBufferContent(buf))
     }
 }

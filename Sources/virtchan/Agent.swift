@@ -6,6 +6,7 @@ import VirtchanTransport
 
 struct Wait: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "wait",
         abstract: "Wait until the agent in a domain says hello (and deliver a pending bootstrap).")
 
     @OptionGroup var global: GlobalOptions
@@ -23,7 +24,7 @@ struct Wait: ParsableCommand {
 }
 
 struct Ping: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Measure round trips to the agent.")
+    static let configuration = CommandConfiguration(commandName: "ping", abstract: "Measure round trips to the agent.")
 
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Domain name.") var name: String
@@ -96,6 +97,7 @@ struct InfoCommand: ParsableCommand {
 
 struct Exec: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "exec",
         abstract: "Run a command in the guest, streaming its output; exits with the command's code.",
         discussion: """
         stdout and stderr arrive as the guest process writes them; stdin is forwarded until EOF

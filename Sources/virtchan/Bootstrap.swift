@@ -156,7 +156,7 @@ enum BootstrapRunner {
         try store(meta, domain)
 
         let logPath = BootstrapPlan.directory(stateDir) + "/log"
-        FileManager.default.createFile(atPath: logPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath)
         var outcome: (code: Int32?, reason: String?) = (nil, nil)
         do {
@@ -241,6 +241,7 @@ enum BootstrapRunner {
 
 struct Bootstrap: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "bootstrap",
         abstract: "Run, inspect and read the log of a domain's first-boot script.",
         subcommands: [RunBootstrap.self, BootstrapStatus.self, BootstrapLog.self])
 

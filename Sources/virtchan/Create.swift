@@ -6,6 +6,7 @@ import VirtchanTransport
 
 struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "create",
         abstract: "Define and start a domain with its control and data channels wired.",
         discussion: """
         With no boot source the built-in tiny guest boots (build it with Scripts/build-guest).

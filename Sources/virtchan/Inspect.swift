@@ -34,6 +34,7 @@ struct ListDomains: ParsableCommand {
 
 struct Channels: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "channels",
         abstract: "Show every virtio channel of a domain, live.",
         discussion: "STATE is libvirt's view of the guest side: connected while a guest process holds the port open.")
 
@@ -67,6 +68,7 @@ struct XMLCommand: ParsableCommand {
 
 struct Destroy: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "destroy",
         abstract: "Stop a domain, undefine it and remove every file virtchan made for it.")
 
     @OptionGroup var global: GlobalOptions
@@ -91,6 +93,7 @@ enum DomainTeardown {
         // Files named in the XML that live in virtchan's own state directory go with it.
         let stateDir = meta?.stateDirectory ?? Paths.stateDirectory(for: name)
         if domain.isActive { try domain.destroy() }
+        global.endpointCache?.remove(name)
         if !keepDefinition { try domain.undefine() }
         let marker = stateDir + "/.virtchan-domain"
         if FileManager.default.fileExists(atPath: marker) {

@@ -20,6 +20,7 @@ struct TreeSummary: Encodable {
 
 struct Push: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "push",
         abstract: "Copy a file (or, with -r, a tree) from the host into the guest.",
         discussion: """
         LOCAL '-' reads stdin. REMOTE is an absolute path in the guest; the file lands there
@@ -80,7 +81,7 @@ struct Push: ParsableCommand {
             var template = Array((NSTemporaryDirectory() + "/virtchan-stdin-XXXXXX").utf8CString)
             let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
             guard fd >= 0 else { throw CLIError("cannot create a temporary file: \(String(cString: strerror(errno)))") }
-            unlink(String(cString: template))
+            unlink(template)
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
             defer { buf.deallocate() }
             var total: UInt64 = 0
@@ -158,6 +159,7 @@ struct Push: ParsableCommand {
 
 struct Pull: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "pull",
         abstract: "Copy a file (or, with -r, a tree) from the guest to the host.",
         discussion: """
         LOCAL '-' writes to stdout. An existing directory LOCAL receives the file under its own
@@ -216,7 +218,7 @@ struct Pull: ParsableCommand {
         var template = Array("\(dir)/.\(base).virtchan-XXXXXX".utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard fd >= 0 else { throw CLIError("cannot write in \(dir): \(String(cString: strerror(errno)))") }
-        let temp = String(cString: template)
+        let temp = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
         var committed = false
         defer {
             close(fd)

@@ -28,6 +28,9 @@ struct Virtchan: ParsableCommand {
         do {
             var command = try parseAsRoot()
             try command.run()
+        } catch let code as ExitCode {
+            // exec passing the guest's code through: nothing to print.
+            Foundation.exit(code.rawValue)
         } catch let error as CLIError {
             report(error.message)
             Foundation.exit(error.exitCode)
@@ -63,6 +66,12 @@ struct GlobalOptions: ParsableArguments {
     var connect: String?
 
     func open() throws -> Connection { try Connection(uri: connect) }
+
+    /// Endpoints are cached for the local system instance only, where libvirt's pid files
+    /// tell whether an entry is still current.
+    var endpointCache: EndpointCache? {
+        (connect ?? Connection.defaultURI) == "qemu:///system" ? EndpointCache() : nil
+    }
 }
 
 enum Paths {
@@ -112,10 +121,21 @@ enum Resolve {
         let endpoint = AgentEndpoint(domain: name, controlSocket: controlPath,
                                      dataSocket: channels.first(where: { $0.name == dataName })?.path,
                                      consoleLog: console)
+        global.endpointCache?.store(endpoint)
         return ResolvedDomain(domain: domain, metadata: meta, channels: channels, endpoint: endpoint)
     }
 
+    /// A session with the agent in `name`. The endpoint comes from the cache when the domain's
+    /// QEMU process is the one it was recorded for (no libvirt involved), else from libvirt.
     static func session(_ name: String, _ global: GlobalOptions, timeout: Double = 10) throws -> AgentSession {
+        if let cached = global.endpointCache?.lookup(name) {
+            do {
+                return try AgentSession.connect(cached, timeout: timeout)
+            } catch where error.code == .unreachable {
+                // The socket moved or vanished (a channel was unplugged): ask libvirt.
+                global.endpointCache?.remove(name)
+            }
+        }
         let resolved = try running(name, global)
         return try AgentSession.connect(resolved.endpoint, timeout: timeout)
     }

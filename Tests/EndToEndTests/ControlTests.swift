@@ -50,6 +50,24 @@ final class Background: @unchecked Sendable {
     }
 }
 
+/// A unix socket that listens (so connecting succeeds) and never accepts or answers.
+private func listeningSocket(_ path: String) throws -> Int32 {
+    unlink(path)
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        let bytes = Array(path.utf8)
+        raw.copyBytes(from: bytes)
+        raw[bytes.count] = 0
+    }
+    let rc = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard fd >= 0, rc == 0, listen(fd, 4) == 0 else { throw POSIXError(.EADDRINUSE) }
+    return fd
+}
+
 /// Writes raw bytes straight into a domain's control socket, as a broken client would.
 private func writeRaw(_ bytes: [UInt8], to socketPath: String) throws {
     let fd = try UnixSocket.connect(socketPath)
@@ -217,6 +235,44 @@ extension EndToEnd {
             let rss = VC.guest("grep VmHWM /proc/$(pidof virtchan-agent)/status").out
             let kb = Int(rss.split(whereSeparator: { !$0.isNumber }).first ?? "0") ?? 0
             #expect(kb > 0 && kb < 32 * 1024, "agent peak RSS \(kb) kB")
+        }
+
+        /// exec, ping, push and pull find the socket without libvirt through a cache that is
+        /// trusted only while the domain's QEMU process is the one it was written for.
+        @Test func endpointCacheIsUsedOnlyWhileCurrent() throws {
+            try SharedGuest.require()
+            let entry = "/run/virtchan/endpoints/\(name)"
+            #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0)
+            let qemuPid = try String(contentsOfFile: "/run/libvirt/qemu/\(name).pid", encoding: .utf8)
+                .trimmingCharacters(in: .whitespacesAndNewlines)
+            let control = try #require(channels(name).first { $0.role == "control" }?.path)
+            let real = try String(contentsOfFile: entry, encoding: .utf8)
+            #expect(real.contains("pid=\(qemuPid)\n"))
+            #expect(real.contains("control=\(control)\n"))
+
+            // An entry written for another QEMU process (the domain restarted since) points at a
+            // socket that accepts and never answers: trusting it would time out.
+            let decoy = NSTemporaryDirectory() + "vctest-decoy-\(getpid()).sock"
+            let listener = try listeningSocket(decoy)
+            defer { close(listener); unlink(decoy) }
+            let stale = real.split(separator: "\n").map { line -> String in
+                if line.hasPrefix("pid=") { return "pid=1" }
+                if line.hasPrefix("control=") { return "control=\(decoy)" }
+                return String(line)
+            }.joined(separator: "\n") + "\n"
+            try stale.write(toFile: entry, atomically: true, encoding: .utf8)
+            let afterRestart = VC.run(["exec", name, "-n", "--", "echo", "fresh"], timeout: 30)
+            #expect(afterRestart.code == 0, "\(afterRestart.stderr)")
+            #expect(afterRestart.out == "fresh\n")
+            #expect(afterRestart.seconds < 5)
+            #expect(try String(contentsOfFile: entry, encoding: .utf8) == real)
+
+            // A current entry whose socket is gone (a channel was unplugged): libvirt is asked again.
+            let moved = real.replacingOccurrences(of: "control=\(control)\n", with: "control=/nonexistent/control.sock\n")
+            try moved.write(toFile: entry, atomically: true, encoding: .utf8)
+            let afterMove = VC.run(["ping", name, "--count", "1"], timeout: 30)
+            #expect(afterMove.code == 0, "\(afterMove.stderr)")
+            #expect(try String(contentsOfFile: entry, encoding: .utf8) == real)
         }
 
         @Test func idleAgentCostsAlmostNothing() throws {

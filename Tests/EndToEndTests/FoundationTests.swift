@@ -66,12 +66,16 @@ extension EndToEnd {
             #expect(!path.hasPrefix("/var/lib/virtchan/"))
             #expect(FileManager.default.fileExists(atPath: path))
             print("create-to-connected: \(String(format: "%.1f", Date().timeIntervalSince(start))) s after create returned")
+            // A ping remembers where the agent listens; destroy forgets it.
+            #expect(VC.run(["ping", name, "--count", "1"], timeout: 60).code == 0)
+            #expect(FileManager.default.fileExists(atPath: "/run/virtchan/endpoints/\(name)"))
 
             let d = VC.run(["destroy", name])
             #expect(d.code == 0, "\(d.stderr)")
             #expect(VC.virsh(["domstate", name]).code != 0)
             #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(name)"))
             #expect(!FileManager.default.fileExists(atPath: path))
+            #expect(!FileManager.default.fileExists(atPath: "/run/virtchan/endpoints/\(name)"))
         }
 
         @Test func destroyKeepDefinitionStopsButKeeps() throws {

@@ -1,0 +1,55 @@
+#ifndef VIRTCHAN_CLIBVIRT_H
+#define VIRTCHAN_CLIBVIRT_H
+/*
+ * libvirt, loaded on first use.
+ *
+ * Linking libvirt.so costs every virtchan process ~25 ms before main (its ~55 shared
+ * libraries and their constructors), including the commands that never talk to libvirtd.
+ * virtchan therefore uses libvirt's headers for types and constants only, and calls its
+ * functions through the vc_-prefixed wrappers below, which dlopen libvirt.so.0 (and
+ * libvirt-qemu.so.0) the first time any of them runs.
+ */
+#include <stddef.h>
+#include <stdlib.h>
+#include <libvirt/libvirt.h>
+#include <libvirt/libvirt-qemu.h>
+#include <libvirt/virterror.h>
+
+/* Loads libvirt once. Returns NULL when it is usable, else a message saying why not.
+ * Every wrapper calls it; a wrapper whose library is missing returns its failure value
+ * (NULL or -1) without touching libvirt. */
+const char *vc_virt_load(void);
+
+/* Routes libvirt's error reports to nowhere: virtchan turns virGetLastError() into its
+ * own messages. */
+void vc_virt_silence_errors(void);
+
+/* ret, failure value, libvirt function, parameters, arguments. */
+#define VC_VIRT_FUNCTIONS(X) \
+    X(int, -1, virInitialize, (void), ()) \
+    X(virErrorPtr, NULL, virGetLastError, (void), ()) \
+    X(virConnectPtr, NULL, virConnectOpen, (const char *name), (name)) \
+    X(int, -1, virConnectClose, (virConnectPtr conn), (conn)) \
+    X(int, -1, virConnectListAllDomains, (virConnectPtr conn, virDomainPtr **domains, unsigned int flags), (conn, domains, flags)) \
+    X(virDomainPtr, NULL, virDomainDefineXML, (virConnectPtr conn, const char *xml), (conn, xml)) \
+    X(virDomainPtr, NULL, virDomainLookupByName, (virConnectPtr conn, const char *name), (conn, name)) \
+    X(const char *, NULL, virDomainGetName, (virDomainPtr domain), (domain)) \
+    X(char *, NULL, virDomainGetXMLDesc, (virDomainPtr domain, unsigned int flags), (domain, flags)) \
+    X(int, -1, virDomainGetState, (virDomainPtr domain, int *state, int *reason, unsigned int flags), (domain, state, reason, flags)) \
+    X(int, -1, virDomainIsActive, (virDomainPtr domain), (domain)) \
+    X(int, -1, virDomainCreate, (virDomainPtr domain), (domain)) \
+    X(int, -1, virDomainDestroy, (virDomainPtr domain), (domain)) \
+    X(int, -1, virDomainUndefine, (virDomainPtr domain), (domain)) \
+    X(int, -1, virDomainUndefineFlags, (virDomainPtr domain, unsigned int flags), (domain, flags)) \
+    X(int, -1, virDomainFree, (virDomainPtr domain), (domain)) \
+    X(int, -1, virDomainSetMetadata, (virDomainPtr domain, int type, const char *metadata, const char *key, const char *uri, unsigned int flags), (domain, type, metadata, key, uri, flags)) \
+    X(char *, NULL, virDomainGetMetadata, (virDomainPtr domain, int type, const char *uri, unsigned int flags), (domain, type, uri, flags)) \
+    X(char *, NULL, virDomainQemuAgentCommand, (virDomainPtr domain, const char *cmd, int timeout, unsigned int flags), (domain, cmd, timeout, flags))
+
+#define VC_VIRT_DECLARE(ret, fail, name, params, args) ret vc_##name params;
+VC_VIRT_FUNCTIONS(VC_VIRT_DECLARE)
+#undef VC_VIRT_DECLARE
+
+void vc_virResetLastError(void);
+
+#endif

@@ -31,6 +31,13 @@ extension EndToEnd {
             echo "step 2"
             """.write(toFile: "\(dir)/good.sh", atomically: true, encoding: .utf8)
             try "#!/bin/sh\necho failing on purpose >&2\nexit 5\n".write(toFile: "\(dir)/bad.sh", atomically: true, encoding: .utf8)
+            // Fails; once /root/kill-agent exists, it kills the agent under its own runner first.
+            try """
+            #!/bin/sh
+            if [ -e /root/kill-agent ]; then echo "killing the agent"; kill -9 $(pidof virtchan-agent); sleep 60; fi
+            echo failing on purpose >&2
+            exit 5
+            """.write(toFile: "\(dir)/flaky.sh", atomically: true, encoding: .utf8)
             try "payload-\(getpid())\n".write(toFile: "\(dir)/payload", atomically: true, encoding: .utf8)
         }
 
@@ -99,7 +106,7 @@ extension EndToEnd {
             let name = "vctest-boot-fail"
             removeAtExit(name)
             _ = VC.run(["destroy", name, "--force"])
-            let created = VC.run(["create", name, "--accel", "tcg", "--no-wait", "--bootstrap", "\(dir)/bad.sh"])
+            let created = VC.run(["create", name, "--accel", "tcg", "--no-wait", "--bootstrap", "\(dir)/flaky.sh"])
             #expect(created.code == 0, "\(created.stderr)")
             #expect(created.out.contains("virtchan bootstrap run \(name)"))
             #expect(status(name)?.state == "pending")
@@ -111,6 +118,20 @@ extension EndToEnd {
             #expect(s.exitCode == 5)
             #expect(VC.run(["bootstrap", "log", name]).out.contains("failing on purpose"))
             // The VM is left running for inspection.
+            #expect(VC.run(["exec", name, "-n", "--", "touch", "/root/kill-agent"]).code == 0)
+
+            // The agent vanishes mid-script: the runner gives up within its bound and says why.
+            let vanished = VC.run(["bootstrap", "run", name, "--force"], timeout: 90)
+            #expect(vanished.code == 1)
+            #expect(vanished.out.contains("killing the agent"))
+            #expect(vanished.stderr.contains("bootstrap of \(name) failed"))
+            #expect(vanished.stderr.contains("stopped answering"), "\(vanished.stderr)")
+            #expect(vanished.seconds < 45)
+            let lost = try #require(status(name))
+            #expect(lost.state == "failed")
+            #expect(lost.reason?.contains("stopped answering") == true)
+            // The guest's init restarts the agent, and the domain serves again.
+            #expect(VC.run(["wait", name, "--timeout", "60"]).code == 0)
             #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0)
             #expect(VC.run(["destroy", name]).code == 0)
         }

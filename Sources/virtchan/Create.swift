@@ -59,7 +59,11 @@ struct Create: ParsableCommand {
             try requireFile(disk, "disk image")
             spec.boot = .disk(absolute(disk))
         } else if try !templateBoots() {
-            let k = Paths.imageDirectory + "/vmlinuz", i = Paths.imageDirectory + "/initrd.img"
+            // vmlinux is the same kernel uncompressed, which QEMU boots through its PVH entry point
+            // seconds sooner under TCG; Scripts/build-guest writes it when the kernel has one.
+            let uncompressed = Paths.imageDirectory + "/vmlinux"
+            let k = FileManager.default.fileExists(atPath: uncompressed) ? uncompressed : Paths.imageDirectory + "/vmlinuz"
+            let i = Paths.imageDirectory + "/initrd.img"
             guard FileManager.default.fileExists(atPath: k), FileManager.default.fileExists(atPath: i) else {
                 throw CLIError("the built-in guest image is missing from \(Paths.imageDirectory); build it with: Scripts/build-guest")
             }

@@ -34,6 +34,10 @@ private func standardSpec(_ name: String = "t1") -> DomainSpec {
         #expect(doc.string("string(/domain/devices/channel[target/@name='org.virtchan.data']/address/@port)") == "2")
         #expect(doc.string("string(/domain/devices/channel[target/@name='org.virtchan.data']/address/@type)") == "virtio-serial")
         #expect(doc.string("string(/domain/devices/serial[@type='file']/source/@path)") == "/var/lib/virtchan/domains/t1/console.log")
+        // Headless: no USB, no balloon, and a virtio RNG fed from the host's urandom.
+        #expect(doc.string("string(/domain/devices/controller[@type='usb']/@model)") == "none")
+        #expect(doc.string("string(/domain/devices/memballoon/@model)") == "none")
+        #expect(doc.string("string(/domain/devices/rng[@model='virtio']/backend[@model='random'])") == "/dev/urandom")
     }
 
     @Test func specialCharactersAreEscapedByLibxml2() throws {
@@ -78,6 +82,9 @@ private func standardSpec(_ name: String = "t1") -> DomainSpec {
         #expect(doc.string("string(/domain/memory/@unit)") == "KiB")
         #expect(doc.select("/domain/devices/channel").count == 3)
         #expect(doc.select("/domain/devices/controller[@type='virtio-serial']").count == 1)
+        // The template's own choice of devices stands.
+        #expect(doc.select("/domain/devices/controller[@type='usb']").isEmpty)
+        #expect(doc.select("/domain/devices/rng").isEmpty)
     }
 
     @Test func templateThatHoldsOurNameOrPortIsRefused() {

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import VirtchanProtocol
 
 /// A virtio-serial port as the guest kernel shows it.
 public struct VirtioPort: Sendable, Equatable {

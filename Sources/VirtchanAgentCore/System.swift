@@ -5,22 +5,6 @@ import Musl
 #endif
 import VirtchanProtocol
 
-/// Reads a whole small file (sysfs, procfs, config). Returns nil when it cannot be read.
-func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var out: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 4096)
-    while out.count < limit {
-        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { break }
-        out.append(contentsOf: buf[0..<n])
-    }
-    return String(decoding: out, as: UTF8.self)
-}
-
 /// Entry names of a directory, without "." and "..".
 func listDirectory(_ path: String) -> [String]? {
     guard let dir = opendir(path) else { return nil }

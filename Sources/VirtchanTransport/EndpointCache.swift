@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import VirtchanProtocol
 
 /// Where a running domain's agent listens, remembered between virtchan runs so that exec,
 /// ping, info, push and pull need not load libvirt and ask libvirtd each time.
@@ -91,21 +92,4 @@ public struct EndpointCache: Sendable {
         guard rest.count > 19 else { return nil }
         return (pid, String(rest[19]))
     }
-}
-
-/// The whole content of a small file, or nil if it cannot be read.
-func readSmallFile(_ path: String, limit: Int = 65536) -> String? {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 4096)
-    while bytes.count < limit {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-        if n < 0 && errno == EINTR { continue }
-        guard n >= 0 else { return nil }
-        if n == 0 { break }
-        bytes += chunk[0..<n]
-    }
-    return String(decoding: bytes, as: UTF8.self)
 }

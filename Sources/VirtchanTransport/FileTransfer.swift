@@ -235,7 +235,7 @@ public final class FileTransfer {
                 let now = monotonicNanos()
                 if fds[0].revents == 0 && now - lastPing > 2_000_000_000 {
                     session.send(Frame(.ping, id: 0))
-                    try? session.control.flush()
+                    _ = try? session.control.flush()
                     lastPing = now
                 }
                 if Double(now - lastHeard) / 1e9 > silenceLimit {

@@ -8,17 +8,7 @@ import VirtchanProtocol
 public enum UnixSocket {
     /// Connects a stream socket to `path`; the descriptor is close-on-exec and non-blocking.
     public static func connect(_ path: String) throws(TransportError) -> Int32 {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard bytes.count < capacity else {
-            throw TransportError(.invalidArgument, "socket path \(path) is longer than \(capacity - 1) bytes")
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
+        var addr = try address(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw TransportError(.io, "socket: \(String(cString: strerror(errno)))", errno: errno) }
         let rc = withUnsafePointer(to: &addr) { p in
@@ -42,6 +32,41 @@ public enum UnixSocket {
         }
         setNonBlocking(fd)
         return fd
+    }
+
+    /// A blocking stream socket listening at `path` (replacing whatever is there), as QEMU's
+    /// side of a channel does; for tools and tests that stand in for a guest.
+    public static func listen(_ path: String, backlog: Int32 = 4) throws(TransportError) -> Int32 {
+        var addr = try address(path)
+        unlink(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw TransportError(.io, "socket: \(String(cString: strerror(errno)))", errno: errno) }
+        let rc = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        guard rc == 0, Glibc.listen(fd, backlog) == 0 else {
+            let e = errno
+            close(fd)
+            throw TransportError(.io, "cannot listen on \(path): \(String(cString: strerror(e)))", errno: e)
+        }
+        return fd
+    }
+
+    private static func address(_ path: String) throws(TransportError) -> sockaddr_un {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
+        guard bytes.count < capacity else {
+            throw TransportError(.invalidArgument, "socket path \(path) is longer than \(capacity - 1) bytes")
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        return addr
     }
 }
 

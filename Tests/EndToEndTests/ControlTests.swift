@@ -50,24 +50,6 @@ final class Background: @unchecked Sendable {
     }
 }
 
-/// A unix socket that listens (so connecting succeeds) and never accepts or answers.
-private func listeningSocket(_ path: String) throws -> Int32 {
-    unlink(path)
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    var addr = sockaddr_un()
-    addr.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-        let bytes = Array(path.utf8)
-        raw.copyBytes(from: bytes)
-        raw[bytes.count] = 0
-    }
-    let rc = withUnsafePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
-    guard fd >= 0, rc == 0, listen(fd, 4) == 0 else { throw POSIXError(.EADDRINUSE) }
-    return fd
-}
-
 /// Writes raw bytes straight into a domain's control socket, as a broken client would.
 private func writeRaw(_ bytes: [UInt8], to socketPath: String) throws {
     let fd = try UnixSocket.connect(socketPath)
@@ -253,7 +235,8 @@ extension EndToEnd {
             // An entry written for another QEMU process (the domain restarted since) points at a
             // socket that accepts and never answers: trusting it would time out.
             let decoy = NSTemporaryDirectory() + "vctest-decoy-\(getpid()).sock"
-            let listener = try listeningSocket(decoy)
+            // Listening, so connecting succeeds; it never accepts or answers.
+            let listener = try UnixSocket.listen(decoy)
             defer { close(listener); unlink(decoy) }
             let stale = real.split(separator: "\n").map { line -> String in
                 if line.hasPrefix("pid=") { return "pid=1" }

@@ -55,7 +55,7 @@ import Testing
         ]
         for m in messages {
             let frame = m.frame(id: 77, flags: 3)
-            var decoder = FrameDecoder()
+            let decoder = FrameDecoder()
             decoder.feed(FrameEncoder.encode(frame))
             let back = decoder.next()
             #expect(back == frame)
@@ -82,7 +82,7 @@ import Testing
             frames.append(f)
             stream += FrameEncoder.encode(f)
         }
-        var decoder = FrameDecoder()
+        let decoder = FrameDecoder()
         var out: [Frame] = []
         var i = 0
         while i < stream.count {
@@ -98,7 +98,7 @@ import Testing
     @Test func garbageBeforeAndBetweenFramesIsSkipped() throws {
         let a = Frame(.ping, id: 1, payload: [1, 2, 3])
         let b = Frame(.pong, id: 2, payload: Array(FrameHeader.magic) + [0xFF, 0xFF])
-        var decoder = FrameDecoder()
+        let decoder = FrameDecoder()
         // Garbage that even contains the magic must not derail the decoder.
         decoder.feed([0xFF, 0x00] + FrameHeader.magic + [1, 2, 3, 4, 5] + FrameEncoder.encode(a)
                      + Array(repeating: 0xFF, count: 100) + FrameEncoder.encode(b))
@@ -118,7 +118,7 @@ import Testing
             h.storeBytes(of: hc.littleEndian, toByteOffset: 20, as: UInt32.self)
         }
         let good = Frame(.ping, id: 6, payload: [7])
-        var decoder = FrameDecoder()
+        let decoder = FrameDecoder()
         decoder.feed(header + FrameEncoder.encode(good))
         #expect(decoder.next() == good)
         #expect(decoder.skippedBytes == FrameLimits.headerSize)
@@ -128,7 +128,7 @@ import Testing
         var bad = FrameEncoder.encode(Frame(.ping, id: 1, payload: [1, 2, 3, 4]))
         bad[FrameLimits.headerSize + 1] ^= 0x40
         let good = Frame(.ping, id: 2, payload: [5])
-        var decoder = FrameDecoder()
+        let decoder = FrameDecoder()
         decoder.feed(bad + FrameEncoder.encode(good))
         #expect(decoder.next() == good)
         #expect(decoder.corruptFrames == 1)
@@ -138,7 +138,7 @@ import Testing
         var rng = SystemRandomNumberGenerator()
         let valid = FrameEncoder.encode(ExecStart(argv: ["a", "b"]).frame(id: 3))
         for _ in 0..<2000 {
-            var decoder = FrameDecoder()
+            let decoder = FrameDecoder()
             var bytes = Array(valid.prefix(Int.random(in: 0...valid.count, using: &rng)))
             if Bool.random(using: &rng) {
                 bytes += (0..<Int.random(in: 0...200, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }

@@ -8,23 +8,6 @@ import VirtchanProtocol
 @Suite(.serialized) struct LyingGuestTests {
     init() { signal(SIGPIPE, SIG_IGN) }
 
-    private func listen(_ path: String) -> Int32 {
-        unlink(path)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            let p = Array(path.utf8)
-            raw.copyBytes(from: p)
-            raw[p.count] = 0
-        }
-        _ = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        Glibc.listen(fd, 4)
-        return fd
-    }
-
     /// Reads frames from a blocking socket until one of `type` arrives.
     private func awaitFrame(_ type: MessageType, on fd: Int32, _ decoder: FrameDecoder) -> Frame? {
         var buf = [UInt8](repeating: 0, count: 4096)
@@ -45,7 +28,7 @@ import VirtchanProtocol
         let dir = "/tmp/vc-liar-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let controlListener = listen(dir + "/c.sock"), dataListener = listen(dir + "/d.sock")
+        let controlListener = try UnixSocket.listen(dir + "/c.sock"), dataListener = try UnixSocket.listen(dir + "/d.sock")
         defer { close(controlListener); close(dataListener) }
 
         let liar = Thread {

@@ -4,6 +4,10 @@ import Testing
 import VirtchanProtocol
 import VirtchanTransport
 
+private func sha256(file path: String) throws -> String {
+    Crypto.SHA256.hash(data: try Data(contentsOf: URL(fileURLWithPath: path))).map { String(format: "%02x", $0) }.joined()
+}
+
 private func makeFile(_ path: String, size: Int, pattern: ((Int) -> UInt8)? = nil) throws {
     var data = Data(count: size)
     if let pattern {
@@ -79,8 +83,7 @@ extension EndToEnd {
             #expect(sawConnected, "the data channel never showed connected during the push")
             #expect(eventually(5) { channels(name).first { $0.role == "data" }?.state == "disconnected" })
             let summary = bg.seen.map(\.1).joined()
-            let expected = Crypto.SHA256.hash(data: try Data(contentsOf: URL(fileURLWithPath: src)))
-                .map { String(format: "%02x", $0) }.joined()
+            let expected = try sha256(file: src)
             #expect(summary.contains(expected))
             let pulled = VC.run(["pull", name, "/tmp/big", back, "--sha256", "--json"], timeout: 180)
             #expect(pulled.code == 0, "\(pulled.stderr)")
@@ -175,6 +178,28 @@ extension EndToEnd {
             #expect(VC.guest("ls -A /mnt/small").out == "")
             #expect(VC.run(["push", name, "\(work)/four", "/tmp/after-full"]).code == 0)
             VC.guest("rm -f /tmp/after-full")
+        }
+
+        /// The host's disk fills mid-pull: the error says so, the file that was there before
+        /// is untouched, and no temporary file is left beside it.
+        @Test func fullHostDiskKeepsTheOldFile() throws {
+            try SharedGuest.require()
+            let small = "\(work)/small"
+            try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+            #expect(VC.runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", small]).code == 0)
+            defer { _ = VC.runProgram("/bin/umount", [small]) }
+            try "the old contents\n".write(toFile: "\(small)/four", atomically: false, encoding: .utf8)
+            VC.guest("head -c 4194304 /dev/urandom > /tmp/four-random")
+            defer { VC.guest("rm -f /tmp/four-random") }
+            let r = VC.run(["pull", name, "/tmp/four-random", "\(small)/four"])
+            #expect(r.code == 1)
+            #expect(r.stderr.contains("space"), "\(r.stderr)")
+            #expect(r.stderr.split(separator: "\n").count == 1)
+            #expect(try FileManager.default.contentsOfDirectory(atPath: small) == ["four"])
+            #expect(try String(contentsOfFile: "\(small)/four", encoding: .utf8) == "the old contents\n")
+            // The session and the agent are fine afterwards.
+            #expect(VC.run(["pull", name, "/tmp/four-random", "\(work)/four-random"]).code == 0)
+            #expect(VC.guest("sha256sum /tmp/four-random").out.hasPrefix(try sha256(file: "\(work)/four-random")))
         }
 
         @Test func hostKilledMidPushLeavesNothing() throws {

@@ -173,6 +173,7 @@ public final class FileTransfer {
         var lastHeard = monotonicNanos()
         var lastPing = lastHeard
         do throws(TransportError) {
+            try checkSpace(for: ready.size, in: fd, remote: remote)
             try announced?(ready.size, ready.mode)
             var ended = false
             while !ended {
@@ -251,6 +252,19 @@ public final class FileTransfer {
         return TransferSummary(bytes: received, seconds: Double(monotonicNanos() - start) / 1e9,
                                sha256: hex(sha.finalize()), guestSHA256: done.sha256.isEmpty ? nil : done.sha256,
                                digest: String(done.digest, radix: 16), mode: ready.mode)
+    }
+
+    /// Refuses a pull before any byte is written when the file it lands in is on a file
+    /// system without room for what the guest announced (a huge or lying announcement must
+    /// not fill the host's disk first). Pipes and terminals have no such limit.
+    func checkSpace(for size: UInt64, in fd: Int32, remote: String) throws(TransportError) {
+        var st = Glibc.stat()
+        var fs = statvfs()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG, fstatvfs(fd, &fs) == 0 else { return }
+        let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        guard size > free else { return }
+        throw TransportError(.io, "not enough space for \(remote): it is \(size) bytes and the local file system has \(free) free",
+                             errno: ENOSPC)
     }
 
     // MARK: small requests used by tree copies

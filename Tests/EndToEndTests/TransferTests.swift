@@ -180,8 +180,8 @@ extension EndToEnd {
             VC.guest("rm -f /tmp/after-full")
         }
 
-        /// The host's disk fills mid-pull: the error says so, the file that was there before
-        /// is untouched, and no temporary file is left beside it.
+        /// A pull that does not fit on the host's disk is refused before it writes (one line that
+        /// says so), the file that was there before is untouched, and nothing is left beside it.
         @Test func fullHostDiskKeepsTheOldFile() throws {
             try SharedGuest.require()
             let small = "\(work)/small"
@@ -193,7 +193,7 @@ extension EndToEnd {
             defer { VC.guest("rm -f /tmp/four-random") }
             let r = VC.run(["pull", name, "/tmp/four-random", "\(small)/four"])
             #expect(r.code == 1)
-            #expect(r.stderr.contains("space"), "\(r.stderr)")
+            #expect(r.stderr.contains("not enough space for /tmp/four-random"), "\(r.stderr)")
             #expect(r.stderr.split(separator: "\n").count == 1)
             #expect(try FileManager.default.contentsOfDirectory(atPath: small) == ["four"])
             #expect(try String(contentsOfFile: "\(small)/four", encoding: .utf8) == "the old contents\n")

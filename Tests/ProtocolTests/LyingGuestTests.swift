@@ -3,6 +3,24 @@ import Testing
 import VirtchanProtocol
 @testable import VirtchanTransport
 
+/// A flag shared with the scripted peer's thread.
+final class Atomic<T: Sendable>: @unchecked Sendable {
+    private var value: T
+    private let lock = NSLock()
+    init(_ value: T) { self.value = value }
+    func get() -> T { lock.lock(); defer { lock.unlock() }; return value }
+    func set(_ v: T) { lock.lock(); value = v; lock.unlock() }
+}
+
+private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        if condition() { return true }
+        usleep(20_000)
+    }
+    return condition()
+}
+
 /// A guest that breaks the rules, played by a scripted peer on real unix sockets: the host
 /// must refuse what it says rather than trust it.
 @Suite(.serialized) struct LyingGuestTests {
@@ -61,6 +79,49 @@ import VirtchanProtocol
         var st = stat()
         fstat(sink, &st)
         #expect(st.st_size == 0, "bytes beyond the announced size reached the file")
+    }
+
+    /// A guest that announces far more than the host's file system holds is refused before a
+    /// byte is written, and told to stop.
+    @Test func anAnnouncementBeyondFreeSpaceIsRefusedUpFront() throws {
+        let dir = "/tmp/vc-huge-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let controlListener = try UnixSocket.listen(dir + "/c.sock"), dataListener = try UnixSocket.listen(dir + "/d.sock")
+        defer { close(controlListener); close(dataListener) }
+        let aborted = Atomic(false)
+
+        let liar = Thread {
+            let c = accept(controlListener, nil, nil)
+            let decoder = FrameDecoder()
+            guard let helloFrame = self.awaitFrame(.hello, on: c, decoder), let hello = try? Hello.decode(helloFrame) else { return }
+            self.send(HelloAck(nonce: hello.nonce, version: 1, agentVersion: "liar", capabilities: []).frame(id: helloFrame.id), c)
+            let d = accept(dataListener, nil, nil)
+            guard let req = self.awaitFrame(.pullRequest, on: c, decoder) else { return }
+            // 1 EiB: no host has that much free.
+            self.send(DataReady(size: 1 << 60, mode: 0o644).frame(id: req.id), c)
+            self.send(Frame(.data, id: req.id, payload: Array(repeating: 0x41, count: 4096)), d)
+            if self.awaitFrame(.abort, on: c, decoder) != nil { aborted.set(true) }
+            close(d)
+            close(c)
+        }
+        liar.start()
+        let session = try AgentSession.connect(AgentEndpoint(domain: "liar", controlSocket: dir + "/c.sock",
+                                                             dataSocket: dir + "/d.sock", consoleLog: nil), timeout: 10)
+        let transfer = FileTransfer(session: session)
+        let sink = open(dir + "/out", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        defer { close(sink) }
+        do {
+            _ = try transfer.pull("/huge", into: sink)
+            Issue.record("a pull larger than the free space was accepted")
+        } catch {
+            #expect(error.errno == ENOSPC)
+            #expect(error.message.contains("not enough space for /huge"))
+        }
+        var st = stat()
+        fstat(sink, &st)
+        #expect(st.st_size == 0)
+        #expect(eventually(5) { aborted.get() }, "the guest was not told to stop")
     }
 
     @Test func treePathsThatEscapeAreRejected() {

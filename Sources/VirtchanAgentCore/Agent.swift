@@ -35,7 +35,7 @@ public final class Agent {
     private var stopping = false
 
     static let capabilities = [Capability.ping, Capability.info, Capability.exec, Capability.execStdin,
-                               Capability.execSignal, Capability.execTTY, Capability.filePush,
+                               Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.filePush,
                                Capability.filePull, Capability.tree, Capability.sha256]
     /// While this much control output is queued, the agent stops reading child output.
     private let outputHighWater = 1 << 20
@@ -320,6 +320,12 @@ public final class Agent {
                 guard msg.signal > 0 && msg.signal < 65 else { return fail(frame.id, .badRequest, "no such signal \(msg.signal)") }
                 log.debug("signal \(msg.signal) to exec \(exec.id)")
                 exec.signal(msg.signal)
+            case .execOutputClosed:
+                // Nobody reads this stream on the host any more: close our end of the pipe, so the
+                // process's next write fails (SIGPIPE) as it would in a local pipeline.
+                guard let exec, exec.id == frame.id, let stream = ExecStream(rawValue: frame.flags) else { return }
+                log.debug("host closed \(stream) of exec \(exec.id)")
+                exec.closeOutput(stream)
             case .pushRequest:
                 startPush(try PushRequest.decode(frame), id: frame.id)
             case .pullRequest:

@@ -102,7 +102,7 @@ public enum FrameEncoder {
 
     public static func encode(_ frame: Frame) -> [UInt8] {
         let buffer = ByteBuffer(capacity: FrameLimits.headerSize + frame.payload.count)
-        frame.payload.withUnsafeBytes { append(frame.type, id: frame.id, flags: frame.flags, payload: $0, to: buffer) }
+        _ = frame.payload.withUnsafeBytes { append(frame.type, id: frame.id, flags: frame.flags, payload: $0, to: buffer) }
         return Array(buffer.readable)
     }
 }

@@ -46,7 +46,7 @@ public final class FramedConnection {
     public var pendingOutput: Int { out.count }
 
     public func send(_ frame: Frame) {
-        frame.payload.withUnsafeBytes { FrameEncoder.append(frame.type, id: frame.id, flags: frame.flags, payload: $0, to: out) }
+        _ = frame.payload.withUnsafeBytes { FrameEncoder.append(frame.type, id: frame.id, flags: frame.flags, payload: $0, to: out) }
     }
 
     public func send<M: WireMessage>(_ message: M, id: UInt32, flags: UInt16 = 0) {

@@ -15,6 +15,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case execOutput = 0x13
     case execSignal = 0x14
     case execExit = 0x15
+    case execOutputClosed = 0x16
 
     case pushRequest = 0x20
     case pullRequest = 0x21
@@ -45,6 +46,8 @@ public enum Capability {
     public static let execStdin = "exec-stdin"
     public static let execSignal = "exec-signal"
     public static let execTTY = "exec-tty"
+    /// The agent understands execOutputClosed.
+    public static let execOutputClosed = "exec-output-closed"
     public static let filePush = "file-push"
     public static let filePull = "file-pull"
     public static let tree = "tree"

@@ -116,8 +116,18 @@ public enum ExecClient {
                 case .execOutput:
                     let isErr = frame.flags == ExecStream.stderr.rawValue
                     if isErr ? stderrOK : stdoutOK {
-                        let ok = frame.payload.withUnsafeBytes { sink(isErr ? .stderr : .stdout, $0) }
-                        if !ok { if isErr { stderrOK = false } else { stdoutOK = false } }
+                        let stream: ExecStream = isErr ? .stderr : .stdout
+                        let ok = frame.payload.withUnsafeBytes { sink(stream, $0) }
+                        if !ok {
+                            if isErr { stderrOK = false } else { stdoutOK = false }
+                            // The reader went away (`virtchan exec vm -- yes | head`): the guest
+                            // process learns it as it would locally, by SIGPIPE on its next write.
+                            if session.hello.capabilities.contains(Capability.execOutputClosed) {
+                                session.send(Frame(.execOutputClosed, id: id, flags: stream.rawValue))
+                            } else {
+                                session.send(ExecSignal(signal: SIGPIPE), id: id)
+                            }
+                        }
                     }
                 case .execExit:
                     result.exit = try decodeOrThrow(ExecExit.self, frame)

@@ -139,6 +139,22 @@ extension EndToEnd {
             #expect(hashed.out.hasPrefix(sha256Hex(blob)))
         }
 
+        /// `virtchan exec vm -- yes | head -2` ends as the local pipeline would: the guest
+        /// process gets SIGPIPE once nobody reads, and its 141 comes back.
+        @Test func closedOutputPipeStopsTheGuestProcess() throws {
+            try SharedGuest.require()
+            let r = VC.runProgram("/bin/bash", ["-c", "'\(VC.binary)' exec \(name) -n -- yes | head -2; echo \"status ${PIPESTATUS[0]}\""],
+                                  timeout: 60)
+            #expect(r.out == "y\ny\nstatus 141\n", "\(r.stderr)")
+            #expect(r.seconds < 20)
+            #expect(VC.guest("pidof yes || echo none").out == "none\n")
+            // The same for stderr.
+            let e = VC.runProgram("/bin/bash", ["-c", "'\(VC.binary)' exec \(name) -n -- sh -c 'yes >&2' 2>&1 >/dev/null | head -1; echo \"status ${PIPESTATUS[0]}\""],
+                                  timeout: 60)
+            #expect(e.out == "y\nstatus 141\n", "\(e.stderr)")
+            #expect(VC.guest("pidof yes || echo none").out == "none\n")
+        }
+
         @Test func largeBinaryOutputArrivesByteExact() throws {
             try SharedGuest.require()
             let made = VC.guest("head -c 67108864 /dev/urandom > /tmp/out64 && sha256sum /tmp/out64")

@@ -309,6 +309,38 @@ extension EndToEnd {
             #expect(VC.run(["exec", name, "-n", "--", "uname"]).code == 0)
         }
 
+        /// An agent that is there but silent (stopped with SIGSTOP through qemu-guest-agent):
+        /// wait and exec each give up within their bound and point at the console log.
+        @Test func silentAgentGivesABoundedErrorNamingTheConsole() throws {
+            try SharedGuest.require()
+            func signalAgent(_ sig: String) -> Int32 {
+                let cmd = #"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","kill -\#(sig) $(pidof virtchan-agent)"]}}"#
+                return VC.virsh(["qemu-agent-command", name, cmd]).code
+            }
+            #expect(eventually(30) { VC.virsh(["qemu-agent-command", name, "{\"execute\":\"guest-ping\"}"]).code == 0 })
+            #expect(signalAgent("STOP") == 0)
+            defer { _ = signalAgent("CONT") }
+            Thread.sleep(forTimeInterval: 1)
+            let console = "/var/lib/virtchan/domains/\(name)/console.log"
+
+            let w = VC.run(["wait", name, "--timeout", "3"], timeout: 30)
+            #expect(w.code == 1)
+            #expect(w.stderr.contains("did not say hello within 3"), "\(w.stderr)")
+            #expect(w.stderr.contains(console))
+            #expect(w.seconds < 8)
+
+            let e = VC.run(["exec", name, "-n", "--", "true"], timeout: 60)
+            #expect(e.code == 125)
+            #expect(e.stderr.contains("did not answer within 10"), "\(e.stderr)")
+            #expect(e.stderr.contains(console))
+            #expect(e.seconds < 20)
+
+            #expect(signalAgent("CONT") == 0)
+            let back = VC.run(["wait", name, "--timeout", "30"])
+            #expect(back.code == 0, "\(back.stderr)")
+            #expect(VC.run(["exec", name, "-n", "--", "echo", "awake"]).out == "awake\n")
+        }
+
         /// Killing the agent mid-exec gives a bounded error; its restart serves again.
         @Test func killedAgentGivesABoundedError() throws {
             try SharedGuest.require()

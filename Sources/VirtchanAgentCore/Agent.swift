@@ -35,7 +35,8 @@ public final class Agent {
     private var stopping = false
 
     static let capabilities = [Capability.ping, Capability.info, Capability.exec, Capability.execStdin,
-                               Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.filePush,
+                               Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.execResize,
+                               Capability.filePush,
                                Capability.filePull, Capability.tree, Capability.sha256]
     /// While this much control output is queued, the agent stops reading child output.
     private let outputHighWater = 1 << 20
@@ -326,6 +327,12 @@ public final class Agent {
                 guard let exec, exec.id == frame.id, let stream = ExecStream(rawValue: frame.flags) else { return }
                 log.debug("host closed \(stream) of exec \(exec.id)")
                 exec.closeOutput(stream)
+            case .execResize:
+                // The kernel tells the terminal's foreground process group (SIGWINCH).
+                let size = try ExecResize.decode(frame)
+                guard let exec, exec.id == frame.id, exec.tty, exec.stdoutFD >= 0 else { return }
+                var ws = winsize(ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0)
+                _ = ioctl(exec.stdoutFD, UInt(TIOCSWINSZ), &ws)
             case .pushRequest:
                 startPush(try PushRequest.decode(frame), id: frame.id)
             case .pullRequest:

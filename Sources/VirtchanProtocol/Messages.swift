@@ -16,6 +16,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case execSignal = 0x14
     case execExit = 0x15
     case execOutputClosed = 0x16
+    case execResize = 0x17
 
     case pushRequest = 0x20
     case pullRequest = 0x21
@@ -48,6 +49,8 @@ public enum Capability {
     public static let execTTY = "exec-tty"
     /// The agent understands execOutputClosed.
     public static let execOutputClosed = "exec-output-closed"
+    /// The agent understands execResize.
+    public static let execResize = "exec-resize"
     public static let filePush = "file-push"
     public static let filePull = "file-pull"
     public static let tree = "tree"
@@ -249,6 +252,16 @@ public struct ExecSignal: WireMessage, Equatable {
     public init(signal: Int32) { self.signal = signal }
     public func encode(into w: inout ByteWriter) { w.i32(signal) }
     public init(from r: inout ByteReader) throws(ProtocolError) { signal = try r.i32() }
+}
+
+/// The host's terminal changed size: the agent sets it on the process's pseudo-terminal.
+public struct ExecResize: WireMessage, Equatable {
+    public static let type = MessageType.execResize
+    public var rows: UInt16
+    public var cols: UInt16
+    public init(rows: UInt16, cols: UInt16) { self.rows = rows; self.cols = cols }
+    public func encode(into w: inout ByteWriter) { w.u16(rows); w.u16(cols) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { rows = try r.u16(); cols = try r.u16() }
 }
 
 public struct ExecExit: WireMessage, Equatable {

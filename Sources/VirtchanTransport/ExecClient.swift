@@ -72,11 +72,13 @@ public enum ExecClient {
         // A parent may have started us with these blocked; forwarding needs them delivered.
         var unblock = sigset_t()
         sigemptyset(&unblock)
-        for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] { sigaddset(&unblock, sig) }
+        // SIGWINCH only matters with --tty: the new size goes to the guest's pseudo-terminal.
+        let forwarded = options.tty ? [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH] : [SIGINT, SIGTERM, SIGHUP, SIGQUIT]
+        for sig in forwarded { sigaddset(&unblock, sig) }
         var previousMask = sigset_t()
         sigprocmask(SIG_UNBLOCK, &unblock, &previousMask)
         defer { sigprocmask(SIG_SETMASK, &previousMask, nil) }
-        for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
+        for sig in forwarded {
             var action = sigaction()
             action.__sigaction_handler.sa_handler = { sig in
                 var b = UInt8(truncatingIfNeeded: sig)
@@ -172,6 +174,14 @@ public enum ExecClient {
                 var b = [UInt8](repeating: 0, count: 16)
                 let n = b.withUnsafeMutableBytes { read(pipeFDs[0], $0.baseAddress!, $0.count) }
                 for sig in b.prefix(max(0, n)) {
+                    if Int32(sig) == SIGWINCH {
+                        var ws = winsize()
+                        if session.hello.capabilities.contains(Capability.execResize),
+                           ioctl(stdout, UInt(TIOCGWINSZ), &ws) == 0, ws.ws_row > 0 {
+                            session.send(ExecResize(rows: ws.ws_row, cols: ws.ws_col), id: id)
+                        }
+                        continue
+                    }
                     interrupts += 1
                     // The third interrupt in a row insists.
                     let forward = interrupts >= 3 ? SIGKILL : Int32(sig)

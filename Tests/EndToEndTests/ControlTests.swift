@@ -111,6 +111,58 @@ extension EndToEnd {
             #expect(noTTY.out.contains("not a tty"))
         }
 
+        /// With --tty, a change of the host terminal's size (SIGWINCH) reaches the guest's
+        /// pseudo-terminal, as `stty size` in the guest shows.
+        @Test func terminalResizeReachesTheGuest() throws {
+            try SharedGuest.require()
+            // A pseudo-terminal pair (TIOCSPTLCK and TIOCGPTN, which Swift cannot import).
+            let master = open("/dev/ptmx", O_RDWR | O_NOCTTY)
+            var unlock: Int32 = 0, number: UInt32 = 0
+            guard master >= 0, ioctl(master, 0x4004_5431, &unlock) == 0, ioctl(master, 0x8004_5430, &number) == 0 else {
+                Issue.record("cannot allocate a pseudo-terminal")
+                return
+            }
+            defer { close(master) }
+            var size = winsize(ws_row: 30, ws_col: 100, ws_xpixel: 0, ws_ypixel: 0)
+            _ = ioctl(master, UInt(TIOCSWINSZ), &size)
+            let slave = open("/dev/pts/\(number)", O_RDWR | O_NOCTTY)
+            guard slave >= 0 else {
+                Issue.record("cannot open /dev/pts/\(number)")
+                return
+            }
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: VC.binary)
+            p.arguments = ["exec", name, "-t", "-n", "--", "sh", "-c", "stty size; sleep 4; stty size"]
+            p.standardInput = FileHandle.nullDevice
+            p.standardOutput = FileHandle(fileDescriptor: slave, closeOnDealloc: false)
+            p.standardError = FileHandle(fileDescriptor: slave, closeOnDealloc: false)
+            try p.run()
+            close(slave)
+            defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+
+            var seen = ""
+            func read(until text: String, within seconds: Double) -> Bool {
+                let deadline = Date().addingTimeInterval(seconds)
+                var buf = [UInt8](repeating: 0, count: 4096)
+                while !seen.contains(text) && Date() < deadline {
+                    var pfd = pollfd(fd: master, events: Int16(POLLIN), revents: 0)
+                    guard poll(&pfd, 1, 100) > 0 else { continue }
+                    let n = buf.withUnsafeMutableBytes { Glibc.read(master, $0.baseAddress!, $0.count) }
+                    if n <= 0 { break }
+                    seen += String(decoding: buf[0..<n], as: UTF8.self)
+                }
+                return seen.contains(text)
+            }
+            #expect(read(until: "30 100", within: 30), "output so far: \(seen.debugDescription)")
+            size = winsize(ws_row: 40, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0)
+            _ = ioctl(master, UInt(TIOCSWINSZ), &size)
+            // virtchan is not this terminal's foreground process, so tell it as a shell would.
+            kill(p.processIdentifier, SIGWINCH)
+            #expect(read(until: "40 120", within: 30), "output so far: \(seen.debugDescription)")
+            p.waitUntilExit()
+            #expect(p.terminationStatus == 0)
+        }
+
         @Test func outputStreamsWhileTheProcessRuns() throws {
             try SharedGuest.require()
             let start = Date()

@@ -50,6 +50,7 @@ import Testing
             ErrorMessage(.noSpace, errno: 28, "full"),
             ExecStart(argv: ["sh", "-c", "echo ü"], env: ["A=B"], cwd: "/tmp", tty: true, rows: 50, cols: 132),
             ExecExit(code: -1, signal: 9),
+            ExecResize(rows: 61, cols: 211),
             PushRequest(path: "/x", mode: 0o755, size: 1 << 40, parents: true, wantSHA256: false),
             TreeEntries(entries: [TreeEntry(kind: .symlink, path: "a/b", mode: 0o777, size: 0, linkTarget: "../c")]),
         ]
@@ -63,6 +64,8 @@ import Testing
         }
         let exec = ExecStart(argv: ["ls"], env: [], cwd: "", tty: false)
         #expect(try ExecStart.decode(exec.frame(id: 1)) == exec)
+        let resize = ExecResize(rows: 40, cols: 120)
+        #expect(try ExecResize.decode(resize.frame(id: 1)) == resize)
     }
 
     @Test func shellStatusFollowsShellConventions() {

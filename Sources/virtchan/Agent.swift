@@ -100,10 +100,12 @@ struct Exec: ParsableCommand {
         commandName: "exec",
         abstract: "Run a command in the guest, streaming its output; exits with the command's code.",
         discussion: """
-        stdout and stderr arrive as the guest process writes them; stdin is forwarded until EOF
-        (use -n to give the command no input). Ctrl-C sends SIGINT to the guest process (a
-        third one sends SIGKILL). Exit code: the command's, 128+N if signal N ended it, 124 on
+        stdout and stderr arrive as the guest process writes them; stdin is forwarded until EOF \
+        (use -n to give the command no input). Ctrl-C sends SIGINT to the guest process (a \
+        third one sends SIGKILL). Exit code: the command's, 128+N if signal N ended it, 124 on \
         --timeout, 126 if it cannot be executed, 127 if not found, 125 if virtchan failed.
+
+        When nothing reads the output any more (exec vm -- yes | head), the command gets         SIGPIPE on its next write, as in a local pipeline. With -t, the guest's terminal         follows this terminal's size.
 
         Example: printf 'a\\nb\\n' | virtchan exec vm -- sort -r
         """)

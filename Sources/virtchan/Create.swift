@@ -9,8 +9,8 @@ struct Create: ParsableCommand {
         commandName: "create",
         abstract: "Define and start a domain with its control and data channels wired.",
         discussion: """
-        With no boot source the built-in tiny guest boots (build it with Scripts/build-guest).
-        Sockets and the console log live in $VIRTCHAN_STATE_DIR/NAME (default
+        With no boot source the built-in tiny guest boots (build it with Scripts/build-guest). \
+        Sockets and the console log live in $VIRTCHAN_STATE_DIR/NAME (default \
         /var/lib/virtchan/domains/NAME) unless --libvirt-socket-paths lets libvirt choose.
         """)
 

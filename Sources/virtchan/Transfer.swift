@@ -23,8 +23,8 @@ struct Push: ParsableCommand {
         commandName: "push",
         abstract: "Copy a file (or, with -r, a tree) from the host into the guest.",
         discussion: """
-        LOCAL '-' reads stdin. REMOTE is an absolute path in the guest; the file lands there
-        atomically (temporary file + rename) after its checksum verifies. With -r, LOCAL's
+        LOCAL '-' reads stdin. REMOTE is an absolute path in the guest; the file lands there \
+        atomically (temporary file + rename) after its checksum verifies. With -r, LOCAL's \
         contents go into the directory REMOTE, which is created if missing.
         """)
 
@@ -162,9 +162,9 @@ struct Pull: ParsableCommand {
         commandName: "pull",
         abstract: "Copy a file (or, with -r, a tree) from the guest to the host.",
         discussion: """
-        LOCAL '-' writes to stdout. An existing directory LOCAL receives the file under its own
-        name. The file lands atomically after its checksum verifies; a failed pull leaves
-        nothing behind. With -r, REMOTE's contents go into LOCAL (created if missing), and no
+        LOCAL '-' writes to stdout. An existing directory LOCAL receives the file under its own \
+        name. The file lands atomically after its checksum verifies; a failed pull leaves \
+        nothing behind. With -r, REMOTE's contents go into LOCAL (created if missing), and no \
         entry may lead outside LOCAL.
         """)
 

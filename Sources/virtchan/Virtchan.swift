@@ -10,13 +10,13 @@ struct Virtchan: ParsableCommand {
         commandName: "virtchan",
         abstract: "Network-free host <-> guest messaging over virtio-serial channels of libvirt/QEMU domains.",
         discussion: """
-        virtchan defines and starts domains with a control and a data channel already wired,
-        talks to virtchan-agent inside the guest through them, and runs commands, copies files
+        virtchan defines and starts domains with a control and a data channel already wired, \
+        talks to virtchan-agent inside the guest through them, and runs commands, copies files \
         and runs first-boot scripts without any network.
 
-        The libvirt URI is --connect, else LIBVIRT_DEFAULT_URI, else qemu:///system.
-        Exit codes: 0 success; 1 error; 64 bad usage; for exec, the guest command's own code
-        (128+N when killed by signal N, 124 on --timeout, 125 when virtchan itself failed,
+        The libvirt URI is --connect, else LIBVIRT_DEFAULT_URI, else qemu:///system. \
+        Exit codes: 0 success; 1 error; 64 bad usage; for exec, the guest command's own code \
+        (128+N when killed by signal N, 124 on --timeout, 125 when virtchan itself failed, \
         126 not executable, 127 command not found).
         """,
         version: "0.1.0",

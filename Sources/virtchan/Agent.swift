@@ -105,7 +105,9 @@ struct Exec: ParsableCommand {
         third one sends SIGKILL). Exit code: the command's, 128+N if signal N ended it, 124 on \
         --timeout, 126 if it cannot be executed, 127 if not found, 125 if virtchan failed.
 
-        When nothing reads the output any more (exec vm -- yes | head), the command gets         SIGPIPE on its next write, as in a local pipeline. With -t, the guest's terminal         follows this terminal's size.
+        When nothing reads the output any more (exec vm -- yes | head), the command gets \
+        SIGPIPE on its next write, as in a local pipeline. With -t, the guest's terminal \
+        follows this terminal's size.
 
         Example: printf 'a\\nb\\n' | virtchan exec vm -- sort -r
         """)

@@ -190,7 +190,14 @@ struct Pull: ParsableCommand {
         }
         let summary: TransferSummary
         if local == "-" {
-            summary = try transfer.pull(remote, into: 1, guestSHA256: options.sha256)
+            do {
+                summary = try transfer.pull(remote, into: 1, guestSHA256: options.sha256)
+            } catch {
+                // The reader stopped early (| head, a pager that quit): end quietly, as cat
+                // would, with the status of a process killed by SIGPIPE.
+                if error.errno == EPIPE { throw ExitCode(128 + SIGPIPE) }
+                throw error
+            }
         } else {
             var dest = local
             var isDir: ObjCBool = false

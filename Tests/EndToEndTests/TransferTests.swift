@@ -114,6 +114,14 @@ extension EndToEnd {
             #expect(out.code == 0)
             #expect(out.stdout == payload)
             VC.guest("rm -f /tmp/from-stdin")
+            // A reader that stops early ends the pull quietly, as it would end cat.
+            VC.guest("head -c 33554432 /dev/zero > /tmp/zeros")
+            defer { VC.guest("rm -f /tmp/zeros") }
+            let cut = VC.runProgram("/bin/bash", ["-c", "'\(VC.binary)' pull \(name) /tmp/zeros - | head -c 10 | wc -c; echo \"status ${PIPESTATUS[0]}\""],
+                                    timeout: 60)
+            #expect(cut.out == "10\nstatus 141\n")
+            #expect(cut.stderr == "")
+            #expect(VC.run(["pull", name, "/tmp/zeros", "\(work)/zeros"]).code == 0)
         }
 
         @Test func directoryTreesBothWays() throws {

@@ -51,7 +51,7 @@ final class Background: @unchecked Sendable {
 }
 
 /// Writes raw bytes straight into a domain's control socket, as a broken client would.
-private func writeRaw(_ bytes: [UInt8], to socketPath: String) throws {
+func writeRaw(_ bytes: [UInt8], to socketPath: String) throws {
     let fd = try UnixSocket.connect(socketPath)
     defer { close(fd) }
     setNonBlocking(fd, false)

@@ -106,6 +106,22 @@ extension EndToEnd {
             VC.guest("rm -f /tmp/m1 /tmp/m2")
         }
 
+        /// Garbage written into the data socket between transfers (a stray client) does not reach
+        /// the next file: the push and the pull after it are byte-exact.
+        @Test func garbageOnTheDataChannelDoesNotReachTheNextFile() throws {
+            try SharedGuest.require()
+            let path = try #require(channels(name).first { $0.role == "data" }?.path)
+            var rng = SystemRandomNumberGenerator()
+            let junk = (0..<100_000).map { _ in UInt8.random(in: 0...255, using: &rng) } + FrameHeader.magic + [UInt8](repeating: 0, count: 30)
+            try writeRaw(junk, to: path)
+            let src = "\(work)/after-junk", back = "\(work)/after-junk.back"
+            try makeFile(src, size: 3 << 20)
+            #expect(VC.run(["push", name, src, "/tmp/after-junk"]).code == 0)
+            #expect(VC.run(["pull", name, "/tmp/after-junk", back]).code == 0)
+            #expect(sameBytes(src, back))
+            VC.guest("rm -f /tmp/after-junk")
+        }
+
         @Test func stdinAndStdoutForms() throws {
             try SharedGuest.require()
             let payload = Data((0..<200_000).map { UInt8(truncatingIfNeeded: $0 * 7) })

@@ -42,49 +42,11 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
         _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
     }
 
-    @Test func moreBytesThanAnnouncedAreRefused() throws {
-        let dir = "/tmp/vc-liar-\(getpid())"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let controlListener = try UnixSocket.listen(dir + "/c.sock"), dataListener = try UnixSocket.listen(dir + "/d.sock")
-        defer { close(controlListener); close(dataListener) }
-
-        let liar = Thread {
-            let c = accept(controlListener, nil, nil)
-            let decoder = FrameDecoder()
-            guard let helloFrame = self.awaitFrame(.hello, on: c, decoder), let hello = try? Hello.decode(helloFrame) else { return }
-            self.send(HelloAck(nonce: hello.nonce, version: 1, agentVersion: "liar", capabilities: []).frame(id: helloFrame.id), c)
-            let d = accept(dataListener, nil, nil)
-            guard let req = self.awaitFrame(.pullRequest, on: c, decoder) else { return }
-            // Announce 10 bytes, then send 20.
-            self.send(DataReady(size: 10, mode: 0o644).frame(id: req.id), c)
-            self.send(Frame(.data, id: req.id, payload: Array(repeating: 0x41, count: 20)), d)
-            _ = self.awaitFrame(.abort, on: c, decoder)
-            close(d)
-            close(c)
-        }
-        liar.start()
-        let session = try AgentSession.connect(AgentEndpoint(domain: "liar", controlSocket: dir + "/c.sock",
-                                                             dataSocket: dir + "/d.sock", consoleLog: nil), timeout: 10)
-        let transfer = FileTransfer(session: session)
-        let sink = open(dir + "/out", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        defer { close(sink) }
-        do {
-            _ = try transfer.pull("/etc/passwd", into: sink)
-            Issue.record("a pull that overflowed its announced size was accepted")
-        } catch {
-            #expect(error.code == .integrity)
-            #expect(error.message.contains("more than the 10 bytes it announced"))
-        }
-        var st = stat()
-        fstat(sink, &st)
-        #expect(st.st_size == 0, "bytes beyond the announced size reached the file")
-    }
-
-    /// A guest that announces far more than the host's file system holds is refused before a
-    /// byte is written, and told to stop.
-    @Test func anAnnouncementBeyondFreeSpaceIsRefusedUpFront() throws {
-        let dir = "/tmp/vc-huge-\(getpid())"
+    /// Plays a guest that answers a pull with `announced` bytes in its dataReady and then sends
+    /// `sent` bytes; runs the host's pull into an empty file. Returns the host's error, the size
+    /// the file ended with, and whether the guest was told to abort.
+    private func scriptedPull(announced: UInt64, sent: Int) throws -> (error: TransportError?, fileSize: Int, aborted: Bool) {
+        let dir = "/tmp/vc-liar-\(getpid())-\(announced)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let controlListener = try UnixSocket.listen(dir + "/c.sock"), dataListener = try UnixSocket.listen(dir + "/d.sock")
@@ -98,9 +60,8 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
             self.send(HelloAck(nonce: hello.nonce, version: 1, agentVersion: "liar", capabilities: []).frame(id: helloFrame.id), c)
             let d = accept(dataListener, nil, nil)
             guard let req = self.awaitFrame(.pullRequest, on: c, decoder) else { return }
-            // 1 EiB: no host has that much free.
-            self.send(DataReady(size: 1 << 60, mode: 0o644).frame(id: req.id), c)
-            self.send(Frame(.data, id: req.id, payload: Array(repeating: 0x41, count: 4096)), d)
+            self.send(DataReady(size: announced, mode: 0o644).frame(id: req.id), c)
+            self.send(Frame(.data, id: req.id, payload: Array(repeating: 0x41, count: sent)), d)
             if self.awaitFrame(.abort, on: c, decoder) != nil { aborted.set(true) }
             close(d)
             close(c)
@@ -108,20 +69,33 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
         liar.start()
         let session = try AgentSession.connect(AgentEndpoint(domain: "liar", controlSocket: dir + "/c.sock",
                                                              dataSocket: dir + "/d.sock", consoleLog: nil), timeout: 10)
-        let transfer = FileTransfer(session: session)
         let sink = open(dir + "/out", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         defer { close(sink) }
-        do {
-            _ = try transfer.pull("/huge", into: sink)
-            Issue.record("a pull larger than the free space was accepted")
-        } catch {
-            #expect(error.errno == ENOSPC)
-            #expect(error.message.contains("not enough space for /huge"))
-        }
+        var failure: TransportError?
+        do { _ = try FileTransfer(session: session).pull("/liar", into: sink) } catch { failure = error }
         var st = stat()
         fstat(sink, &st)
-        #expect(st.st_size == 0)
-        #expect(eventually(5) { aborted.get() }, "the guest was not told to stop")
+        return (failure, Int(st.st_size), eventually(5) { aborted.get() })
+    }
+
+    @Test func moreBytesThanAnnouncedAreRefused() throws {
+        let (error, size, aborted) = try scriptedPull(announced: 10, sent: 20)
+        let e = try #require(error, "a pull that overflowed its announced size was accepted")
+        #expect(e.code == .integrity)
+        #expect(e.message.contains("more than the 10 bytes it announced"))
+        #expect(size == 0, "bytes beyond the announced size reached the file")
+        #expect(aborted)
+    }
+
+    /// A guest that announces far more than the host's file system holds (1 EiB) is refused
+    /// before a byte is written, and told to stop.
+    @Test func anAnnouncementBeyondFreeSpaceIsRefusedUpFront() throws {
+        let (error, size, aborted) = try scriptedPull(announced: 1 << 60, sent: 4096)
+        let e = try #require(error, "a pull larger than the free space was accepted")
+        #expect(e.errno == ENOSPC)
+        #expect(e.message.contains("not enough space for /liar"))
+        #expect(size == 0)
+        #expect(aborted, "the guest was not told to stop")
     }
 
     @Test func treePathsThatEscapeAreRejected() {

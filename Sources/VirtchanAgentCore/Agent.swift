@@ -630,8 +630,7 @@ public final class Agent {
                 }
                 t.bytes += UInt64(frame.payload.count)
             case .dataEnd:
-                var r = ByteReader(Array(frame.payload))
-                guard let end = try? DataEnd(from: &r) else {
+                guard let end = try? DataEnd.decode(frame) else {
                     failure = TransferFailure(.badRequest, "malformed end of data")
                     return
                 }

@@ -102,9 +102,7 @@ enum FileOps {
         let temp = String(decoding: template.dropLast(), as: UTF8.self)
         // A file that cannot fit fails at once, before any byte moves. (Reserving the space
         // with fallocate would zero every page of a tmpfs first, at a real cost under TCG.)
-        var fs = statvfs()
-        if request.size > 0, fstatvfs(fd, &fs) == 0, fs.f_blocks > 0,
-           UInt64(fs.f_bavail) * UInt64(fs.f_frsize) < request.size {
+        if request.size > 0, let free = freeBytes(onFileSystemOf: fd), free < request.size {
             close(fd)
             unlink(temp)
             throw TransferFailure(.noSpace, errno: ENOSPC, "not enough space in the guest for \(path) (\(request.size) bytes)")

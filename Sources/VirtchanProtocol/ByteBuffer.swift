@@ -33,18 +33,14 @@ public final class ByteBuffer {
         if capacity - tail < n {
             let live = count
             if head > 0 && capacity - live >= n && live <= capacity / 2 {
-                (storage).copyMemory(from: storage + head, byteCount: live)
+                storage.copyMemory(from: storage + head, byteCount: live)
+                head = 0
+                tail = live
             } else {
                 var newCapacity = capacity
                 while newCapacity - live < n { newCapacity *= 2 }
-                let grown = UnsafeMutableRawPointer.allocate(byteCount: newCapacity, alignment: 16)
-                grown.copyMemory(from: storage + head, byteCount: live)
-                storage.deallocate()
-                storage = grown
-                capacity = newCapacity
+                relocate(capacity: newCapacity)
             }
-            head = 0
-            tail = live
         }
         return UnsafeMutableRawBufferPointer(start: storage + tail, count: capacity - tail)
     }
@@ -65,13 +61,19 @@ public final class ByteBuffer {
     /// Gives memory back once a burst is over.
     public func shrink(to size: Int) {
         guard capacity > size, count <= size / 2 else { return }
-        let smaller = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
-        smaller.copyMemory(from: storage + head, byteCount: count)
+        relocate(capacity: size)
+    }
+
+    /// Moves the live bytes to the start of new storage of `newCapacity` bytes.
+    private func relocate(capacity newCapacity: Int) {
+        let live = count
+        let moved = UnsafeMutableRawPointer.allocate(byteCount: newCapacity, alignment: 16)
+        moved.copyMemory(from: storage + head, byteCount: live)
         storage.deallocate()
-        storage = smaller
-        tail = count
+        storage = moved
+        capacity = newCapacity
         head = 0
-        capacity = size
+        tail = live
     }
 }
 

@@ -21,3 +21,12 @@ public func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {
     }
     return String(decoding: out, as: UTF8.self)
 }
+
+/// Bytes an unprivileged writer may still put on the file system that holds `fd`, or nil when
+/// the file system does not say (statvfs fails, or it reports no blocks at all, as pseudo
+/// file systems do).
+public func freeBytes(onFileSystemOf fd: Int32) -> UInt64? {
+    var fs = statvfs()
+    guard fstatvfs(fd, &fs) == 0, fs.f_blocks > 0 else { return nil }
+    return UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+}

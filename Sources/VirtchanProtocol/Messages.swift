@@ -75,10 +75,19 @@ extension WireMessage {
     }
 
     public static func decode(_ frame: Frame) throws(ProtocolError) -> Self {
-        guard frame.type == Self.type else {
-            throw ProtocolError(.unexpected, "expected \(Self.type) but got \(frame.type)")
+        try decode(type: frame.type, payload: frame.payload)
+    }
+
+    /// The same for a frame still in the decoder's buffer (`FrameDecoder.nextInPlace`).
+    public static func decode(_ frame: FrameView) throws(ProtocolError) -> Self {
+        try decode(type: frame.type, payload: Array(frame.payload))
+    }
+
+    private static func decode(type: MessageType, payload: [UInt8]) throws(ProtocolError) -> Self {
+        guard type == Self.type else {
+            throw ProtocolError(.unexpected, "expected \(Self.type) but got \(type)")
         }
-        var r = ByteReader(frame.payload)
+        var r = ByteReader(payload)
         return try Self(from: &r)
     }
 }

@@ -195,8 +195,7 @@ public final class FileTransfer {
                         received += UInt64(frame.payload.count)
                         progress?(received, ready.size)
                     case .dataEnd:
-                        var r = ByteReader(Array(frame.payload))
-                        guard let end = try? DataEnd(from: &r) else {
+                        guard let end = try? DataEnd.decode(frame) else {
                             failure = TransportError(.protocolViolation, "malformed end of data from the agent")
                             return
                         }
@@ -259,10 +258,8 @@ public final class FileTransfer {
     /// not fill the host's disk first). Pipes and terminals have no such limit.
     func checkSpace(for size: UInt64, in fd: Int32, remote: String) throws(TransportError) {
         var st = Glibc.stat()
-        var fs = statvfs()
-        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG, fstatvfs(fd, &fs) == 0 else { return }
-        let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
-        guard size > free else { return }
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG,
+              let free = freeBytes(onFileSystemOf: fd), size > free else { return }
         throw TransportError(.io, "not enough space for \(remote): it is \(size) bytes and the local file system has \(free) free",
                              errno: ENOSPC)
     }

@@ -43,29 +43,33 @@ extension EndToEnd {
             try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         }
 
+        /// Pushes `src` to `remote`, pulls it back beside `src`, and expects the same bytes.
+        func expectRoundTrip(_ src: String, via remote: String, pushOptions: [String] = [],
+                             sourceLocation: SourceLocation = #_sourceLocation) {
+            let back = src + ".back"
+            let push = VC.run(["push", name, src, remote] + pushOptions)
+            #expect(push.code == 0, "\(push.stderr)", sourceLocation: sourceLocation)
+            let pull = VC.run(["pull", name, remote, back])
+            #expect(pull.code == 0, "\(pull.stderr)", sourceLocation: sourceLocation)
+            #expect(sameBytes(src, back), sourceLocation: sourceLocation)
+            VC.guest("rm -f \(remote)")
+        }
+
         @Test(arguments: [0, 1, 32 * 1024 - 1, 32 * 1024, 32 * 1024 + 1, (1 << 20) + 7])
         func roundTripIsByteExact(size: Int) throws {
             try SharedGuest.require()
-            let src = "\(work)/src-\(size)", back = "\(work)/back-\(size)"
+            let src = "\(work)/src-\(size)"
             try makeFile(src, size: size)
-            let push = VC.run(["push", name, src, "/tmp/rt-\(size)", "--json"])
-            #expect(push.code == 0, "\(push.stderr)")
-            let pull = VC.run(["pull", name, "/tmp/rt-\(size)", back])
-            #expect(pull.code == 0, "\(pull.stderr)")
-            #expect(sameBytes(src, back))
-            VC.guest("rm -f /tmp/rt-\(size)")
+            expectRoundTrip(src, via: "/tmp/rt-\(size)", pushOptions: ["--json"])
         }
 
         @Test(arguments: ["ff", "magic"])
         func adversarialContentRoundTrips(kind: String) throws {
             try SharedGuest.require()
-            let src = "\(work)/adv-\(kind)", back = "\(work)/adv-\(kind).back"
+            let src = "\(work)/adv-\(kind)"
             let magic = FrameHeader.magic + [FrameHeader.version]
             try makeFile(src, size: 3 << 20) { i in kind == "ff" ? 0xFF : magic[i % magic.count] }
-            #expect(VC.run(["push", name, src, "/tmp/adv"]).code == 0)
-            #expect(VC.run(["pull", name, "/tmp/adv", back]).code == 0)
-            #expect(sameBytes(src, back))
-            VC.guest("rm -f /tmp/adv")
+            expectRoundTrip(src, via: "/tmp/adv")
         }
 
         @Test func bigFileAndDataChannelStateDuringTransfer() throws {
@@ -114,12 +118,9 @@ extension EndToEnd {
             var rng = SystemRandomNumberGenerator()
             let junk = (0..<100_000).map { _ in UInt8.random(in: 0...255, using: &rng) } + FrameHeader.magic + [UInt8](repeating: 0, count: 30)
             try writeRaw(junk, to: path)
-            let src = "\(work)/after-junk", back = "\(work)/after-junk.back"
+            let src = "\(work)/after-junk"
             try makeFile(src, size: 3 << 20)
-            #expect(VC.run(["push", name, src, "/tmp/after-junk"]).code == 0)
-            #expect(VC.run(["pull", name, "/tmp/after-junk", back]).code == 0)
-            #expect(sameBytes(src, back))
-            VC.guest("rm -f /tmp/after-junk")
+            expectRoundTrip(src, via: "/tmp/after-junk")
         }
 
         @Test func stdinAndStdoutForms() throws {

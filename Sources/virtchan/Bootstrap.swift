@@ -126,6 +126,12 @@ enum BootstrapRunner {
         return try run(domainName: domainName, global: global, session: session, force: false, timeout: nil, quiet: false)
     }
 
+    /// A second runner is refused while the record names a live one.
+    static func refuseIfRunning(_ record: BootstrapRecord, _ domainName: String) throws {
+        guard record.state == .running else { return }
+        throw CLIError("the bootstrap of \(domainName) is already running (host pid \(record.runnerPID ?? 0)); wait for it or stop that process")
+    }
+
     /// Delivers and runs the bootstrap; returns the script's exit code.
     static func run(domainName: String, global: GlobalOptions, session: AgentSession, force: Bool,
                     timeout: Double?, quiet: Bool) throws -> Int32 {
@@ -135,9 +141,7 @@ enum BootstrapRunner {
         }
         try reconcile(&meta, domain)
         record = meta.bootstrap ?? record
-        if record.state == .running {
-            throw CLIError("the bootstrap of \(domainName) is already running (host pid \(record.runnerPID ?? 0)); wait for it or stop that process")
-        }
+        try refuseIfRunning(record, domainName)
         if record.state == .succeeded && !force {
             say("The bootstrap of \(domainName) already succeeded at \(record.endedAt ?? "?"); nothing to do (use --force to run it again)")
             return 0
@@ -258,9 +262,7 @@ struct Bootstrap: ParsableCommand {
             let domain = try global.open().requireDomain(name)
             if var meta = BootstrapRunner.metadata(domain), meta.bootstrap != nil {
                 try BootstrapRunner.reconcile(&meta, domain)
-                if let b = meta.bootstrap, b.state == .running {
-                    throw CLIError("the bootstrap of \(name) is already running (host pid \(b.runnerPID ?? 0)); wait for it or stop that process")
-                }
+                if let b = meta.bootstrap { try BootstrapRunner.refuseIfRunning(b, name) }
             }
             let session = try waitForAgent(name, global, timeout: waitTimeout)
             let code = try BootstrapRunner.run(domainName: name, global: global, session: session, force: force,

@@ -535,7 +535,7 @@ public final class Agent {
 
     private func startPull(_ request: PullRequest, id: UInt32) {
         guard transfer == nil else { return fail(id, .busy, "another transfer is running in this session") }
-        let fd = open(request.path, O_RDONLY | O_CLOEXEC)
+        var fd = open(request.path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
             let e = errno
             return fail(id, remoteCode(forErrno: e), errno: e, "\(request.path): \(errnoText(e))")
@@ -548,6 +548,19 @@ public final class Agent {
                 return fail(id, .isDirectory, "\(request.path) is a directory (use -r to copy a directory tree)")
             }
             return fail(id, .badRequest, "\(request.path) is not a regular file")
+        }
+        if st.st_size == 0 {
+            // procfs and sysfs report size 0 for files that have content: send a snapshot.
+            do throws(TransferFailure) {
+                if let snapshot = try FileOps.snapshot(fd, path: request.path) {
+                    close(fd)
+                    fd = snapshot
+                    fstat(fd, &st)
+                }
+            } catch {
+                close(fd)
+                return fail(id, error.code, errno: error.errno, error.message)
+            }
         }
         do throws(TransferFailure) {
             let dataFD = try openDataPort()

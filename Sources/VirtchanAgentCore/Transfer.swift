@@ -117,6 +117,7 @@ enum FileOps {
         guard (st.st_mode & S_IFMT) == S_IFDIR else { throw TransferFailure(.notDirectory, "\(root) is not a directory") }
         var out: [TreeEntry] = []
         var pending: [String] = [""]
+        var nameBytes = 0
         while let rel = pending.popLast() {
             let dir = rel.isEmpty ? root : root + "/" + rel
             guard let names = listDirectory(dir) else { throw TransferFailure(errno: errno, dir) }
@@ -139,10 +140,54 @@ enum FileOps {
                 default:
                     continue
                 }
-                if out.count > 1_000_000 { throw TransferFailure(.tooLarge, "\(root) holds more than a million entries") }
+                if out.count > TreeLimits.maxEntries { throw TransferFailure(.tooLarge, "\(root) holds more than a million entries") }
+                nameBytes += relPath.utf8.count + (out.last?.linkTarget.utf8.count ?? 0)
+                if nameBytes > TreeLimits.maxTotalBytes || relPath.utf8.count > TreeLimits.maxPathBytes {
+                    throw TransferFailure(.tooLarge, "the paths under \(root) are longer than one listing may carry")
+                }
             }
         }
         return out
+    }
+
+    /// The largest file of unknown size (st_size 0) that a pull sends whole.
+    static let maxSnapshot = 16 << 20
+
+    /// Reads a file that reports size 0 (procfs, sysfs) into an unlinked file in /tmp and
+    /// returns that, so a pull can announce its real size; nil when the file is truly empty.
+    static func snapshot(_ fd: Int32, path: String) throws(TransferFailure) -> Int32? {
+        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
+        var first = true
+        var mem: Int32 = -1
+        var total = 0
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 {
+                let e = errno
+                if mem >= 0 { close(mem) }
+                throw TransferFailure(errno: e, "reading \(path)")
+            }
+            if n == 0 { break }
+            if first {
+                first = false
+                var template = Array("/tmp/.virtchan-snapshot-XXXXXX".utf8CString)
+                mem = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+                guard mem >= 0 else { throw TransferFailure(errno: errno, "cannot snapshot \(path)") }
+                _ = fcntl(mem, F_SETFD, FD_CLOEXEC)
+                template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+            }
+            total += n
+            let rc = chunk.withUnsafeBytes { writeAll(mem, $0.baseAddress!, n) }
+            guard total <= maxSnapshot, rc == 0 else {
+                close(mem)
+                if rc != 0 { throw TransferFailure(errno: rc, "cannot snapshot \(path)") }
+                throw TransferFailure(.tooLarge, "\(path) reports no size and holds more than \(maxSnapshot >> 20) MiB; copy it with exec (cat) instead")
+            }
+        }
+        guard mem >= 0 else { return nil }
+        lseek(mem, 0, SEEK_SET)
+        return mem
     }
 
     static func statReply(_ path: String) -> StatReply {

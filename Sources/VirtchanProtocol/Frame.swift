@@ -21,6 +21,17 @@ public enum FrameLimits {
     public static let execChunk = 64 * 1024
 }
 
+/// What a tree listing may hold. The agent stops at these, and the host refuses a listing
+/// that goes past them, so a hostile guest cannot make the host hold more.
+public enum TreeLimits {
+    /// Entries in one listing.
+    public static let maxEntries = 1_000_000
+    /// Bytes in one entry's path, and in one symbolic link's target (Linux's PATH_MAX).
+    public static let maxPathBytes = 4096
+    /// Bytes of all paths and link targets of one listing together.
+    public static let maxTotalBytes = 64 << 20
+}
+
 public enum FrameHeader {
     public static let magic: [UInt8] = [0x56, 0x43, 0x48, 0x46] // "VCHF"
     public static let version: UInt8 = 1

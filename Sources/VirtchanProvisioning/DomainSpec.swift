@@ -78,12 +78,7 @@ public struct DomainSpec: Sendable {
     /// Checks everything that can be checked before libvirt is asked to do anything.
     public func validate() throws(ProvisioningError) {
         try Self.validateName(name)
-        if let m = memoryMiB, !(64...1_048_576).contains(m) {
-            throw ProvisioningError(.invalidArgument, "memory \(m) MiB is out of range: give 64 to 1048576 MiB (--memory)")
-        }
-        if let v = vcpus, !(1...256).contains(v) {
-            throw ProvisioningError(.invalidArgument, "vCPU count \(v) is out of range: give 1 to 256 (--vcpus)")
-        }
+        try Self.validateSize(memoryMiB: memoryMiB, vcpus: vcpus)
         guard (1...Self.maxControllerPorts).contains(controllerPorts) else {
             throw ProvisioningError(.invalidArgument,
                 "a virtio-serial controller has 1 to \(Self.maxControllerPorts) ports, not \(controllerPorts)")
@@ -116,6 +111,16 @@ public struct DomainSpec: Sendable {
                         "socket path \(path) is \(path.utf8.count) bytes, longer than a unix socket allows (\(Self.maxSocketPathBytes)); use a shorter state directory (VIRTCHAN_STATE_DIR)")
                 }
             }
+        }
+    }
+
+    /// Memory and vCPU counts a domain can have.
+    public static func validateSize(memoryMiB: Int?, vcpus: Int?) throws(ProvisioningError) {
+        if let m = memoryMiB, !(64...1_048_576).contains(m) {
+            throw ProvisioningError(.invalidArgument, "memory \(m) MiB is out of range: give 64 to 1048576 MiB (--memory)")
+        }
+        if let v = vcpus, !(1...256).contains(v) {
+            throw ProvisioningError(.invalidArgument, "vCPU count \(v) is out of range: give 1 to 256 (--vcpus)")
         }
     }
 

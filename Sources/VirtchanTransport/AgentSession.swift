@@ -36,7 +36,7 @@ public final class AgentSession {
     /// (an agent still booting misses what arrives before it opens its port).
     public static func connect(_ endpoint: AgentEndpoint, timeout: Double = 10) throws(TransportError) -> AgentSession {
         signal(SIGPIPE, SIG_IGN)
-        let lock = try ChannelLock(socketPath: endpoint.controlSocket, label: "control channel of \(endpoint.domain)")
+        let lock = try ChannelLock(domain: endpoint.domain, role: "control", label: "control channel of \(endpoint.domain)")
         let fd = try UnixSocket.connect(endpoint.controlSocket)
         let control = FramedConnection(fd: fd)
         var rng = SystemRandomNumberGenerator()
@@ -90,6 +90,7 @@ public final class AgentSession {
         let ms = deadline > now ? Int32(min((deadline - now) / 1_000_000 + 1, 60_000)) : 0
         let rc = poll(&fds, 1, ms)
         if rc < 0 && errno != EINTR { throw TransportError(.io, "poll: \(String(cString: strerror(errno)))") }
+        try Interruption.check()
         if fds[0].revents & Int16(POLLOUT) != 0 || c.pendingOutput > 0 {
             do { try c.flush() } catch {
                 throw TransportError(.agentGone, "the control channel closed: \(error)", errno: error.errno)

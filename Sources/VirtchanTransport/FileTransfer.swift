@@ -43,7 +43,7 @@ public final class FileTransfer {
         guard let path = session.endpoint.dataSocket else {
             throw TransportError(.unreachable, "domain \(session.endpoint.domain) has no data channel")
         }
-        dataLock = try ChannelLock(socketPath: path, label: "data channel of \(session.endpoint.domain)")
+        dataLock = try ChannelLock(domain: session.endpoint.domain, role: "data", label: "data channel of \(session.endpoint.domain)")
         let fd = try UnixSocket.connect(path)
         let c = FramedConnection(fd: fd, maxPayload: FrameLimits.dataChunk + 4096)
         data = c
@@ -115,6 +115,7 @@ public final class FileTransfer {
                 var fds = [pollfd(fd: data.fd, events: Int16(POLLOUT), revents: 0),
                            pollfd(fd: session.control.fd, events: Int16(POLLIN) | (session.control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
                 _ = poll(&fds, 2, 500)
+                try Interruption.check()
                 if fds[0].revents & Int16(POLLOUT) != 0 {
                     do { try data.flush() } catch {
                         throw TransportError(.agentGone, "the data channel closed mid-transfer: \(error)")
@@ -217,6 +218,7 @@ public final class FileTransfer {
                 var fds = [pollfd(fd: data.fd, events: Int16(POLLIN), revents: 0),
                            pollfd(fd: session.control.fd, events: Int16(POLLIN) | (session.control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
                 _ = poll(&fds, 2, 500)
+                try Interruption.check()
                 if fds[0].revents != 0 {
                     let outcome: ReadOutcome
                     do { outcome = try data.fill(limit: 4 << 20) } catch {
@@ -280,14 +282,32 @@ public final class FileTransfer {
         _ = try session.request(SymlinkRequest(target: target, path: path).frame(id: session.newID()))
     }
 
+    /// The entries below `path` in the guest, each checked as it arrives: a relative path that
+    /// stays inside the tree, and no more entries or name bytes than `TreeLimits` allows.
     public func listTree(_ path: String) throws(TransportError) -> [TreeEntry] {
         let id = session.newID()
         session.send(ListTree(path: path), id: id)
         var out: [TreeEntry] = []
-        while true {
-            let f = try controlReply(id, timeout: 60)
-            out.append(contentsOf: try decodeOrThrow(TreeEntries.self, f).entries)
-            if f.flags & treeEntriesLast != 0 { return out }
+        var nameBytes = 0
+        do throws(TransportError) {
+            while true {
+                let f = try controlReply(id, timeout: 60)
+                for e in try decodeOrThrow(TreeEntries.self, f).entries {
+                    guard isSafeRelativePath(e.path) else {
+                        throw TransportError(.protocolViolation, "the guest listed an unsafe path '\(e.path)' under \(path); refusing to write anything")
+                    }
+                    nameBytes += e.path.utf8.count + e.linkTarget.utf8.count
+                    guard e.path.utf8.count <= TreeLimits.maxPathBytes, e.linkTarget.utf8.count <= TreeLimits.maxPathBytes,
+                          nameBytes <= TreeLimits.maxTotalBytes, out.count < TreeLimits.maxEntries else {
+                        throw TransportError(.protocolViolation, "the guest's listing of \(path) goes past what one listing may hold (\(TreeLimits.maxEntries) entries, \(TreeLimits.maxTotalBytes >> 20) MiB of names); refusing it")
+                    }
+                    out.append(e)
+                }
+                if f.flags & treeEntriesLast != 0 { return out }
+            }
+        } catch {
+            if error.code != .remote { abort(id) }
+            throw error
         }
     }
 }

@@ -4,7 +4,7 @@ import VirtchanProtocol
 public struct TransportError: Error, CustomStringConvertible, Sendable {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Value: String, Sendable {
-            case busy, unreachable, timeout, agentGone, protocolViolation, remote, io, invalidArgument, integrity
+            case busy, unreachable, timeout, agentGone, protocolViolation, remote, io, invalidArgument, integrity, interrupted
         }
         private let value: Value
         private init(_ v: Value) { value = v }
@@ -23,6 +23,8 @@ public struct TransportError: Error, CustomStringConvertible, Sendable {
         public static let invalidArgument = Code(.invalidArgument)
         /// Data did not verify (checksum or size).
         public static let integrity = Code(.integrity)
+        /// A signal (see `signal`) stopped the operation; what it had begun was undone.
+        public static let interrupted = Code(.interrupted)
         public var description: String { value.rawValue }
     }
 
@@ -30,12 +32,25 @@ public struct TransportError: Error, CustomStringConvertible, Sendable {
     public let message: String
     public let remote: ErrorMessage?
     public let errno: Int32?
+    /// The signal behind an `.interrupted` error.
+    public let signal: Int32?
 
-    public init(_ code: Code, _ message: String, remote: ErrorMessage? = nil, errno: Int32? = nil) {
+    public init(_ code: Code, _ message: String, remote: ErrorMessage? = nil, errno: Int32? = nil, signal: Int32? = nil) {
         self.code = code
         self.message = message
         self.remote = remote
         self.errno = errno
+        self.signal = signal
+    }
+
+    /// The same error with `context` in front of its message.
+    public func prefixed(_ context: String) -> TransportError {
+        TransportError(code, context + message, remote: remote, errno: errno, signal: signal)
+    }
+
+    /// The same error with `detail` after its message.
+    public func appending(_ detail: String) -> TransportError {
+        TransportError(code, message + detail, remote: remote, errno: errno, signal: signal)
     }
 
     public init(remote: ErrorMessage) {

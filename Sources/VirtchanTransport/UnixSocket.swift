@@ -71,15 +71,17 @@ public enum UnixSocket {
 }
 
 /// An exclusive advisory lock that keeps two virtchan processes on this host off one channel
-/// (QEMU would queue the second client silently, which looks like a hang).
-final class ChannelLock {
+/// (QEMU would queue the second client silently, which looks like a hang). Lock files are
+/// named after the domain, in a directory only their owner reaches, and `destroy` removes them.
+public final class ChannelLock {
+    static let directory = "/run/virtchan/locks"
     let fd: Int32
 
-    init(socketPath: String, label: String) throws(TransportError) {
-        let dir = "/run/virtchan"
-        mkdir(dir, 0o755)
-        let lockPath = dir + "/" + String(XXH64.hash(Array(socketPath.utf8)), radix: 16) + ".lock"
-        fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+    init(domain: String, role: String, label: String) throws(TransportError) {
+        mkdir("/run/virtchan", 0o755)
+        mkdir(Self.directory, 0o700)
+        let lockPath = Self.path(domain: domain, role: role)
+        fd = open(lockPath, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             throw TransportError(.io, "cannot open the lock file \(lockPath): \(String(cString: strerror(errno)))", errno: errno)
         }
@@ -97,4 +99,16 @@ final class ChannelLock {
     }
 
     deinit { close(fd) }
+
+    /// The lock file of one channel; a name libvirt would not take is hashed instead.
+    static func path(domain: String, role: String) -> String {
+        let plain = EndpointCache.isPlainName(domain) && domain.utf8.count < 200
+        let name = plain ? domain : String(XXH64.hash(Array(domain.utf8)), radix: 16)
+        return directory + "/" + name + "." + role + ".lock"
+    }
+
+    /// Removes the lock files of `domain`, once it is gone.
+    public static func removeLocks(of domain: String) {
+        for role in ["control", "data"] { unlink(path(domain: domain, role: role)) }
+    }
 }

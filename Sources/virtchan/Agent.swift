@@ -13,6 +13,10 @@ struct Wait: ParsableCommand {
     @Argument(help: "Domain name.") var name: String
     @Option(help: "Give up after this many seconds.") var timeout: Double = 90
 
+    func validate() throws {
+        if !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+    }
+
     func run() throws {
         let start = Date()
         let session = try waitForAgent(name, global, timeout: timeout)
@@ -42,6 +46,7 @@ struct Ping: ParsableCommand {
 
     func validate() throws {
         guard count >= 1 else { throw ValidationError("--count must be at least 1") }
+        guard interval >= 0 else { throw ValidationError("--interval cannot be negative") }
     }
 
     func run() throws {

@@ -43,7 +43,7 @@ struct BootstrapOptions: ParsableArguments {
         for e in bootstrapEnv where !e.contains("=") || e.hasPrefix("=") {
             throw ValidationError("--bootstrap-env takes KEY=VALUE, not '\(e)'")
         }
-        if let t = bootstrapTimeout, t <= 0 { throw ValidationError("--bootstrap-timeout must be positive") }
+        if let t = bootstrapTimeout, !(t > 0) { throw ValidationError("--bootstrap-timeout must be positive") }
         return BootstrapPlan(scriptPath: bootstrap, scriptName: (bootstrap as NSString).lastPathComponent,
                              sha256: Crypto.SHA256.hash(data: script).map { String(format: "%02x", $0) }.joined(),
                              files: files, env: bootstrapEnv, timeout: bootstrapTimeout)
@@ -56,6 +56,8 @@ struct BootstrapPlan: Codable {
     struct File: Codable {
         var local: String
         var remote: String
+        /// The mode the file had when it was given; the saved copy itself is private (0600).
+        var mode: UInt32?
     }
     var scriptPath: String
     var scriptName: String
@@ -66,21 +68,34 @@ struct BootstrapPlan: Codable {
 
     static func directory(_ stateDir: String) -> String { stateDir + "/bootstrap" }
 
-    /// Copies the script and files into the state directory and writes the manifest.
+    /// Copies the script and files into the state directory and writes the manifest, all
+    /// readable by the owner only (the environment may hold tokens, the files keys).
     func save(into stateDir: String) throws {
         let dir = Self.directory(stateDir)
         let fm = FileManager.default
-        try fm.createDirectory(atPath: dir + "/files", withIntermediateDirectories: true)
+        for d in [dir, dir + "/files"] {
+            try fm.createDirectory(atPath: d, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        }
+        func privateCopy(_ from: String, _ to: String) throws -> UInt32 {
+            guard let data = fm.contents(atPath: from) else { throw CLIError("cannot read \(from)") }
+            guard fm.createFile(atPath: to, contents: data, attributes: [.posixPermissions: 0o600]) else {
+                throw CLIError("cannot write \(to)")
+            }
+            var st = stat()
+            return stat(from, &st) == 0 ? UInt32(st.st_mode & 0o7777) : 0o644
+        }
         var saved = self
-        try fm.copyItem(atPath: scriptPath, toPath: dir + "/script")
+        _ = try privateCopy(scriptPath, dir + "/script")
         saved.scriptPath = dir + "/script"
         for (i, f) in files.enumerated() {
             let copy = dir + "/files/\(i)"
-            try fm.copyItem(atPath: f.local, toPath: copy)
+            saved.files[i].mode = try privateCopy(f.local, copy)
             saved.files[i].local = copy
         }
         let data = try JSONEncoder().encode(saved)
-        try data.write(to: URL(fileURLWithPath: dir + "/manifest.json"))
+        guard fm.createFile(atPath: dir + "/manifest.json", contents: data, attributes: [.posixPermissions: 0o600]) else {
+            throw CLIError("cannot write \(dir)/manifest.json")
+        }
     }
 
     static func load(_ stateDir: String) throws -> BootstrapPlan {
@@ -146,7 +161,7 @@ enum BootstrapRunner {
             say("The bootstrap of \(domainName) already succeeded at \(record.endedAt ?? "?"); nothing to do (use --force to run it again)")
             return 0
         }
-        let stateDir = meta.stateDirectory ?? Paths.stateDirectory(for: domainName)
+        let stateDir = Paths.stateDirectory(for: domainName)
         let plan = try BootstrapPlan.load(stateDir)
 
         // Claim it: the record names this process, so a crash is detectable later.
@@ -160,7 +175,7 @@ enum BootstrapRunner {
         try store(meta, domain)
 
         let logPath = BootstrapPlan.directory(stateDir) + "/log"
-        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil, attributes: [.posixPermissions: 0o600])
         let log = FileHandle(forWritingAtPath: logPath)
         var outcome: (code: Int32?, reason: String?) = (nil, nil)
         do {
@@ -175,7 +190,7 @@ enum BootstrapRunner {
                     defer { close(fd) }
                     var st = stat()
                     fstat(fd, &st)
-                    _ = try transfer.push(fd: fd, size: UInt64(st.st_size), to: f.remote, mode: UInt32(st.st_mode & 0o7777), parents: true)
+                    _ = try transfer.push(fd: fd, size: UInt64(st.st_size), to: f.remote, mode: f.mode ?? UInt32(st.st_mode & 0o7777), parents: true)
                     if !quiet { say("bootstrap: pushed \(f.remote)") }
                 }
                 let remoteScript = guestDirectory + "/" + plan.scriptName
@@ -257,6 +272,11 @@ struct Bootstrap: ParsableCommand {
         @Option(help: "Kill the script after this many seconds.") var timeout: Double?
         @Option(help: "Seconds to wait for the agent.") var waitTimeout: Double = 90
 
+        func validate() throws {
+            if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+            if !(waitTimeout > 0) { throw ValidationError("--wait-timeout must be a positive number of seconds") }
+        }
+
         func run() throws {
             // Refuse a second runner before touching the (exclusive) channel.
             let domain = try global.open().requireDomain(name)
@@ -304,8 +324,8 @@ struct Bootstrap: ParsableCommand {
         @Argument(help: "Domain name.") var name: String
 
         func run() throws {
-            let domain = try global.open().requireDomain(name)
-            let stateDir = BootstrapRunner.metadata(domain)?.stateDirectory ?? Paths.stateDirectory(for: name)
+            _ = try global.open().requireDomain(name)
+            let stateDir = Paths.stateDirectory(for: name)
             guard let data = FileManager.default.contents(atPath: BootstrapPlan.directory(stateDir) + "/log") else {
                 throw CLIError("no bootstrap log for \(name) yet (see: virtchan bootstrap status \(name))")
             }

@@ -36,10 +36,21 @@ struct Create: ParsableCommand {
         if kernel != nil && disk != nil { throw ValidationError("give --kernel or --disk, not both") }
         if (initrd != nil || cmdline != nil) && kernel == nil { throw ValidationError("--initrd and --cmdline go with --kernel") }
         if waitTimeout <= 0 { throw ValidationError("--wait-timeout must be positive") }
+        do {
+            try DomainSpec.validateName(name)
+            try DomainSpec.validateSize(memoryMiB: memory, vcpus: vcpus)
+        } catch {
+            throw ValidationError(error.message)
+        }
+        for (option, path) in [("--disk", disk), ("--kernel", kernel), ("--initrd", initrd)] {
+            var isDir: ObjCBool = false
+            if let path, FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
+                throw ValidationError("\(option) takes a file, and \(path) is a directory")
+            }
+        }
     }
 
     func run() throws {
-        try DomainSpec.validateName(name)
         let plan = try bootstrap.plan()
         var spec = DomainSpec(name: name)
         spec.memoryMiB = memory
@@ -94,7 +105,10 @@ struct Create: ParsableCommand {
         let fm = FileManager.default
         try? fm.removeItem(atPath: stateDir)
         do {
-            try fm.createDirectory(atPath: stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+            // Closed to everyone but its owner: the agent's sockets, the console log and the
+            // bootstrap's secrets are in it. (libvirt hands QEMU the sockets already bound.)
+            try fm.createDirectory(atPath: stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            chmod(stateDir, 0o700)
             try Data(name.utf8).write(to: URL(fileURLWithPath: stateDir + "/.virtchan-domain"))
             if let plan { try plan.save(into: stateDir) }
         } catch {

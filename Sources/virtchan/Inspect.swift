@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import VirtchanProvisioning
+import VirtchanTransport
 
 struct ListDomains: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "list", abstract: "List the domains virtchan manages.")
@@ -90,13 +91,18 @@ enum DomainTeardown {
         guard meta != nil || force else {
             throw CLIError("domain \(name) is not managed by virtchan; use --force to destroy it anyway")
         }
-        // Files named in the XML that live in virtchan's own state directory go with it.
-        let stateDir = meta?.stateDirectory ?? Paths.stateDirectory(for: name)
         if domain.isActive { try domain.destroy() }
         global.endpointCache?.remove(name)
+        ChannelLock.removeLocks(of: name)
         if !keepDefinition { try domain.undefine() }
-        let marker = stateDir + "/.virtchan-domain"
-        if FileManager.default.fileExists(atPath: marker) {
+        // Only virtchan's own directory for this name goes, never a path read from the domain's
+        // metadata (anyone who may edit the XML could point that anywhere), and only when its
+        // marker names this domain.
+        let stateDir = Paths.stateDirectory(for: name)
+        var st = stat()
+        if lstat(stateDir, &st) == 0, st.st_mode & S_IFMT == S_IFDIR,
+           let marker = FileManager.default.contents(atPath: stateDir + "/.virtchan-domain"),
+           String(decoding: marker, as: UTF8.self) == name {
             try FileManager.default.removeItem(atPath: stateDir)
         }
     }

@@ -10,21 +10,13 @@ struct TransferOptions: ParsableArguments {
     @Flag(help: "No progress bar.") var quiet = false
 }
 
-struct TreeSummary: Encodable {
-    var files = 0
-    var directories = 0
-    var symlinks = 0
-    var bytes: UInt64 = 0
-    var seconds: Double = 0
-}
-
 struct Push: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "push",
         abstract: "Copy a file (or, with -r, a tree) from the host into the guest.",
         discussion: """
-        LOCAL '-' reads stdin. REMOTE is an absolute path in the guest; the file lands there \
-        atomically (temporary file + rename) after its checksum verifies. With -r, LOCAL's \
+        LOCAL '-' reads stdin. REMOTE is an absolute path in the guest (an existing directory \
+        receives the file under its own name); the file lands there atomically (temporary file + rename) after its checksum verifies. With -r, LOCAL's \
         contents go into the directory REMOTE, which is created if missing.
         """)
 
@@ -63,14 +55,20 @@ struct Push: ParsableCommand {
         }
         let (fd, size, fileMode) = try openSource()
         defer { close(fd) }
+        // Onto a directory, the file goes in under its own name, as with cp and scp.
+        var dest = remote
+        if try transfer.stat(remote).kind == .directory {
+            guard local != "-" else { throw CLIError("\(remote) is a directory in the guest; name the file stdin should become") }
+            dest = (remote.hasSuffix("/") ? remote : remote + "/") + (local as NSString).lastPathComponent
+        }
         let bar = ProgressBar(label: "push", enabled: !options.quiet && isatty(2) == 1)
-        let summary = try transfer.push(fd: fd, size: size, to: remote, mode: explicitMode ?? fileMode, parents: parents,
+        let summary = try transfer.push(fd: fd, size: size, to: dest, mode: explicitMode ?? fileMode, parents: parents,
                                         guestSHA256: options.sha256, progress: bar.update)
         bar.finish()
         try checkGuestSHA(summary)
         if options.json { return try printJSON(summary) }
         if !options.quiet {
-            FileHandle.standardError.write(Data(String(format: "%@ -> %@:%@: %@ in %.2f s (%.1f MiB/s)\n", local, name, remote,
+            FileHandle.standardError.write(Data(String(format: "%@ -> %@:%@: %@ in %.2f s (%.1f MiB/s)\n", local, name, dest,
                                                        bytes(summary.bytes), summary.seconds, summary.mibPerSecond).utf8))
         }
     }
@@ -163,27 +161,36 @@ struct Pull: ParsableCommand {
         abstract: "Copy a file (or, with -r, a tree) from the guest to the host.",
         discussion: """
         LOCAL '-' writes to stdout. An existing directory LOCAL receives the file under its own \
-        name. The file lands atomically after its checksum verifies; a failed pull leaves \
-        nothing behind. With -r, REMOTE's contents go into LOCAL (created if missing), and no \
-        entry may lead outside LOCAL.
+        name; a FIFO or device LOCAL is written into. Otherwise the file lands atomically after \
+        its checksum verifies, and a failed or interrupted pull leaves nothing behind. Modes \
+        come from the guest without setuid, setgid and sticky bits (root may keep them with \
+        --preserve-special-modes). With -r, REMOTE's contents go into LOCAL: a new LOCAL \
+        appears whole or not at all; into an existing directory, a failure names what was \
+        already written. No entry may lead outside LOCAL, and no symbolic link below LOCAL is \
+        followed.
         """)
 
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Domain name.") var name: String
     @Argument(help: "Absolute path in the guest.") var remote: String
     @Argument(help: "Local destination, or - for stdout.") var local: String
+    @Flag(help: "Keep setuid, setgid and sticky bits from the guest (root only).") var preserveSpecialModes = false
     @OptionGroup var options: TransferOptions
 
     func validate() throws {
         guard remote.hasPrefix("/") else { throw ValidationError("REMOTE must be an absolute path in the guest, not '\(remote)'") }
         if options.recursive && local == "-" { throw ValidationError("-r cannot write a tree to stdout") }
+        if preserveSpecialModes && geteuid() != 0 { throw ValidationError("--preserve-special-modes is for root only") }
     }
 
     func run() throws {
         let session = try Resolve.session(name, global)
         let transfer = FileTransfer(session: session)
+        let pullOptions = PullOptions(preserveSpecialModes: preserveSpecialModes, guestSHA256: options.sha256)
+        // A signal unwinds the pull, which removes its temporary files on the way out.
+        Interruption.install()
         if options.recursive {
-            let summary = try pullTree(transfer)
+            let summary = try transfer.pullTree(remote, toPath: local, options: pullOptions)
             if options.json { return try printJSON(summary) }
             print("\(summary.files) files, \(summary.directories) directories, \(summary.symlinks) symlinks (\(bytes(summary.bytes))) pulled into \(local)")
             return
@@ -199,13 +206,8 @@ struct Pull: ParsableCommand {
                 throw error
             }
         } else {
-            var dest = local
-            var isDir: ObjCBool = false
-            if FileManager.default.fileExists(atPath: local, isDirectory: &isDir), isDir.boolValue {
-                dest = local + "/" + (remote as NSString).lastPathComponent
-            }
             let bar = ProgressBar(label: "pull", enabled: !options.quiet && isatty(2) == 1)
-            summary = try pullFile(transfer, remote: remote, to: dest, progress: bar.update)
+            summary = try transfer.pull(remote, toPath: local, options: pullOptions, progress: bar.update)
             bar.finish()
         }
         if let g = summary.guestSHA256, g != summary.sha256 {
@@ -216,77 +218,5 @@ struct Pull: ParsableCommand {
             FileHandle.standardError.write(Data(String(format: "%@:%@ -> %@: %@ in %.2f s (%.1f MiB/s)\n", name, remote, local,
                                                        bytes(summary.bytes), summary.seconds, summary.mibPerSecond).utf8))
         }
-    }
-
-    /// Pulls into a temporary file beside `dest` and renames it into place only on success.
-    func pullFile(_ transfer: FileTransfer, remote: String, to dest: String, progress: ProgressHandler? = nil) throws -> TransferSummary {
-        let dir = (dest as NSString).deletingLastPathComponent.isEmpty ? "." : (dest as NSString).deletingLastPathComponent
-        let base = (dest as NSString).lastPathComponent
-        var template = Array("\(dir)/.\(base).virtchan-XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { throw CLIError("cannot write in \(dir): \(String(cString: strerror(errno)))") }
-        let temp = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        var committed = false
-        defer {
-            close(fd)
-            if !committed { unlink(temp) }
-        }
-        let summary = try transfer.pull(remote, into: fd, guestSHA256: options.sha256, progress: progress)
-        if let mode = summary.mode { fchmod(fd, mode_t(mode)) }
-        guard fsync(fd) == 0 || errno == EINVAL, rename(temp, dest) == 0 else {
-            throw CLIError("cannot put \(dest) in place: \(String(cString: strerror(errno)))")
-        }
-        committed = true
-        return summary
-    }
-
-    private func pullTree(_ transfer: FileTransfer) throws -> TreeSummary {
-        let start = Date()
-        var summary = TreeSummary()
-        let entries = try transfer.listTree(remote)
-        // Validate every path before writing anything: nothing may lead outside LOCAL.
-        for e in entries where !isSafeRelativePath(e.path) {
-            throw CLIError("the guest listed an unsafe path '\(e.path)' under \(remote); refusing to write anything")
-        }
-        let fm = FileManager.default
-        try fm.createDirectory(atPath: local, withIntermediateDirectories: true)
-        func checkInside(_ rel: String) throws {
-            // Every parent must be a real directory, never a symlink that could lead elsewhere.
-            var path = local
-            for part in rel.split(separator: "/").dropLast() {
-                path += "/" + part
-                var st = stat()
-                guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
-                    throw CLIError("refusing to write \(rel): \(path) is not a plain directory")
-                }
-            }
-        }
-        for e in entries where e.kind == .directory {
-            try checkInside(e.path)
-            let path = local + "/" + e.path
-            if mkdir(path, mode_t(0o700)) != 0 && errno != EEXIST {
-                throw CLIError("cannot create \(path): \(String(cString: strerror(errno)))")
-            }
-            summary.directories += 1
-        }
-        for e in entries where e.kind == .regular {
-            try checkInside(e.path)
-            let s = try pullFile(transfer, remote: remote + "/" + e.path, to: local + "/" + e.path)
-            summary.files += 1
-            summary.bytes += s.bytes
-        }
-        for e in entries where e.kind == .symlink {
-            try checkInside(e.path)
-            let path = local + "/" + e.path
-            unlink(path)
-            guard symlink(e.linkTarget, path) == 0 else {
-                throw CLIError("cannot create the symlink \(path): \(String(cString: strerror(errno)))")
-            }
-            summary.symlinks += 1
-        }
-        // Directory modes last, so read-only directories do not block their own contents.
-        for e in entries.reversed() where e.kind == .directory { chmod(local + "/" + e.path, mode_t(e.mode)) }
-        summary.seconds = Date().timeIntervalSince(start)
-        return summary
     }
 }

@@ -39,7 +39,8 @@ struct Virtchan: ParsableCommand {
             Foundation.exit(1)
         } catch let error as TransportError {
             report(error.message)
-            Foundation.exit(1)
+            // Interrupted: the status of a process that the signal ended, as a shell expects.
+            Foundation.exit(error.signal.map { 128 + $0 } ?? 1)
         } catch {
             exit(withError: error)
         }

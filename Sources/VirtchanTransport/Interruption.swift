@@ -1,0 +1,34 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+nonisolated(unsafe) private var pendingSignal: sig_atomic_t = 0
+
+/// SIGINT, SIGTERM and SIGHUP turned into an error at the next wait, so that a command which
+/// writes files on the host (a pull) unwinds and removes what it had not finished, instead of
+/// dying with a temporary file left behind. Only commands that call `install()` are affected.
+public enum Interruption {
+    public static let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+
+    /// Catches the signals; the handler only records which one came.
+    public static func install() {
+        for sig in signals {
+            var action = sigaction()
+            action.__sigaction_handler.sa_handler = { sig in pendingSignal = sig }
+            sigemptyset(&action.sa_mask)
+            action.sa_flags = 0 // no SA_RESTART: a blocking wait returns EINTR and looks
+            sigaction(sig, &action, nil)
+        }
+    }
+
+    /// The signal that arrived, if any.
+    public static var pending: Int32? { pendingSignal == 0 ? nil : Int32(pendingSignal) }
+
+    /// Throws `.interrupted` when a signal arrived.
+    static func check() throws(TransportError) {
+        guard let sig = pending else { return }
+        throw TransportError(.interrupted, "interrupted by \(sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "signal \(sig)")", errno: EINTR, signal: sig)
+    }
+}

@@ -22,7 +22,7 @@ let package = Package(
         // Wire format shared by host and guest. No Foundation, no C libraries.
         .target(name: "VirtchanProtocol"),
         // libvirt connection, DomainSpec -> XML, live channel resolution, metadata.
-        .target(name: "VirtchanProvisioning", dependencies: ["CLibvirt", "CLibXML2"]),
+        .target(name: "VirtchanProvisioning", dependencies: ["CLibvirt", "CLibXML2", "VirtchanProtocol"]),
         // Host side: sockets, sessions, exec and file transfer clients.
         .target(name: "VirtchanTransport", dependencies: [
             "VirtchanProtocol",
@@ -34,7 +34,7 @@ let package = Package(
             "VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore"]),
+        .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore", "VirtchanProtocol"]),
         // Scripts/bench: virtchan against qemu-guest-agent and the bare port, in process.
         .executableTarget(name: "virtchan-bench", dependencies: ["VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol"]),
         .testTarget(name: "ProtocolTests", dependencies: [

@@ -13,6 +13,8 @@ public struct AgentOptions: Sendable {
     public var logPath: String?
     public var verbose = false
     public var policy = ExecPolicy()
+    /// The domain's key; with one, only a host that proves it is served.
+    public var key: AgentKey?
     public init() {}
 }
 
@@ -29,6 +31,8 @@ public final class Agent {
     private var controlHup = false
     private var lastHupCheck: UInt64 = 0
     private var sessionActive = false
+    /// The hello's nonce and the challenge sent back, until the host proves the key.
+    private var pendingAuth: (nonce: [UInt8], challenge: [UInt8])?
     private var exec: ExecProcess?
     private var transfer: Transfer?
     private var signalFD: Int32 = -1
@@ -256,6 +260,7 @@ public final class Agent {
             transfer = nil
         }
         sessionActive = false
+        pendingAuth = nil
         control?.discardOutput()
         control?.decoder.reset()
     }
@@ -300,6 +305,19 @@ public final class Agent {
         }
         guard sessionActive else {
             log.debug("ignoring \(frame.type) before hello")
+            return
+        }
+        if let auth = pendingAuth {
+            // Nothing is served to a peer that has not proven the domain's key.
+            guard frame.type == .authProof, let key = options.key, let proof = try? AuthProof.decode(frame),
+                  key.verify(proof.mac, hostNonce: auth.nonce, challenge: auth.challenge) else {
+                log.info("refused \(frame.type) from a peer that did not prove the domain's key")
+                endSession(reason: "failed authentication")
+                fail(frame.id, .unauthenticated, "this agent serves only the host that holds the domain's key")
+                return
+            }
+            pendingAuth = nil
+            control.send(Frame(.ok, id: frame.id))
             return
         }
         do {
@@ -408,8 +426,16 @@ public final class Agent {
         }
         sessionActive = true
         let version = min(hello.maxVersion, ProtocolVersion.current)
+        var challenge: [UInt8] = []
+        var capabilities = Self.capabilities
+        if options.key != nil {
+            var rng = SystemRandomNumberGenerator()
+            challenge = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            pendingAuth = (hello.nonce, challenge)
+            capabilities.append(Capability.auth)
+        }
         reply(HelloAck(nonce: hello.nonce, version: version, agentVersion: agentVersion,
-                       capabilities: Self.capabilities), id: frame.id)
+                       capabilities: capabilities, challenge: challenge), id: frame.id)
         log.debug("session from \(hello.client), protocol \(version)")
     }
 

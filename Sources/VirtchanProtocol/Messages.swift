@@ -8,6 +8,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case infoRequest = 0x05
     case info = 0x06
     case error = 0x07
+    case authProof = 0x08
 
     case execStart = 0x10
     case execStarted = 0x11
@@ -55,6 +56,8 @@ public enum Capability {
     public static let filePull = "file-pull"
     public static let tree = "tree"
     public static let sha256 = "sha256"
+    /// The agent holds a key and serves only a host that proves it (AuthProof).
+    public static let auth = "auth-hmac-sha256"
 }
 
 public protocol WireMessage: Sendable {
@@ -122,21 +125,38 @@ public struct HelloAck: WireMessage, Equatable {
     public var version: UInt16
     public var agentVersion: String
     public var capabilities: [String]
+    /// A fresh random challenge from an agent that holds a key (empty otherwise); the host
+    /// must answer it with an AuthProof before anything else is served. Older agents end the
+    /// message before this field.
+    public var challenge: [UInt8]
 
-    public init(nonce: [UInt8], version: UInt16, agentVersion: String, capabilities: [String]) {
+    public init(nonce: [UInt8], version: UInt16, agentVersion: String, capabilities: [String], challenge: [UInt8] = []) {
         self.nonce = nonce
         self.version = version
         self.agentVersion = agentVersion
         self.capabilities = capabilities
+        self.challenge = challenge
     }
 
     public func encode(into w: inout ByteWriter) {
         w.blob(nonce); w.u16(version); w.string(agentVersion); w.strings(capabilities)
+        if !challenge.isEmpty { w.blob(challenge) }
     }
 
     public init(from r: inout ByteReader) throws(ProtocolError) {
         nonce = try r.blob(); version = try r.u16(); agentVersion = try r.string(); capabilities = try r.strings()
+        challenge = r.remaining > 0 ? try r.blob() : []
     }
+}
+
+/// The host's answer to an agent's challenge: `AgentKey.proof` over the hello's nonce and
+/// the challenge. The agent replies `ok`, or an error (`unauthenticated`) and ends the session.
+public struct AuthProof: WireMessage, Equatable {
+    public static let type = MessageType.authProof
+    public var mac: [UInt8]
+    public init(mac: [UInt8]) { self.mac = mac }
+    public func encode(into w: inout ByteWriter) { w.blob(mac) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { mac = try r.blob() }
 }
 
 public struct Info: WireMessage, Equatable {
@@ -210,6 +230,8 @@ public enum RemoteErrorCode: UInt32, Sendable {
     case busy = 13
     case unsupported = 14
     case tooLarge = 15
+    /// The peer has not proven the domain's key.
+    case unauthenticated = 16
 }
 
 public struct ExecStart: WireMessage, Equatable {

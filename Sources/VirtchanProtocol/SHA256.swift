@@ -67,8 +67,8 @@ public struct SHA256Digest: Sendable {
 
     public mutating func update(_ bytes: [UInt8]) { bytes.withUnsafeBytes { update($0) } }
 
-    /// Lower-case hex of the digest.
-    public func hexDigest() -> String {
+    /// The 32 bytes of the digest.
+    public func digest() -> [UInt8] {
         var copy = self
         let bitLength = length &* 8
         var pad: [UInt8] = [0x80]
@@ -81,11 +81,53 @@ public struct SHA256Digest: Sendable {
             copy.length = saved
         }
         let words = [copy.h.0, copy.h.1, copy.h.2, copy.h.3, copy.h.4, copy.h.5, copy.h.6, copy.h.7]
-        let hex: [UInt8] = Array("0123456789abcdef".utf8)
         var out: [UInt8] = []
+        out.reserveCapacity(32)
         for word in words {
-            for shift in stride(from: 28, through: 0, by: -4) { out.append(hex[Int((word >> UInt32(shift)) & 0xf)]) }
+            for shift in stride(from: 24, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: word >> UInt32(shift))) }
         }
-        return String(decoding: out, as: UTF8.self)
+        return out
     }
+
+    /// Lower-case hex of the digest.
+    public func hexDigest() -> String { hexString(digest()) }
+
+    /// SHA-256 of `bytes` in one call.
+    public static func hash(_ bytes: [UInt8]) -> [UInt8] {
+        var d = SHA256Digest()
+        d.update(bytes)
+        return d.digest()
+    }
+}
+
+/// Lower-case hex of `bytes`.
+public func hexString(_ bytes: [UInt8]) -> String {
+    let hex: [UInt8] = Array("0123456789abcdef".utf8)
+    var out: [UInt8] = []
+    out.reserveCapacity(bytes.count * 2)
+    for b in bytes { out.append(hex[Int(b >> 4)]); out.append(hex[Int(b & 0xf)]) }
+    return String(decoding: out, as: UTF8.self)
+}
+
+/// The bytes of a hex string; nil unless it is an even number of hex digits.
+public func bytes(fromHex text: String) -> [UInt8]? {
+    let digits = Array(text.utf8)
+    guard digits.count % 2 == 0 else { return nil }
+    func value(_ c: UInt8) -> UInt8? {
+        switch c {
+        case 0x30...0x39: return c - 0x30
+        case 0x61...0x66: return c - 0x61 + 10
+        case 0x41...0x46: return c - 0x41 + 10
+        default: return nil
+        }
+    }
+    var out: [UInt8] = []
+    out.reserveCapacity(digits.count / 2)
+    var i = 0
+    while i < digits.count {
+        guard let hi = value(digits[i]), let lo = value(digits[i + 1]) else { return nil }
+        out.append(hi << 4 | lo)
+        i += 2
+    }
+    return out
 }

@@ -27,7 +27,11 @@ public final class Connection: @unchecked Sendable {
         guard let p = vc_virConnectOpen(target) else {
             let err = ProvisioningError.fromLibvirt("cannot connect to \(target)", code: .connection)
             var hint = ""
-            if target.hasPrefix("qemu:///") || target.hasPrefix("qemu+unix") {
+            if target.hasSuffix(":///system") && geteuid() != 0 {
+                // As a plain user, any failure here is libvirt refusing: it does not mean
+                // that the daemon is down.
+                hint = "; permission denied: only root (or a user that libvirt's polkit or socket permissions admit) may use \(target). Run virtchan as root, or use domains of your own with --connect qemu:///session"
+            } else if target.hasPrefix("qemu:///") || target.hasPrefix("qemu+unix") {
                 hint = "; is libvirtd running? Start it with: sudo Scripts/setup-host"
             }
             throw ProvisioningError(.connection, err.message + hint, libvirtCode: err.libvirtCode)

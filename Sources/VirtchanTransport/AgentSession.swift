@@ -12,12 +12,32 @@ public struct AgentEndpoint: Sendable {
     public var dataSocket: String?
     /// Where the guest console goes, named in errors when the agent does not answer.
     public var consoleLog: String?
+    /// The domain's key, proven to an agent that asks for it.
+    public var key: AgentKey?
+    /// Whether an agent without a key may be used (anything that reaches its socket can
+    /// drive it); off unless the user or the domain's settings say so.
+    public var allowsUnkeyedAgent: Bool
 
-    public init(domain: String, controlSocket: String, dataSocket: String?, consoleLog: String?) {
+    public init(domain: String, controlSocket: String, dataSocket: String?, consoleLog: String?,
+                key: AgentKey? = nil, allowsUnkeyedAgent: Bool = false) {
         self.domain = domain
         self.controlSocket = controlSocket
         self.dataSocket = dataSocket
         self.consoleLog = consoleLog
+        self.key = key
+        self.allowsUnkeyedAgent = allowsUnkeyedAgent
+    }
+
+    /// In a domain's state directory: its agent key, and the marker of a domain created to
+    /// run an agent without one.
+    public static let keyFileName = "agent.key"
+    public static let unkeyedMarkerName = "insecure-agent"
+
+    /// Takes the key from the domain's state directory, and allows an agent without one when
+    /// the directory says the domain was made so or `allowUnkeyed` is set.
+    public mutating func loadCredentials(stateDirectory: String, allowUnkeyed: Bool) {
+        key = readSmallFile(stateDirectory + "/" + Self.keyFileName).flatMap { AgentKey(fileText: $0) }
+        allowsUnkeyedAgent = allowUnkeyed || access(stateDirectory + "/" + Self.unkeyedMarkerName, F_OK) == 0
     }
 }
 
@@ -61,6 +81,7 @@ public final class AgentSession {
                 while let frame = control.decoder.next() {
                     // Anything before our own ack is left over from an earlier session.
                     if frame.type == .helloAck, let ack = try? HelloAck.decode(frame), ack.nonce == nonce {
+                        try authenticate(endpoint, control, ack: ack, nonce: nonce, deadline: deadline)
                         return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: lock)
                     }
                     if frame.type == .error, let err = try? ErrorMessage.decode(frame), err.remoteCode == .unsupported {
@@ -71,6 +92,37 @@ public final class AgentSession {
         } catch {
             close(fd)
             throw error
+        }
+    }
+
+    /// Proves the domain's key when the agent asks for it; refuses an agent without a key
+    /// unless the endpoint allows one.
+    private static func authenticate(_ endpoint: AgentEndpoint, _ control: FramedConnection, ack: HelloAck,
+                                     nonce: [UInt8], deadline: UInt64) throws(TransportError) {
+        let domain = endpoint.domain
+        guard !ack.challenge.isEmpty else {
+            if endpoint.allowsUnkeyedAgent { return }
+            throw TransportError(.unauthenticated, "the agent in \(domain) has no key, so anything that reaches its channel can drive it; recreate the domain with virtchan create to give it one, or pass --insecure-agent to use it anyway")
+        }
+        guard let key = endpoint.key else {
+            throw TransportError(.unauthenticated, "the agent in \(domain) serves only the holder of the domain's key, and this host has none for it (virtchan keeps it in the domain's state directory on the host that created it)")
+        }
+        let id: UInt32 = 1
+        control.send(AuthProof(mac: key.proof(hostNonce: nonce, challenge: ack.challenge)), id: id)
+        // A generous bound: the agent answers at once, but a TCG guest may be busy booting.
+        let authDeadline = max(deadline, monotonicNanos() + 10_000_000_000)
+        while true {
+            while let frame = control.decoder.next() {
+                guard frame.id == id else { continue }
+                if frame.type == .ok { return }
+                if frame.type == .error {
+                    throw TransportError(.unauthenticated, "the agent in \(domain) refused this host's key: the guest holds a different one (was the domain created again, or its key file replaced?)")
+                }
+            }
+            if monotonicNanos() >= authDeadline {
+                throw TransportError(.timeout, "the agent in \(domain) did not answer the key proof")
+            }
+            try pump(control, until: authDeadline)
         }
     }
 

@@ -4,7 +4,7 @@ import VirtchanProtocol
 public struct TransportError: Error, CustomStringConvertible, Sendable {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Value: String, Sendable {
-            case busy, unreachable, timeout, agentGone, protocolViolation, remote, io, invalidArgument, integrity, interrupted
+            case busy, unreachable, timeout, agentGone, protocolViolation, remote, io, invalidArgument, integrity, interrupted, unauthenticated
         }
         private let value: Value
         private init(_ v: Value) { value = v }
@@ -25,6 +25,8 @@ public struct TransportError: Error, CustomStringConvertible, Sendable {
         public static let integrity = Code(.integrity)
         /// A signal (see `signal`) stopped the operation; what it had begun was undone.
         public static let interrupted = Code(.interrupted)
+        /// The agent and this host do not share the domain's key (or the agent has none).
+        public static let unauthenticated = Code(.unauthenticated)
         public var description: String { value.rawValue }
     }
 

@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import VirtchanAgentCore
+import VirtchanProtocol
 
 let usage = """
 USAGE: virtchan-agent [options]
@@ -17,6 +18,8 @@ OPTIONS:
   --data NAME        name of the data port (default: org.virtchan.data)
   --config FILE      exec policy file (default: /etc/virtchan-agent.conf, if present)
                      lines: exec = allow|deny, exec-allow = CMD..., exec-deny = CMD...
+  --key FILE         the domain's key, 64 hex digits (default: /etc/virtchan/agent.key,
+                     if present); with a key, only a host that proves it is served
   --log FILE         append the log to FILE instead of stderr
   --sysfs DIR        where to look for ports (default: /sys/class/virtio-ports)
   --list-ports       print the ports found, one "name device" per line, and exit
@@ -34,6 +37,8 @@ func die(_ message: String, code: Int32 = 2) -> Never {
 var options = AgentOptions()
 var configPath = "/etc/virtchan-agent.conf"
 var configRequired = false
+var keyPath = AgentKey.guestPath
+var keyRequired = false
 var listPorts = false
 var args = CommandLine.arguments.dropFirst()
 while let arg = args.popFirst() {
@@ -45,6 +50,7 @@ while let arg = args.popFirst() {
     case "--control": options.controlPort = value()
     case "--data": options.dataPort = value()
     case "--config": configPath = value(); configRequired = true
+    case "--key": keyPath = value(); keyRequired = true
     case "--log": options.logPath = value()
     case "--sysfs": options.sysfsRoot = value()
     case "--list-ports": listPorts = true
@@ -61,22 +67,25 @@ if listPorts {
 }
 
 if access(configPath, F_OK) == 0 {
-    let fd = open(configPath, O_RDONLY)
-    var text: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 4096)
-    while fd >= 0 {
-        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-        if n <= 0 { break }
-        text.append(contentsOf: buf[0..<n])
-    }
-    if fd >= 0 { close(fd) }
+    guard let text = readSmallFile(configPath) else { die("cannot read \(configPath)") }
     do {
-        options.policy = try ExecPolicy(parsing: String(decoding: text, as: UTF8.self))
+        options.policy = try ExecPolicy(parsing: text)
     } catch {
         die("\(configPath): \(error)")
     }
 } else if configRequired {
     die("cannot read \(configPath)")
+}
+
+// A key file that is there but unusable stops the agent: serving without it would open the
+// guest to anyone who reaches its port.
+if access(keyPath, F_OK) == 0 {
+    guard let text = readSmallFile(keyPath), let key = AgentKey(fileText: text) else {
+        die("\(keyPath) does not hold a key (64 hex digits)")
+    }
+    options.key = key
+} else if keyRequired {
+    die("cannot read \(keyPath)")
 }
 
 exit(Agent(options: options).run())

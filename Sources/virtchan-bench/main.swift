@@ -32,7 +32,10 @@ do { domain = try Connection().requireDomain(domainName) } catch { fail("\(error
 func endpoint() throws -> AgentEndpoint {
     let channels = try ChannelResolver.channels(inDomainXML: domain.xml())
     guard let c = channels.first(where: { $0.role == .control })?.path else { throw TransportError(.unreachable, "no control channel") }
-    return AgentEndpoint(domain: domainName, controlSocket: c, dataSocket: channels.first { $0.role == .data }?.path, consoleLog: nil)
+    var e = AgentEndpoint(domain: domainName, controlSocket: c, dataSocket: channels.first { $0.role == .data }?.path, consoleLog: nil)
+    let stateBase = ProcessInfo.processInfo.environment["VIRTCHAN_STATE_DIR"] ?? "/var/lib/virtchan/domains"
+    e.loadCredentials(stateDirectory: stateBase + "/" + domainName, allowUnkeyed: false)
+    return e
 }
 
 /// Runs `body` with a session that is closed again afterwards (the channel is exclusive).

@@ -62,10 +62,15 @@ struct Create: ParsableCommand {
         spec.consoleLog = stateDir + "/console.log"
         spec.metadata = VirtchanMetadata(stateDirectory: stateDir, version: Virtchan.configuration.version,
                                          bootstrap: plan.map { BootstrapRecord(script: $0.scriptName, sha256: $0.sha256, state: .pending) })
+        // The agent's key reaches the guest in the domain's own copy of the initramfs; a boot
+        // without one (a disk, a template's own boot, a bare kernel) cannot carry it yet.
+        let keyedInitrd = Paths.bootDirectory + "/\(name).initrd"
+        var initrdBase: String?
         if let kernel {
             try requireFile(kernel, "kernel")
             if let initrd { try requireFile(initrd, "initrd") }
-            spec.boot = .kernel(kernel: absolute(kernel), initrd: initrd.map(absolute), cmdline: cmdline ?? "console=ttyS0")
+            initrdBase = initrd.map(absolute)
+            spec.boot = .kernel(kernel: absolute(kernel), initrd: initrd == nil ? nil : keyedInitrd, cmdline: cmdline ?? "console=ttyS0")
         } else if let disk {
             try requireFile(disk, "disk image")
             spec.boot = .disk(absolute(disk))
@@ -78,13 +83,17 @@ struct Create: ParsableCommand {
             guard FileManager.default.fileExists(atPath: k), FileManager.default.fileExists(atPath: i) else {
                 throw CLIError("the built-in guest image is missing from \(Paths.imageDirectory); build it with: Scripts/build-guest")
             }
-            spec.boot = .kernel(kernel: k, initrd: i, cmdline: "console=ttyS0 panic=-1 quiet")
+            initrdBase = i
+            spec.boot = .kernel(kernel: k, initrd: keyedInitrd, cmdline: "console=ttyS0 panic=-1 quiet")
         }
         if let template {
             guard let text = try? String(contentsOfFile: template, encoding: .utf8) else {
                 throw CLIError("cannot read the template \(template)")
             }
             spec.templateXML = text
+        }
+        if initrdBase == nil && !global.insecureAgent {
+            throw CLIError("this boot (\(disk != nil ? "--disk" : kernel != nil ? "--kernel without --initrd" : "the template's own")) gives virtchan no way to hand the agent its key, and an agent without one serves anything that reaches its channel; pass --insecure-agent to create it anyway", exitCode: 64)
         }
         try spec.validate()
         // Everything is checked before the accelerator probe, which may take seconds.
@@ -111,7 +120,21 @@ struct Create: ParsableCommand {
             chmod(stateDir, 0o700)
             try Data(name.utf8).write(to: URL(fileURLWithPath: stateDir + "/.virtchan-domain"))
             if let plan { try plan.save(into: stateDir) }
+            if let initrdBase {
+                let key = AgentKey.generate()
+                guard fm.createFile(atPath: stateDir + "/" + AgentEndpoint.keyFileName, contents: Data(key.fileText.utf8),
+                                    attributes: [.posixPermissions: 0o600]) else {
+                    throw CLIError("cannot write the agent key in \(stateDir)")
+                }
+                try KeyedInitrd.write(base: initrdBase, key: key, to: keyedInitrd)
+            } else {
+                // The user chose an agent without a key for this domain; later commands accept it.
+                _ = fm.createFile(atPath: stateDir + "/" + AgentEndpoint.unkeyedMarkerName, contents: nil, attributes: [.posixPermissions: 0o600])
+            }
         } catch {
+            try? fm.removeItem(atPath: stateDir)
+            unlink(keyedInitrd)
+            if let e = error as? ProvisioningError { throw e }
             throw CLIError("cannot prepare \(stateDir): \(error.localizedDescription)")
         }
         let domain: Domain
@@ -119,6 +142,7 @@ struct Create: ParsableCommand {
             domain = try conn.define(xml: xml)
         } catch {
             try? fm.removeItem(atPath: stateDir)
+            unlink(keyedInitrd)
             throw error
         }
         do {
@@ -126,8 +150,11 @@ struct Create: ParsableCommand {
         } catch {
             try? domain.undefine()
             try? fm.removeItem(atPath: stateDir)
+            unlink(keyedInitrd)
             throw error
         }
+        // QEMU has read the initramfs into memory; nobody but root may read the key again.
+        if initrdBase != nil { KeyedInitrd.reclaim(keyedInitrd) }
         let started = Date()
         say("Domain \(name) started (\(domainType == "kvm" ? "KVM" : "TCG"), console log \(spec.consoleLog ?? "-"))")
         if noWait {

@@ -94,6 +94,7 @@ enum DomainTeardown {
         if domain.isActive { try domain.destroy() }
         global.endpointCache?.remove(name)
         ChannelLock.removeLocks(of: name)
+        unlink(Paths.bootDirectory + "/\(name).initrd")
         if !keepDefinition { try domain.undefine() }
         // Only virtchan's own directory for this name goes, never a path read from the domain's
         // metadata (anyone who may edit the XML could point that anywhere), and only when its

@@ -7,7 +7,7 @@ struct TransferOptions: ParsableArguments {
     @Flag(name: .shortAndLong, help: "Copy a directory tree (regular files, directories, symlinks, modes).") var recursive = false
     @Flag(help: "Also compute SHA-256 in the guest and compare (slow under TCG).") var sha256 = false
     @Flag(help: "Print a JSON summary (bytes, seconds, sha256).") var json = false
-    @Flag(help: "No progress bar.") var quiet = false
+    @Flag(name: .shortAndLong, help: "No progress bar or summary line.") var quiet = false
 }
 
 struct Push: ParsableCommand {

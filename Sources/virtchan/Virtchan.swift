@@ -65,6 +65,8 @@ struct CLIError: Error, CustomStringConvertible {
 struct GlobalOptions: ParsableArguments {
     @Option(name: [.customShort("c"), .long], help: "libvirt URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system).")
     var connect: String?
+    @Flag(help: "Use an agent that holds no key (anything that reaches its channel can drive it).")
+    var insecureAgent = false
 
     func open() throws -> Connection { try Connection(uri: connect) }
 
@@ -79,6 +81,8 @@ enum Paths {
     static var stateBase: String { env("VIRTCHAN_STATE_DIR") ?? "/var/lib/virtchan/domains" }
     static var imageDirectory: String { env("VIRTCHAN_IMAGE_DIR") ?? "/var/lib/virtchan/images" }
     static var cacheDirectory: String { env("VIRTCHAN_CACHE_DIR") ?? "/var/cache/virtchan" }
+    /// Each domain's own initramfs, carrying its agent key (root's, 0600, in a 0711 directory).
+    static var bootDirectory: String { env("VIRTCHAN_BOOT_DIR") ?? "/var/lib/virtchan/boot" }
     static func stateDirectory(for domain: String) -> String { stateBase + "/" + domain }
 
     private static func env(_ key: String) -> String? {
@@ -131,14 +135,26 @@ enum Resolve {
     static func session(_ name: String, _ global: GlobalOptions, timeout: Double = 10) throws -> AgentSession {
         if let cached = global.endpointCache?.lookup(name) {
             do {
-                return try AgentSession.connect(cached, timeout: timeout)
-            } catch where error.code == .unreachable {
+                return try connect(cached, global, timeout: timeout)
+            } catch let error as TransportError where error.code == .unreachable {
                 // The socket moved or vanished (a channel was unplugged): ask libvirt.
                 global.endpointCache?.remove(name)
             }
         }
         let resolved = try running(name, global)
-        return try AgentSession.connect(resolved.endpoint, timeout: timeout)
+        return try connect(resolved.endpoint, global, timeout: timeout)
+    }
+
+    /// Connects with the domain's key, from its private state directory; an agent without a
+    /// key is accepted only for a domain created with --insecure-agent or with that flag now.
+    private static func connect(_ endpoint: AgentEndpoint, _ global: GlobalOptions, timeout: Double) throws -> AgentSession {
+        var endpoint = endpoint
+        endpoint.loadCredentials(stateDirectory: Paths.stateDirectory(for: endpoint.domain), allowUnkeyed: global.insecureAgent)
+        let session = try AgentSession.connect(endpoint, timeout: timeout)
+        if session.hello.challenge.isEmpty {
+            FileHandle.standardError.write(Data("virtchan: warning: the agent in \(endpoint.domain) holds no key; anything that reaches its channel can drive it\n".utf8))
+        }
+        return session
     }
 }
 

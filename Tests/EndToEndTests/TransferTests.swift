@@ -264,8 +264,9 @@ extension EndToEnd {
         @Test func checksumMismatchAndShrinkingSource() throws {
             try SharedGuest.require()
             let rows = channels(name)
-            let endpoint = AgentEndpoint(domain: name, controlSocket: try #require(rows.first { $0.role == "control" }?.path),
+            var endpoint = AgentEndpoint(domain: name, controlSocket: try #require(rows.first { $0.role == "control" }?.path),
                                          dataSocket: rows.first { $0.role == "data" }?.path, consoleLog: nil)
+            endpoint.loadCredentials(stateDirectory: "/var/lib/virtchan/domains/\(name)", allowUnkeyed: false)
             let session = try AgentSession.connect(endpoint)
             do {
                 // A DataEnd whose checksum does not match what was sent.

@@ -68,7 +68,8 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
         }
         liar.start()
         let session = try AgentSession.connect(AgentEndpoint(domain: "liar", controlSocket: dir + "/c.sock",
-                                                             dataSocket: dir + "/d.sock", consoleLog: nil), timeout: 10)
+                                                             dataSocket: dir + "/d.sock", consoleLog: nil,
+                                                             allowsUnkeyedAgent: true), timeout: 10)
         let sink = open(dir + "/out", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         defer { close(sink) }
         var failure: TransportError?

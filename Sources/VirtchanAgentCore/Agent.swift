@@ -312,7 +312,10 @@ public final class Agent {
             guard frame.type == .authProof, let key = options.key, let proof = try? AuthProof.decode(frame),
                   key.verify(proof.mac, hostNonce: auth.nonce, challenge: auth.challenge) else {
                 log.info("refused \(frame.type) from a peer that did not prove the domain's key")
-                endSession(reason: "failed authentication")
+                // Nothing runs before the proof, so there is nothing to tear down: the peer
+                // must start again with a hello (and gets a new challenge).
+                sessionActive = false
+                pendingAuth = nil
                 fail(frame.id, .unauthenticated, "this agent serves only the host that holds the domain's key")
                 return
             }

@@ -12,8 +12,13 @@ nonisolated(unsafe) private var pendingSignal: sig_atomic_t = 0
 public enum Interruption {
     public static let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
 
-    /// Catches the signals; the handler only records which one came.
+    /// Catches the signals; the handler only records which one came. They are unblocked too:
+    /// a parent may have started this process with them blocked.
     public static func install() {
+        var unblock = sigset_t()
+        sigemptyset(&unblock)
+        for sig in signals { sigaddset(&unblock, sig) }
+        sigprocmask(SIG_UNBLOCK, &unblock, nil)
         for sig in signals {
             var action = sigaction()
             action.__sigaction_handler.sa_handler = { sig in pendingSignal = sig }

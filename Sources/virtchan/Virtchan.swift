@@ -25,8 +25,13 @@ struct Virtchan: ParsableCommand {
                       Bootstrap.self])
 
     static func main() {
+        var command: ParsableCommand
         do {
-            var command = try parseAsRoot()
+            command = try parseAsRoot()
+        } catch {
+            exitForUsage(error)
+        }
+        do {
             try command.run()
         } catch let code as ExitCode {
             // exec passing the guest's code through: nothing to print.
@@ -42,8 +47,19 @@ struct Virtchan: ParsableCommand {
             // Interrupted: the status of a process that the signal ended, as a shell expects.
             Foundation.exit(error.signal.map { 128 + $0 } ?? 1)
         } catch {
-            exit(withError: error)
+            exitForUsage(error)
         }
+    }
+
+    /// Bad usage is one line and exit 64, as for every other error; --help and --version
+    /// print as ArgumentParser formats them.
+    static func exitForUsage(_ error: Error) -> Never {
+        let code = exitCode(for: error)
+        guard code.rawValue == 64 else { exit(withError: error) }
+        let hint = fullMessage(for: error).split(separator: "\n").first { $0.contains("See '") }
+            .map { " (" + $0.trimmingCharacters(in: .whitespaces).replacingOccurrences(of: " for more information.", with: "").lowercased() + ")" } ?? ""
+        report(message(for: error) + hint)
+        Foundation.exit(64)
     }
 
     static func report(_ message: String) {

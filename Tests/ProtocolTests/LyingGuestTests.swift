@@ -99,6 +99,48 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
         #expect(aborted, "the guest was not told to stop")
     }
 
+    /// A guest that answers a tree listing with batch after batch, forever: the host stops at
+    /// its bounds, tells the guest to stop, and holds no more than they allow.
+    @Test(arguments: ["many entries", "long names"])
+    func anEndlessTreeListingIsCutOff(kind: String) throws {
+        let dir = "/tmp/vc-endless-\(getpid())-\(kind.count)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let listener = try UnixSocket.listen(dir + "/c.sock")
+        defer { close(listener) }
+        let stop = Atomic(false)
+        let liar = Thread {
+            let c = accept(listener, nil, nil)
+            defer { close(c) }
+            let decoder = FrameDecoder()
+            guard let helloFrame = self.awaitFrame(.hello, on: c, decoder), let hello = try? Hello.decode(helloFrame) else { return }
+            self.send(HelloAck(nonce: hello.nonce, version: 1, agentVersion: "liar", capabilities: []).frame(id: helloFrame.id), c)
+            guard let req = self.awaitFrame(.listTree, on: c, decoder) else { return }
+            let name = kind == "many entries" ? "f" : String(repeating: "n", count: 4000)
+            let batch = TreeEntries(entries: (0..<(kind == "many entries" ? 35_000 : 250)).map {
+                TreeEntry(kind: .regular, path: "\(name)\($0)", mode: 0o644, size: 0, linkTarget: "")
+            }).frame(id: req.id)
+            let bytes = FrameEncoder.encode(batch)
+            while !stop.get() {
+                let n = bytes.withUnsafeBytes { write(c, $0.baseAddress!, $0.count) }
+                if n <= 0 { break }
+            }
+        }
+        liar.start()
+        defer { stop.set(true) }
+        let session = try AgentSession.connect(AgentEndpoint(domain: "endless", controlSocket: dir + "/c.sock", dataSocket: nil,
+                                                             consoleLog: nil, allowsUnkeyedAgent: true), timeout: 10)
+        let start = Date()
+        do {
+            let entries = try FileTransfer(session: session).listTree("/endless")
+            Issue.record("an endless listing ended with \(entries.count) entries")
+        } catch {
+            #expect(error.code == .protocolViolation)
+            #expect(error.message.contains("goes past what one listing may hold"), "\(error.message)")
+        }
+        #expect(Date().timeIntervalSince(start) < 60)
+    }
+
     @Test func treePathsThatEscapeAreRejected() {
         for bad in ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a/.", "", "a/\0b"] {
             #expect(!isSafeRelativePath(bad), "\(bad) was accepted")

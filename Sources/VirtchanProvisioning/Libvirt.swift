@@ -14,7 +14,8 @@ public final class Connection: @unchecked Sendable {
     /// The URI virsh would use: `LIBVIRT_DEFAULT_URI`, else qemu:///system.
     public static var defaultURI: String {
         if let env = ProcessInfo.processInfo.environment["LIBVIRT_DEFAULT_URI"], !env.isEmpty { return env }
-        return "qemu:///system"
+        // As virsh: root drives the system instance, anyone else their own session.
+        return geteuid() == 0 ? "qemu:///system" : "qemu:///session"
     }
 
     /// Opens a connection. The corresponding C function is `virConnectOpen`.

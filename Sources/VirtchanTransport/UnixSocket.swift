@@ -70,16 +70,34 @@ public enum UnixSocket {
     }
 }
 
+/// virtchan's directory for files that last until reboot: /run/virtchan for root, the
+/// user's runtime directory otherwise.
+public var runtimeDirectory: String {
+    if geteuid() == 0 { return "/run/virtchan" }
+    if let dir = getenv("XDG_RUNTIME_DIR"), dir.pointee != 0 { return String(cString: dir) + "/virtchan" }
+    let home = getenv("HOME").map { String(cString: $0) } ?? "/"
+    return home + "/.local/state/virtchan/run"
+}
+
+/// Creates `path` and any missing parents, each new one private (0700).
+func makePrivateDirectories(_ path: String) {
+    var partial = ""
+    for part in path.split(separator: "/") {
+        partial += "/" + part
+        mkdir(partial, 0o700)
+    }
+}
+
 /// An exclusive advisory lock that keeps two virtchan processes on this host off one channel
 /// (QEMU would queue the second client silently, which looks like a hang). Lock files are
 /// named after the domain, in a directory only their owner reaches, and `destroy` removes them.
 public final class ChannelLock {
-    static let directory = "/run/virtchan/locks"
+    /// /run/virtchan/locks for root; for anyone else under $XDG_RUNTIME_DIR, which only they reach.
+    static var directory: String { runtimeDirectory + "/locks" }
     let fd: Int32
 
     init(domain: String, role: String, label: String) throws(TransportError) {
-        mkdir("/run/virtchan", 0o755)
-        mkdir(Self.directory, 0o700)
+        makePrivateDirectories(Self.directory)
         let lockPath = Self.path(domain: domain, role: role)
         fd = open(lockPath, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else {

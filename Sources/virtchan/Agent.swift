@@ -20,7 +20,7 @@ struct Wait: ParsableCommand {
     func run() throws {
         let start = Date()
         let session = try waitForAgent(name, global, timeout: timeout)
-        say(String(format: "Agent %@ in %@ is ready (%.1f s)", session.hello.agentVersion, name, Date().timeIntervalSince(start)))
+        say(String(format: "Agent %@ in %@ is ready (%.1f s)", displaySafe(session.hello.agentVersion, limit: 64), name, Date().timeIntervalSince(start)))
         if let code = try BootstrapRunner.runIfPending(domainName: name, global: global, session: session), code != 0 {
             throw ExitCode(code)
         }
@@ -91,10 +91,11 @@ struct InfoCommand: ParsableCommand {
                          uptimeSeconds: i.uptimeSeconds, execAllowed: i.execAllowed)
         if json { return try printJSON(out) }
         print("Domain:        \(name)")
-        print("Agent:         virtchan-agent \(i.agentVersion) (protocol \(i.protocolVersion))")
-        print("Capabilities:  \(i.capabilities.joined(separator: " "))")
-        print("Kernel:        \(i.kernelRelease)")
-        print("Hostname:      \(i.hostname)")
+        // Every field comes from the guest: shown escaped and bounded.
+        print("Agent:         virtchan-agent \(displaySafe(i.agentVersion)) (protocol \(i.protocolVersion))")
+        print("Capabilities:  \(displaySafe(i.capabilities.joined(separator: " ")))")
+        print("Kernel:        \(displaySafe(i.kernelRelease))")
+        print("Hostname:      \(displaySafe(i.hostname))")
         print("Uptime:        \(i.uptimeSeconds) s")
         print("Exec:          \(i.execAllowed ? "allowed" : "denied by policy")")
     }

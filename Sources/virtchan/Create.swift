@@ -162,7 +162,7 @@ struct Create: ParsableCommand {
             return
         }
         let session = try waitForAgent(name, global, timeout: waitTimeout)
-        say(String(format: "Agent %@ answered after %.1f s", session.hello.agentVersion, Date().timeIntervalSince(started)))
+        say(String(format: "Agent %@ answered after %.1f s", displaySafe(session.hello.agentVersion, limit: 64), Date().timeIntervalSince(started)))
         if plan != nil {
             let code = try BootstrapRunner.run(domainName: name, global: global, session: session, force: false,
                                                timeout: bootstrap.bootstrapTimeout, quiet: false)

@@ -93,13 +93,24 @@ struct GlobalOptions: ParsableArguments {
     }
 }
 
+/// Where virtchan keeps its files: the system's directories for root, the user's own
+/// (XDG base directories) for anyone else, each overridable by its variable.
 enum Paths {
-    static var stateBase: String { env("VIRTCHAN_STATE_DIR") ?? "/var/lib/virtchan/domains" }
+    static var stateBase: String { env("VIRTCHAN_STATE_DIR") ?? userState("domains") ?? "/var/lib/virtchan/domains" }
+    /// The built-in guest, built by root and readable by everyone.
     static var imageDirectory: String { env("VIRTCHAN_IMAGE_DIR") ?? "/var/lib/virtchan/images" }
-    static var cacheDirectory: String { env("VIRTCHAN_CACHE_DIR") ?? "/var/cache/virtchan" }
-    /// Each domain's own initramfs, carrying its agent key (root's, 0600, in a 0711 directory).
-    static var bootDirectory: String { env("VIRTCHAN_BOOT_DIR") ?? "/var/lib/virtchan/boot" }
+    static var cacheDirectory: String {
+        env("VIRTCHAN_CACHE_DIR") ?? (isRoot ? "/var/cache/virtchan" : (env("XDG_CACHE_HOME") ?? home + "/.cache") + "/virtchan")
+    }
+    /// Each domain's own initramfs, carrying its agent key (its owner's, 0600, in a 0711 directory).
+    static var bootDirectory: String { env("VIRTCHAN_BOOT_DIR") ?? userState("boot") ?? "/var/lib/virtchan/boot" }
     static func stateDirectory(for domain: String) -> String { stateBase + "/" + domain }
+
+    private static var isRoot: Bool { geteuid() == 0 }
+    private static var home: String { env("HOME") ?? "/tmp" }
+    private static func userState(_ name: String) -> String? {
+        isRoot ? nil : (env("XDG_STATE_HOME") ?? home + "/.local/state") + "/virtchan/" + name
+    }
 
     private static func env(_ key: String) -> String? {
         guard let v = ProcessInfo.processInfo.environment[key], !v.isEmpty else { return nil }

@@ -150,3 +150,17 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
         }
     }
 }
+
+@Suite struct DisplaySafeTests {
+    /// Guest text reaches the host's terminal escaped and bounded.
+    @Test func controlCharactersAreEscapedAndLengthIsBounded() {
+        #expect(displaySafe("ok\ttab") == "ok\ttab")
+        #expect(displaySafe("\u{1b}]0;owned\u{7}\u{1b}[2J\rhidden") == "\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{d}hidden")
+        #expect(displaySafe("line\nnext") == "line\\u{a}next")
+        #expect(displaySafe("\u{9b}31m") == "\\u{9b}31m")
+        let long = displaySafe(String(repeating: "é", count: 10_000))
+        #expect(long.utf8.count <= 4096 + 3)
+        #expect(long.hasSuffix("…"))
+        #expect(TransportError(remote: ErrorMessage(.failed, "\u{1b}[31mred")).message == "\\u{1b}[31mred")
+    }
+}

@@ -32,6 +32,13 @@ public enum TreeLimits {
     public static let maxTotalBytes = 64 << 20
 }
 
+/// True when a path a guest listed may be joined under a local directory: relative, with no
+/// empty, "." or ".." component and no NUL, so it cannot lead outside that directory.
+public func isSafeRelativePath(_ path: String) -> Bool {
+    guard !path.isEmpty, !path.hasPrefix("/"), !path.contains("\0") else { return false }
+    return !path.split(separator: "/", omittingEmptySubsequences: false).contains { $0.isEmpty || $0 == "." || $0 == ".." }
+}
+
 public enum FrameHeader {
     public static let magic: [UInt8] = [0x56, 0x43, 0x48, 0x46] // "VCHF"
     public static let version: UInt8 = 1

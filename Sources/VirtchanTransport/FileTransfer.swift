@@ -328,10 +328,3 @@ func readFull(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
 func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
     digest.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
 }
-
-/// True when a path a guest listed may be joined under a local directory: relative, with no
-/// empty, "." or ".." component and no NUL, so it cannot lead outside that directory.
-public func isSafeRelativePath(_ path: String) -> Bool {
-    guard !path.isEmpty, !path.hasPrefix("/"), !path.contains("\0") else { return false }
-    return !path.split(separator: "/", omittingEmptySubsequences: false).contains { $0.isEmpty || $0 == "." || $0 == ".." }
-}

@@ -33,6 +33,9 @@ public final class Agent {
     private var sessionActive = false
     /// The hello's nonce and the challenge sent back, until the host proves the key.
     private var pendingAuth: (nonce: [UInt8], challenge: [UInt8])?
+    /// The answer to the current session's hello: a host resends its hello until answered,
+    /// and a copy that arrives late gets the same answer (the same challenge).
+    private var lastHelloAck: HelloAck?
     private var exec: ExecProcess?
     private var transfer: Transfer?
     private var signalFD: Int32 = -1
@@ -261,6 +264,7 @@ public final class Agent {
         }
         sessionActive = false
         pendingAuth = nil
+        lastHelloAck = nil
         control?.discardOutput()
         control?.decoder.reset()
     }
@@ -316,6 +320,7 @@ public final class Agent {
                 // must start again with a hello (and gets a new challenge).
                 sessionActive = false
                 pendingAuth = nil
+                lastHelloAck = nil
                 fail(frame.id, .unauthenticated, "this agent serves only the host that holds the domain's key")
                 return
             }
@@ -419,6 +424,10 @@ public final class Agent {
             log.info("malformed hello ignored")
             return
         }
+        if sessionActive, exec == nil, transfer == nil, let ack = lastHelloAck, ack.nonce == hello.nonce {
+            reply(ack, id: frame.id)
+            return
+        }
         if sessionActive || exec != nil || transfer != nil {
             endSession(reason: "new session from \(hello.client)")
         }
@@ -437,8 +446,10 @@ public final class Agent {
             pendingAuth = (hello.nonce, challenge)
             capabilities.append(Capability.auth)
         }
-        reply(HelloAck(nonce: hello.nonce, version: version, agentVersion: agentVersion,
-                       capabilities: capabilities, challenge: challenge), id: frame.id)
+        let ack = HelloAck(nonce: hello.nonce, version: version, agentVersion: agentVersion,
+                           capabilities: capabilities, challenge: challenge)
+        lastHelloAck = ack
+        reply(ack, id: frame.id)
         log.debug("session from \(hello.client), protocol \(version)")
     }
 

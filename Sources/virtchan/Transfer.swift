@@ -16,8 +16,9 @@ struct Push: ParsableCommand {
         abstract: "Copy a file (or, with -r, a tree) from the host into the guest.",
         discussion: """
         LOCAL '-' reads stdin. REMOTE is an absolute path in the guest (an existing directory \
-        receives the file under its own name); the file lands there atomically (temporary file + rename) after its checksum verifies. With -r, LOCAL's \
-        contents go into the directory REMOTE, which is created if missing.
+        receives the file under its own name); the file lands there atomically (temporary file \
+        + rename) after its checksum verifies. With -r, LOCAL's contents go into the directory \
+        REMOTE, which is created if missing.
         """)
 
     @OptionGroup var global: GlobalOptions

@@ -216,6 +216,31 @@ extension EndToEnd {
             #expect(VC.run(["ping", name, "-n", "1"]).code == 0)
         }
 
+        /// An agent that runs without a key (an older guest) is refused unless the user says
+        /// --insecure-agent, and then used with a warning.
+        @Test func aKeylessAgentNeedsInsecureAgentAndIsWarnedAbout() throws {
+            try SharedGuest.require()
+            // Restart the agent without its key; init starts it again at once.
+            let restartWithout = "(sleep 0.5; mv /etc/virtchan/agent.key /etc/virtchan/agent.key.off; kill $(pidof virtchan-agent)) >/dev/null 2>&1 &"
+            _ = VC.run(["exec", name, "-n", "--", "/bin/sh", "-c", restartWithout])
+            defer {
+                let restore = "(sleep 0.5; mv /etc/virtchan/agent.key.off /etc/virtchan/agent.key; kill $(pidof virtchan-agent)) >/dev/null 2>&1 &"
+                _ = VC.run(["exec", name, "-n", "--insecure-agent", "--", "/bin/sh", "-c", restore])
+                _ = eventually(30, interval: 0.5) { VC.run(["ping", name, "-n", "1"]).code == 0 }
+            }
+            var refused = RunResult(code: 0, stdout: Data(), stderr: "", seconds: 0)
+            #expect(eventually(30, interval: 0.5) {
+                refused = VC.run(["ping", name, "-n", "1"])
+                return refused.stderr.contains("has no key")
+            }, "\(refused.stderr)")
+            #expect(refused.code == 1)
+            #expect(refused.stderr.contains("--insecure-agent"))
+            let allowed = VC.run(["exec", name, "--insecure-agent", "--", "echo", "ran"])
+            #expect(allowed.code == 0)
+            #expect(allowed.out == "ran\n")
+            #expect(allowed.stderr.contains("warning: the agent in \(name) holds no key"))
+        }
+
         /// One domain of its own: bootstrap secrets private, the key kept off every other user,
         /// destroy ignoring a state directory that the metadata points elsewhere, and no lock
         /// file or per-domain initramfs left after destroy.

@@ -177,9 +177,10 @@ extension EndToEnd {
             #expect(noParent.code == 1)
             #expect(noParent.stderr.contains("does not exist (use --parents"))
             #expect(VC.run(["push", name, src, "/tmp/newdir/sub/file", "--parents"]).code == 0)
-            let isDir = VC.run(["push", name, src, "/tmp/newdir"])
+            // A file pushed onto a directory goes into it (as with cp); stdin has no name to use.
+            let isDir = VC.run(["push", name, "-", "/tmp/newdir"], stdin: Data("x".utf8))
             #expect(isDir.code == 1)
-            #expect(isDir.stderr.contains("is a directory"))
+            #expect(isDir.stderr.contains("/tmp/newdir is a directory in the guest"), "\(isDir.stderr)")
             let missing = VC.run(["pull", name, "/tmp/no-such-file", "\(work)/x"])
             #expect(missing.code == 1)
             #expect(missing.stderr.contains("No such file"))

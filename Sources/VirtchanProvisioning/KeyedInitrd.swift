@@ -45,9 +45,10 @@ public enum KeyedInitrd {
         }
     }
 
-    /// Makes the file root's and private again once QEMU has read it.
+    /// Makes the file its owner's and private again once QEMU has read it (root's for the
+    /// system instance; a session domain's file was never anyone else's).
     public static func reclaim(_ path: String) {
-        chown(path, 0, 0)
+        if geteuid() == 0 { chown(path, 0, 0) }
         chmod(path, 0o600)
     }
 

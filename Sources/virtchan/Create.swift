@@ -153,7 +153,7 @@ struct Create: ParsableCommand {
             unlink(keyedInitrd)
             throw error
         }
-        // QEMU has read the initramfs into memory; nobody but root may read the key again.
+        // QEMU has read the initramfs into memory; nobody but its owner may read the key again.
         if initrdBase != nil { KeyedInitrd.reclaim(keyedInitrd) }
         let started = Date()
         say("Domain \(name) started (\(domainType == "kvm" ? "KVM" : "TCG"), console log \(spec.consoleLog ?? "-"))")

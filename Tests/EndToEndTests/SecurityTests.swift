@@ -3,11 +3,6 @@ import Testing
 import VirtchanProtocol
 import VirtchanTransport
 
-private func mode(_ path: String) -> Int {
-    var st = stat()
-    return lstat(path, &st) == 0 ? Int(st.st_mode & 0o7777) : -1
-}
-
 private func type(_ path: String) -> mode_t? {
     var st = stat()
     return lstat(path, &st) == 0 ? st.st_mode & S_IFMT : nil
@@ -170,24 +165,21 @@ extension EndToEnd {
         /// request sent without the proof is refused, not run.
         @Test func theAgentServesOnlyTheHolderOfTheDomainKey() throws {
             try SharedGuest.require()
+            func expectRefused(_ endpoint: AgentEndpoint, _ fragment: String) {
+                do {
+                    _ = try AgentSession.connect(endpoint)
+                    Issue.record("a session was accepted; expected: \(fragment)")
+                } catch {
+                    #expect(error.code == .unauthenticated)
+                    #expect(error.message.contains(fragment), "\(error.message)")
+                }
+            }
             var noKey = try sharedEndpoint()
             noKey.allowsUnkeyedAgent = true
-            do {
-                _ = try AgentSession.connect(noKey)
-                Issue.record("a session without the key was accepted")
-            } catch {
-                #expect(error.code == .unauthenticated)
-                #expect(error.message.contains("serves only the holder of the domain's key"))
-            }
+            expectRefused(noKey, "serves only the holder of the domain's key")
             var wrongKey = noKey
             wrongKey.key = AgentKey.generate()
-            do {
-                _ = try AgentSession.connect(wrongKey)
-                Issue.record("a session with a wrong key was accepted")
-            } catch {
-                #expect(error.code == .unauthenticated)
-                #expect(error.message.contains("refused this host's key"))
-            }
+            expectRefused(wrongKey, "refused this host's key")
 
             // Raw frames: a hello, then an exec without the proof.
             VC.guest("rm -f /tmp/pwned")
@@ -220,12 +212,15 @@ extension EndToEnd {
         /// --insecure-agent, and then used with a warning.
         @Test func aKeylessAgentNeedsInsecureAgentAndIsWarnedAbout() throws {
             try SharedGuest.require()
-            // Restart the agent without its key; init starts it again at once.
-            let restartWithout = "(sleep 0.5; mv /etc/virtchan/agent.key /etc/virtchan/agent.key.off; kill $(pidof virtchan-agent)) >/dev/null 2>&1 &"
-            _ = VC.run(["exec", name, "-n", "--", "/bin/sh", "-c", restartWithout])
+            // Moves the key file and restarts the agent, in the background so that the exec
+            // itself ends first; init starts the agent again at once.
+            func restartAgent(movingKey from: String, to: String, _ flags: [String]) {
+                let script = "(sleep 0.5; mv /etc/virtchan/\(from) /etc/virtchan/\(to); kill $(pidof virtchan-agent)) >/dev/null 2>&1 &"
+                _ = VC.run(["exec", name, "-n"] + flags + ["--", "/bin/sh", "-c", script])
+            }
+            restartAgent(movingKey: "agent.key", to: "agent.key.off", [])
             defer {
-                let restore = "(sleep 0.5; mv /etc/virtchan/agent.key.off /etc/virtchan/agent.key; kill $(pidof virtchan-agent)) >/dev/null 2>&1 &"
-                _ = VC.run(["exec", name, "-n", "--insecure-agent", "--", "/bin/sh", "-c", restore])
+                restartAgent(movingKey: "agent.key.off", to: "agent.key", ["--insecure-agent"])
                 _ = eventually(30, interval: 0.5) { VC.run(["ping", name, "-n", "1"]).code == 0 }
             }
             var refused = RunResult(code: 0, stdout: Data(), stderr: "", seconds: 0)

@@ -87,6 +87,12 @@ enum VC {
     }
 }
 
+/// The permission bits of `path` itself (a link is not followed); -1 when nothing is there.
+func mode(_ path: String) -> Int {
+    var st = stat()
+    return lstat(path, &st) == 0 ? Int(st.st_mode & 0o7777) : -1
+}
+
 /// Polls `condition` until it holds or `timeout` passes.
 func eventually(_ timeout: Double, interval: Double = 0.2, _ condition: () -> Bool) -> Bool {
     let deadline = Date().addingTimeInterval(timeout)

@@ -27,11 +27,6 @@ private func sameBytes(_ a: String, _ b: String) -> Bool {
     VC.runProgram("/usr/bin/cmp", ["-s", a, b]).code == 0
 }
 
-private func mode(_ path: String) -> Int {
-    var st = stat()
-    return lstat(path, &st) == 0 ? Int(st.st_mode & 0o7777) : -1
-}
-
 extension EndToEnd {
     /// Issue 5: files over the data channel, opened on demand, in the real guest.
     @Suite struct Transfer {

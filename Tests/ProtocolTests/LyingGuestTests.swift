@@ -67,6 +67,7 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
             close(c)
         }
         liar.start()
+        defer { ChannelLock.removeLocks(of: "liar") }
         let session = try AgentSession.connect(AgentEndpoint(domain: "liar", controlSocket: dir + "/c.sock",
                                                              dataSocket: dir + "/d.sock", consoleLog: nil,
                                                              allowsUnkeyedAgent: true), timeout: 10)
@@ -128,6 +129,7 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
         }
         liar.start()
         defer { stop.set(true) }
+        defer { ChannelLock.removeLocks(of: "endless") }
         let session = try AgentSession.connect(AgentEndpoint(domain: "endless", controlSocket: dir + "/c.sock", dataSocket: nil,
                                                              consoleLog: nil, allowsUnkeyedAgent: true), timeout: 10)
         let start = Date()

@@ -45,11 +45,6 @@ public struct TransportError: Error, CustomStringConvertible, Sendable {
         self.signal = signal
     }
 
-    /// The same error with `context` in front of its message.
-    public func prefixed(_ context: String) -> TransportError {
-        TransportError(code, context + message, remote: remote, errno: errno, signal: signal)
-    }
-
     /// The same error with `detail` after its message.
     public func appending(_ detail: String) -> TransportError {
         TransportError(code, message + detail, remote: remote, errno: errno, signal: signal)

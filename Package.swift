@@ -3,8 +3,8 @@ import PackageDescription
 
 let package = Package(
     name: "virtchan",
-    platforms: [.macOS(.v14)],
     products: [
+        .library(name: "VirtchanKit", targets: ["VirtchanKit"]),
         .executable(name: "virtchan", targets: ["virtchan"]),
         .executable(name: "virtchan-agent", targets: ["virtchan-agent"]),
     ],
@@ -15,10 +15,12 @@ let package = Package(
     targets: [
         // libvirt's headers, and its functions loaded with dlopen on first use (see the header).
         .target(name: "CLibvirt"),
+        // libxml2's include directory, from pkg-config (libxml2-dev).
+        .systemLibrary(name: "CLibXML2System", pkgConfig: "libxml-2.0",
+                       providers: [.apt(["libxml2-dev"])]),
         // libxml2's headers, its functions likewise loaded on first use.
-        // include/libxml links to /usr/include/libxml2/libxml (libxml2-dev) so that the headers
-        // resolve for this target and for every module that imports it.
-        .target(name: "CLibXML2"),
+        .target(name: "CLibXML2", dependencies: ["CLibXML2System"],
+                linkerSettings: [.unsafeFlags(["-Xlinker", "--as-needed"])]),
         // Wire format shared by host and guest. No Foundation, no C libraries.
         .target(name: "VirtchanProtocol"),
         // libvirt connection, DomainSpec -> XML, live channel resolution, metadata.
@@ -30,13 +32,19 @@ let package = Package(
         ]),
         // Guest side: port discovery, poll loop, handlers. Stays free of Foundation.
         .target(name: "VirtchanAgentCore", dependencies: ["VirtchanProtocol"]),
-        .executableTarget(name: "virtchan", dependencies: [
+        // The host side as one library: domains, sessions, exec, transfers, bootstrap.
+        .target(name: "VirtchanKit", dependencies: [
             "VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        // The command line: argument parsing and printing over VirtchanKit.
+        .executableTarget(name: "virtchan", dependencies: [
+            "VirtchanKit",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore", "VirtchanProtocol"]),
         // Scripts/bench: virtchan against qemu-guest-agent and the bare port, in process.
-        .executableTarget(name: "virtchan-bench", dependencies: ["VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol"]),
+        .executableTarget(name: "virtchan-bench", dependencies: ["VirtchanKit"]),
         .testTarget(name: "ProtocolTests", dependencies: [
             "VirtchanProtocol", "VirtchanTransport", "VirtchanAgentCore",
             .product(name: "Crypto", package: "swift-crypto"),

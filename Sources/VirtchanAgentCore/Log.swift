@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 
 /// The agent's log: one line per event, to stderr (the guest console) or to a file.
 public final class AgentLog {

@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import VirtchanProtocol
 
 nonisolated(unsafe) private var signalPipeWriteEnd: Int32 = -1

@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import VirtchanProtocol
 
 /// One file moving over the data port. The agent opens the port when the transfer starts

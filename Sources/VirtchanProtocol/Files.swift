@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 
 /// The whole content of a small file (sysfs, procfs, a config or state file), or nil when it
 /// cannot be opened or read.

@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 
 /// A failed system call, with the errno it set.
 public struct SystemError: Error, CustomStringConvertible, Sendable {

@@ -20,10 +20,10 @@ public struct ChannelInfo: Sendable, Codable, Equatable {
 public enum ChannelResolver {
     /// Every virtio channel in `xml`; roles come from virtchan's metadata when it has one.
     public static func channels(inDomainXML xml: String) throws(ProvisioningError) -> [ChannelInfo] {
-        channels(in: try XMLDocument(parsing: xml, name: "the domain XML"))
+        channels(in: try LibXMLDocument(parsing: xml, name: "the domain XML"))
     }
 
-    public static func channels(in doc: XMLDocument) -> [ChannelInfo] {
+    public static func channels(in doc: LibXMLDocument) -> [ChannelInfo] {
         let meta = VirtchanMetadata(domainDocument: doc)
         return doc.select("/domain/devices/channel[target/@type='virtio']").map { node in
             let name = doc.string("string(target/@name)", from: node) ?? ""

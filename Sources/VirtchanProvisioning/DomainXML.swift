@@ -4,17 +4,17 @@ import Foundation
 /// controller and channels to a user's template.
 public enum DomainXML {
     /// `domainType` is libvirt's `<domain type=…>`: "kvm" or "qemu" (TCG).
-    public static func build(_ spec: DomainSpec, domainType: String) throws(ProvisioningError) -> XMLDocument {
+    public static func build(_ spec: DomainSpec, domainType: String) throws(ProvisioningError) -> LibXMLDocument {
         try spec.validate()
-        let doc: XMLDocument
+        let doc: LibXMLDocument
         if let template = spec.templateXML {
-            doc = try XMLDocument(parsing: template, name: "the template")
+            doc = try LibXMLDocument(parsing: template, name: "the template")
             guard doc.root.name == "domain" else {
                 throw ProvisioningError(.invalidXML, "the template's root element is <\(doc.root.name)>, not <domain>")
             }
             try checkTemplate(doc, against: spec)
         } else {
-            doc = XMLDocument(root: "domain")
+            doc = try LibXMLDocument(root: "domain")
         }
         let root = doc.root
         root.setAttribute("type", domainType)
@@ -94,13 +94,13 @@ public enum DomainXML {
     }
 
     @discardableResult
-    private static func setOnly(_ parent: XMLNode, _ name: String, _ value: String) -> XMLNode {
+    private static func setOnly(_ parent: LibXMLNode, _ name: String, _ value: String) -> LibXMLNode {
         for old in parent.document.select(name, from: parent) { old.remove() }
         return parent.addChild(name, text: value)
     }
 
     /// A template may bring its own devices, but not channels that clash with virtchan's.
-    static func checkTemplate(_ doc: XMLDocument, against spec: DomainSpec) throws(ProvisioningError) {
+    static func checkTemplate(_ doc: LibXMLDocument, against spec: DomainSpec) throws(ProvisioningError) {
         for existing in doc.select("/domain/devices/channel") {
             let name = doc.string("string(target/@name)", from: existing)
             if let name, spec.channels.contains(where: { $0.name == name }) {

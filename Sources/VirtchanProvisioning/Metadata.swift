@@ -24,20 +24,20 @@ public struct VirtchanMetadata: Sendable, Equatable, Codable {
     }
 
     /// Reads the metadata element out of a whole domain document; nil when it has none.
-    public init?(domainDocument doc: XMLDocument) {
+    public init?(domainDocument doc: LibXMLDocument) {
         guard let node = doc.select("/domain/metadata/vc:domain", namespaces: ["vc": Self.namespace]).first else { return nil }
         self.init(node: node)
     }
 
     /// Parses the element alone, as `virDomainGetMetadata` returns it.
     public init?(elementXML: String) {
-        guard let doc = try? XMLDocument(parsing: elementXML, name: "virtchan metadata") else { return nil }
+        guard let doc = try? LibXMLDocument(parsing: elementXML, name: "virtchan metadata") else { return nil }
         self.init(node: doc.root)
     }
 
     /// libvirt hands the element back without its namespace, the full domain XML with it:
     /// children are matched by local name so both read the same.
-    init?(node: XMLNode) {
+    init?(node: LibXMLNode) {
         let doc = node.document
         func child(_ name: String) -> String { "*[local-name()='\(name)']" }
         guard let control = doc.string("string(\(child("channel"))[@role='control']/@name)", from: node),
@@ -60,12 +60,12 @@ public struct VirtchanMetadata: Sendable, Equatable, Codable {
     }
 
     /// Appends the element under `parent` (the domain's `<metadata>`).
-    func write(into parent: XMLNode) {
+    func write(into parent: LibXMLNode) {
         let el = parent.addChild(Self.rootName, namespace: Self.namespace, prefix: "virtchan")
         fill(el) { el.addNamespacedChild($0, text: $1) }
     }
 
-    private func fill(_ el: XMLNode, child: (String, String?) -> XMLNode) {
+    private func fill(_ el: LibXMLNode, child: (String, String?) -> LibXMLNode) {
         el.setAttribute("version", version)
         child("channel", nil).setAttribute("role", "control").setAttribute("name", controlChannel)
         child("channel", nil).setAttribute("role", "data").setAttribute("name", dataChannel)
@@ -85,8 +85,8 @@ public struct VirtchanMetadata: Sendable, Equatable, Codable {
 
     /// The element alone and without a namespace, for `virDomainSetMetadata`, which puts it
     /// in the namespace itself (and refuses an element that declares one).
-    public func elementXML() -> String {
-        let doc = XMLDocument(root: Self.rootName)
+    public func elementXML() throws(ProvisioningError) -> String {
+        let doc = try LibXMLDocument(root: Self.rootName)
         let root = doc.root
         fill(root) { root.addChild($0, text: $1) }
         return root.serialize()
@@ -116,5 +116,17 @@ public struct BootstrapRecord: Sendable, Equatable, Codable {
         self.endedAt = endedAt
         self.reason = reason
         self.runnerPID = runnerPID
+    }
+}
+
+extension Domain {
+    /// virtchan's record in this domain's metadata; nil for a domain virtchan does not manage.
+    public var virtchanMetadata: VirtchanMetadata? {
+        metadata(namespace: VirtchanMetadata.namespace).flatMap { VirtchanMetadata(elementXML: $0) }
+    }
+
+    /// Replaces virtchan's record in this domain's metadata.
+    public func setVirtchanMetadata(_ meta: VirtchanMetadata) throws(ProvisioningError) {
+        try setMetadata(try meta.elementXML(), key: VirtchanMetadata.key, namespace: VirtchanMetadata.namespace)
     }
 }

@@ -6,7 +6,7 @@ public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Value: String, Sendable {
             case invalidArgument, invalidXML, conflict, notFound, notRunning, alreadyExists,
-                 connection, libvirt, notManaged, io
+                 connection, libvirt, notManaged, io, libraryMissing
         }
         private let value: Value
         private init(_ v: Value) { value = v }
@@ -20,6 +20,8 @@ public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
         public static let libvirt = Code(.libvirt)
         public static let notManaged = Code(.notManaged)
         public static let io = Code(.io)
+        /// libvirt or libxml2 cannot be loaded: the installation is broken.
+        public static let libraryMissing = Code(.libraryMissing)
         public var description: String { value.rawValue }
     }
 

@@ -3,23 +3,25 @@ import Foundation
 
 /// A libxml2 document. The class owns the `xmlDocPtr` and frees it in `deinit`; nodes handed
 /// out keep the document alive.
-public final class XMLDocument: @unchecked Sendable {
+public final class LibXMLDocument: @unchecked Sendable {
     let doc: xmlDocPtr
 
-    private static let setup: Void = {
-        if let reason = vc_xml_load() {
-            // libvirt itself needs libxml2, so this is a broken installation, not a mistake
-            // to recover from.
-            FileHandle.standardError.write(Data("virtchan: error: \(String(cString: reason))\n".utf8))
-            exit(1)
-        }
+    /// Why libxml2 cannot be used, or nil once it is loaded and set up.
+    private static let loadFailure: String? = {
+        if let reason = vc_xml_load() { return String(cString: reason) }
         vc_xmlInitParser()
         vc_xml_silence_errors()
+        return nil
     }()
 
+    private static func setUp() throws(ProvisioningError) {
+        // libvirt itself needs libxml2, so this is a broken installation.
+        if let reason = loadFailure { throw ProvisioningError(.libraryMissing, reason) }
+    }
+
     /// A new document whose root element is `root`. The corresponding C function is `xmlNewDoc`.
-    public init(root: String) {
-        _ = Self.setup
+    public init(root: String) throws(ProvisioningError) {
+        try Self.setUp()
         doc = vc_xmlNewDoc("1.0")
         let node = vc_xmlNewNode(nil, root)
         vc_xmlDocSetRootElement(doc, node)
@@ -27,7 +29,7 @@ public final class XMLDocument: @unchecked Sendable {
 
     /// Parses XML text. The corresponding C function is `xmlReadMemory`.
     public init(parsing text: String, name: String = "document") throws(ProvisioningError) {
-        _ = Self.setup
+        try Self.setUp()
         let bytes = Array(text.utf8)
         let parsed = bytes.withUnsafeBufferPointer { buf in
             buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
@@ -47,7 +49,7 @@ public final class XMLDocument: @unchecked Sendable {
 
     deinit { vc_xmlFreeDoc(doc) }
 
-    public var root: XMLNode { XMLNode(document: self, node: vc_xmlDocGetRootElement(doc)) }
+    public var root: LibXMLNode { LibXMLNode(document: self, node: vc_xmlDocGetRootElement(doc)) }
 
     /// The document as text, indented. The corresponding C function is `xmlDocDumpFormatMemory`.
     public func serialize() -> String {
@@ -66,7 +68,7 @@ public final class XMLDocument: @unchecked Sendable {
 
     /// Evaluates an XPath expression and returns the matching element or attribute nodes.
     /// `namespaces` maps prefixes used in the expression to namespace URIs.
-    public func select(_ xpath: String, namespaces: [String: String] = [:], from context: XMLNode? = nil) -> [XMLNode] {
+    public func select(_ xpath: String, namespaces: [String: String] = [:], from context: LibXMLNode? = nil) -> [LibXMLNode] {
         guard let ctx = vc_xmlXPathNewContext(doc) else { return [] }
         defer { vc_xmlXPathFreeContext(ctx) }
         for (prefix, uri) in namespaces { vc_xmlXPathRegisterNs(ctx, prefix, uri) }
@@ -75,12 +77,12 @@ public final class XMLDocument: @unchecked Sendable {
         defer { vc_xmlXPathFreeObject(result) }
         let count = vc_xpath_nodeset_count(result)
         return (0..<count).compactMap { i in
-            vc_xpath_nodeset_item(result, Int32(i)).map { XMLNode(document: self, node: $0) }
+            vc_xpath_nodeset_item(result, Int32(i)).map { LibXMLNode(document: self, node: $0) }
         }
     }
 
     /// The string value of an XPath expression (e.g. "string(/domain/name)").
-    public func string(_ xpath: String, namespaces: [String: String] = [:], from context: XMLNode? = nil) -> String? {
+    public func string(_ xpath: String, namespaces: [String: String] = [:], from context: LibXMLNode? = nil) -> String? {
         guard let ctx = vc_xmlXPathNewContext(doc) else { return nil }
         defer { vc_xmlXPathFreeContext(ctx) }
         for (prefix, uri) in namespaces { vc_xmlXPathRegisterNs(ctx, prefix, uri) }
@@ -94,9 +96,9 @@ public final class XMLDocument: @unchecked Sendable {
     }
 }
 
-/// An element or attribute inside an `XMLDocument`.
-public struct XMLNode: @unchecked Sendable {
-    let document: XMLDocument
+/// An element or attribute inside an `LibXMLDocument`.
+public struct LibXMLNode: @unchecked Sendable {
+    let document: LibXMLDocument
     let node: xmlNodePtr
 
     public var name: String { String(cString: node.pointee.name) }
@@ -115,7 +117,7 @@ public struct XMLNode: @unchecked Sendable {
     }
 
     @discardableResult
-    public func setAttribute(_ name: String, _ value: String) -> XMLNode {
+    public func setAttribute(_ name: String, _ value: String) -> LibXMLNode {
         vc_xmlSetProp(node, name, value)
         return self
     }
@@ -123,35 +125,35 @@ public struct XMLNode: @unchecked Sendable {
     /// Appends a child element (text content escaped by libxml2).
     /// The corresponding C function is `xmlNewTextChild`.
     @discardableResult
-    public func addChild(_ name: String, text: String? = nil, attributes: KeyValuePairs<String, String> = [:]) -> XMLNode {
+    public func addChild(_ name: String, text: String? = nil, attributes: KeyValuePairs<String, String> = [:]) -> LibXMLNode {
         let child = vc_xmlNewTextChild(node, nil, name, text)!
-        let wrapped = XMLNode(document: document, node: child)
+        let wrapped = LibXMLNode(document: document, node: child)
         for (k, v) in attributes { wrapped.setAttribute(k, v) }
         return wrapped
     }
 
     /// Appends a child element in a namespace, declaring it on that child.
     @discardableResult
-    public func addChild(_ name: String, namespace uri: String, prefix: String) -> XMLNode {
+    public func addChild(_ name: String, namespace uri: String, prefix: String) -> LibXMLNode {
         let child = vc_xmlNewChild(node, nil, name, nil)!
         let ns = vc_xmlNewNs(child, uri, prefix)
         vc_xmlSetNs(child, ns)
-        return XMLNode(document: document, node: child)
+        return LibXMLNode(document: document, node: child)
     }
 
     /// Appends a child in the same namespace as this element.
     @discardableResult
-    public func addNamespacedChild(_ name: String, text: String? = nil) -> XMLNode {
+    public func addNamespacedChild(_ name: String, text: String? = nil) -> LibXMLNode {
         let child = vc_xmlNewTextChild(node, node.pointee.ns, name, text)!
-        return XMLNode(document: document, node: child)
+        return LibXMLNode(document: document, node: child)
     }
 
     /// The first child element called `name`, created when missing.
-    public func child(_ name: String) -> XMLNode {
+    public func child(_ name: String) -> LibXMLNode {
         var c = node.pointee.children
         while let cur = c {
             if cur.pointee.type == XML_ELEMENT_NODE, String(cString: cur.pointee.name) == name {
-                return XMLNode(document: document, node: cur)
+                return LibXMLNode(document: document, node: cur)
             }
             c = cur.pointee.next
         }

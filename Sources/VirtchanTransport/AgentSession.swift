@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import VirtchanProtocol
 
 /// Where a domain's agent listens, as resolved from its live XML.
@@ -141,7 +137,7 @@ public final class AgentSession {
         let now = monotonicNanos()
         let ms = deadline > now ? Int32(min((deadline - now) / 1_000_000 + 1, 60_000)) : 0
         let rc = poll(&fds, 1, ms)
-        if rc < 0 && errno != EINTR { throw TransportError(.io, "poll: \(String(cString: strerror(errno)))") }
+        if rc < 0 && errno != EINTR { throw TransportError.system("poll") }
         try Interruption.check()
         if fds[0].revents & Int16(POLLOUT) != 0 || c.pendingOutput > 0 {
             do { try c.flush() } catch {

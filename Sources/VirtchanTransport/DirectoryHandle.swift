@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 
 /// An open directory on the host, and the file work a pull does inside it. Every operation is
 /// relative to the directory's descriptor and never follows a symbolic link at the name it is
@@ -23,7 +19,7 @@ public final class DirectoryHandle {
     /// (as `cp` does with a destination the user typed).
     public static func open(_ path: String) throws(TransportError) -> DirectoryHandle {
         let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { throw failure("cannot open the directory \(path)") }
+        guard fd >= 0 else { throw TransportError.system("cannot open the directory \(path)") }
         return DirectoryHandle(fd: fd, path: path)
     }
 
@@ -36,7 +32,7 @@ public final class DirectoryHandle {
             if e == ELOOP || e == ENOTDIR {
                 throw TransportError(.io, "refusing to write into \(join(name)): it is not a plain directory (a symbolic link or a file is there)", errno: e)
             }
-            throw Self.failure("cannot open \(join(name))", e)
+            throw TransportError.system("cannot open \(join(name))", errno: e)
         }
         return DirectoryHandle(fd: fd, path: join(name))
     }
@@ -53,7 +49,7 @@ public final class DirectoryHandle {
     public func makeDirectory(_ name: String) throws(TransportError) -> (DirectoryHandle, created: Bool) {
         if mkdirat(fd, name, 0o700) == 0 { return (try child(name), true) }
         let e = errno
-        guard e == EEXIST else { throw Self.failure("cannot create the directory \(join(name))", e) }
+        guard e == EEXIST else { throw TransportError.system("cannot create the directory \(join(name))", errno: e) }
         return (try child(name), false)
     }
 
@@ -64,7 +60,7 @@ public final class DirectoryHandle {
             let name = temporaryName(for: base)
             let f = openat(fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
             if f >= 0 { return (f, name) }
-            if errno != EEXIST { throw Self.failure("cannot write in \(path)") }
+            if errno != EEXIST { throw TransportError.system("cannot write in \(path)") }
         }
         throw TransportError(.io, "cannot find a free temporary name in \(path)")
     }
@@ -74,7 +70,7 @@ public final class DirectoryHandle {
         for _ in 0..<16 {
             let name = temporaryName(for: base)
             if mkdirat(fd, name, 0o700) == 0 { return name }
-            if errno != EEXIST { throw Self.failure("cannot write in \(path)") }
+            if errno != EEXIST { throw TransportError.system("cannot write in \(path)") }
         }
         throw TransportError(.io, "cannot find a free temporary name in \(path)")
     }
@@ -87,7 +83,7 @@ public final class DirectoryHandle {
             if e == EISDIR || e == ENOTEMPTY || e == EEXIST {
                 throw TransportError(.io, "cannot put \(join(to)) in place: a directory is there", errno: e)
             }
-            throw Self.failure("cannot put \(join(to)) in place", e)
+            throw TransportError.system("cannot put \(join(to)) in place", errno: e)
         }
     }
 
@@ -104,9 +100,9 @@ public final class DirectoryHandle {
             guard k != S_IFDIR else {
                 throw TransportError(.io, "cannot make the symbolic link \(join(name)): a directory is there", errno: EEXIST)
             }
-            guard unlinkat(fd, name, 0) == 0 else { throw Self.failure("cannot replace \(join(name))") }
+            guard unlinkat(fd, name, 0) == 0 else { throw TransportError.system("cannot replace \(join(name))") }
         }
-        guard symlinkat(target, fd, name) == 0 else { throw Self.failure("cannot make the symbolic link \(join(name))") }
+        guard symlinkat(target, fd, name) == 0 else { throw TransportError.system("cannot make the symbolic link \(join(name))") }
     }
 
     /// Removes `name` and, when it is a directory, everything below it; links are removed,
@@ -138,7 +134,7 @@ public final class DirectoryHandle {
 
     /// Sets the mode of the open file or directory `fd`. The corresponding C function is `fchmod`.
     public static func setMode(_ fd: Int32, _ mode: UInt32, of what: String) throws(TransportError) {
-        guard fchmod(fd, mode_t(mode)) == 0 else { throw failure("cannot set the mode of \(what)") }
+        guard fchmod(fd, mode_t(mode)) == 0 else { throw TransportError.system("cannot set the mode of \(what)") }
     }
 
     public func join(_ name: String) -> String { path.hasSuffix("/") ? path + name : path + "/" + name }
@@ -147,9 +143,5 @@ public final class DirectoryHandle {
         var rng = SystemRandomNumberGenerator()
         let suffix = String(rng.next() & 0xFF_FFFF_FFFF, radix: 36)
         return ".\(base).virtchan-\(suffix)"
-    }
-
-    private static func failure(_ what: String, _ e: Int32 = errno) -> TransportError {
-        TransportError(.io, "\(what): \(String(cString: strerror(e)))", errno: e)
     }
 }

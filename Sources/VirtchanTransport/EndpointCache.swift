@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import VirtchanProtocol
 
 /// Where a running domain's agent listens, remembered between virtchan runs so that exec,

@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import VirtchanProtocol
 
 public struct ExecOptions: Sendable {
@@ -65,7 +61,7 @@ public enum ExecClient {
 
         // Ctrl-C and friends go to the guest process instead of ending this one.
         var pipeFDs: [Int32] = [0, 0]
-        guard pipe(&pipeFDs) == 0 else { throw TransportError(.io, "pipe: \(String(cString: strerror(errno)))") }
+        guard pipe(&pipeFDs) == 0 else { throw TransportError.system("pipe") }
         setNonBlocking(pipeFDs[0]); setNonBlocking(pipeFDs[1])
         execSignalPipe = pipeFDs[1]
         var saved: [Int32: sigaction] = [:]
@@ -168,7 +164,7 @@ public enum ExecClient {
             var wait: Int32 = 500
             if let t = timeoutAt, killSentAt == nil { wait = Int32(max(0, min(500, (Int64(t) - Int64(now)) / 1_000_000 + 1))) }
             let rc = poll(&fds, nfds_t(fds.count), wait)
-            if rc < 0 && errno != EINTR { throw TransportError(.io, "poll: \(String(cString: strerror(errno)))") }
+            if rc < 0 && errno != EINTR { throw TransportError.system("poll") }
 
             if fds[1].revents != 0 {
                 var b = [UInt8](repeating: 0, count: 16)
@@ -250,4 +246,33 @@ func enterRawMode(_ fd: Int32) -> termios? {
     raw.c_cflag |= tcflag_t(CS8)
     tcsetattr(fd, TCSANOW, &raw)
     return original
+}
+
+/// What a command printed and how it ended, from ``ExecClient/capture(_:_:timeout:)``.
+public struct CapturedOutput: Sendable {
+    public var result: ExecResult
+    public var stdout: [UInt8] = []
+    public var stderr: [UInt8] = []
+    /// The exit status as a shell reports it (see ``ExecResult/status``).
+    public var status: Int32 { result.status }
+    public var stdoutText: String { String(decoding: stdout, as: UTF8.self) }
+    public var stderrText: String { String(decoding: stderr, as: UTF8.self) }
+}
+
+extension ExecClient {
+    /// Runs a command with no input and collects its output, for commands whose output is
+    /// small; stream larger output with ``run(_:_:stdin:terminal:sink:)``.
+    public static func capture(_ session: AgentSession, _ argv: [String], env: [String] = [],
+                               timeout: Double? = 30) throws(TransportError) -> CapturedOutput {
+        var options = ExecOptions(argv: argv)
+        options.env = env
+        options.forwardStdin = false
+        options.timeout = timeout
+        var out: [UInt8] = [], err: [UInt8] = []
+        let result = try run(session, options, stdin: 0, terminal: 1) { stream, bytes in
+            if stream == .stderr { err.append(contentsOf: bytes) } else { out.append(contentsOf: bytes) }
+            return true
+        }
+        return CapturedOutput(result: result, stdout: out, stderr: err)
+    }
 }

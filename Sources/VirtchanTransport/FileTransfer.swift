@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Crypto
 import VirtchanProtocol
 
@@ -103,7 +99,7 @@ public final class FileTransfer {
                         if n > 0 { sha.update(bufferPointer: UnsafeRawBufferPointer(rebasing: room[0..<n])) }
                         return n
                     }
-                    if got < 0 { throw TransportError(.io, "reading the local file: \(String(cString: strerror(readErrno)))", errno: readErrno) }
+                    if got < 0 { throw TransportError.system("reading the local file", errno: readErrno) }
                     if got == 0 {
                         throw TransportError(.io, "the local file shrank while it was being read (\(sent) of \(size) bytes); nothing was written in the guest")
                     }
@@ -190,7 +186,7 @@ public final class FileTransfer {
                         digest.add(payloadHash: frame.payloadHash, length: frame.payload.count)
                         sha.update(bufferPointer: frame.payload)
                         if !writeFully(fd, frame.payload) {
-                            failure = TransportError(.io, "writing the local file: \(String(cString: strerror(errno)))", errno: errno)
+                            failure = TransportError.system("writing the local file")
                             return
                         }
                         received += UInt64(frame.payload.count)

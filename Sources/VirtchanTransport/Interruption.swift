@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 
 nonisolated(unsafe) private var pendingSignal: sig_atomic_t = 0
 

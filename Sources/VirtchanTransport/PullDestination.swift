@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import VirtchanProtocol
 
 /// How a pull lands what the guest sends.
@@ -48,7 +44,7 @@ extension FileTransfer {
         if let type = fileType(dest), [S_IFIFO, S_IFCHR, S_IFBLK].contains(type) {
             let fd = open(dest, O_WRONLY | O_CLOEXEC | O_NOCTTY)
             guard fd >= 0 else {
-                throw TransportError(.io, "cannot open \(dest): \(String(cString: strerror(errno)))", errno: errno)
+                throw TransportError.system("cannot open \(dest)")
             }
             defer { close(fd) }
             return try pull(remote, into: fd, guestSHA256: options.guestSHA256, progress: progress)
@@ -70,7 +66,7 @@ extension FileTransfer {
         let summary = try pull(remote, into: fd, guestSHA256: options.guestSHA256, progress: progress)
         try DirectoryHandle.setMode(fd, options.hostMode(summary.mode ?? 0o644), of: dir.join(name))
         guard fsync(fd) == 0 || errno == EINVAL else {
-            throw TransportError(.io, "cannot write \(dir.join(name)): \(String(cString: strerror(errno)))", errno: errno)
+            throw TransportError.system("cannot write \(dir.join(name))")
         }
         try dir.rename(temp, to: name)
         committed = true

@@ -1,3 +1,4 @@
+import Glibc
 import VirtchanProtocol
 
 /// Every failure of the host's side of a conversation with the agent.
@@ -43,6 +44,11 @@ public struct TransportError: Error, CustomStringConvertible, Sendable {
         self.remote = remote
         self.errno = errno
         self.signal = signal
+    }
+
+    /// A failed system call: `what` went wrong, followed by the system's words for `errno`.
+    public static func system(_ what: String, code: Code = .io, errno e: Int32 = Glibc.errno) -> TransportError {
+        TransportError(code, "\(what): \(String(cString: strerror(e)))", errno: e)
     }
 
     /// The same error with `detail` after its message.

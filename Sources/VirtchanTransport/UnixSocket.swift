@@ -1,8 +1,4 @@
-#if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import VirtchanProtocol
 
 public enum UnixSocket {
@@ -10,7 +6,7 @@ public enum UnixSocket {
     public static func connect(_ path: String) throws(TransportError) -> Int32 {
         var addr = try address(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw TransportError(.io, "socket: \(String(cString: strerror(errno)))", errno: errno) }
+        guard fd >= 0 else { throw TransportError.system("socket") }
         let rc = withUnsafePointer(to: &addr) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                 Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
@@ -27,7 +23,7 @@ public enum UnixSocket {
             case EACCES:
                 throw TransportError(.unreachable, "permission denied on \(path): run as root", errno: e)
             default:
-                throw TransportError(.unreachable, "cannot connect to \(path): \(String(cString: strerror(e)))", errno: e)
+                throw TransportError.system("cannot connect to \(path)", code: .unreachable, errno: e)
             }
         }
         setNonBlocking(fd)
@@ -40,7 +36,7 @@ public enum UnixSocket {
         var addr = try address(path)
         unlink(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw TransportError(.io, "socket: \(String(cString: strerror(errno)))", errno: errno) }
+        guard fd >= 0 else { throw TransportError.system("socket") }
         let rc = withUnsafePointer(to: &addr) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                 bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
@@ -49,7 +45,7 @@ public enum UnixSocket {
         guard rc == 0, Glibc.listen(fd, backlog) == 0 else {
             let e = errno
             close(fd)
-            throw TransportError(.io, "cannot listen on \(path): \(String(cString: strerror(e)))", errno: e)
+            throw TransportError.system("cannot listen on \(path)", errno: e)
         }
         return fd
     }
@@ -101,7 +97,7 @@ public final class ChannelLock {
         let lockPath = Self.path(domain: domain, role: role)
         fd = open(lockPath, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
-            throw TransportError(.io, "cannot open the lock file \(lockPath): \(String(cString: strerror(errno)))", errno: errno)
+            throw TransportError.system("cannot open the lock file \(lockPath)")
         }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             var holder = ""

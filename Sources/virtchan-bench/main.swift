@@ -1,9 +1,7 @@
 // Measures virtchan against qemu-guest-agent and against the bare virtio-serial port, in one
 // tiny guest, and prints one key=value line per figure. Run it through Scripts/bench.
 import Foundation
-import VirtchanProtocol
-import VirtchanProvisioning
-import VirtchanTransport
+import VirtchanKit
 
 signal(SIGPIPE, SIG_IGN)
 
@@ -26,17 +24,12 @@ func now() -> Double { Double(monotonicNanos()) / 1e9 }
 func say(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
 func emit(_ key: String, _ value: Double, _ digits: Int = 2) { say("\(key)=\(String(format: "%.\(digits)f", value))") }
 
+let hypervisor = Hypervisor()
 let domain: Domain
-do { domain = try Connection().requireDomain(domainName) } catch { fail("\(error)") }
+do { domain = try hypervisor.domain(domainName) } catch { fail("\(error)") }
 
-func endpoint() throws -> AgentEndpoint {
-    let channels = try ChannelResolver.channels(inDomainXML: domain.xml())
-    guard let c = channels.first(where: { $0.role == .control })?.path else { throw TransportError(.unreachable, "no control channel") }
-    var e = AgentEndpoint(domain: domainName, controlSocket: c, dataSocket: channels.first { $0.role == .data }?.path, consoleLog: nil)
-    let stateBase = ProcessInfo.processInfo.environment["VIRTCHAN_STATE_DIR"] ?? "/var/lib/virtchan/domains"
-    e.loadCredentials(stateDirectory: stateBase + "/" + domainName, allowUnkeyed: false)
-    return e
-}
+/// The domain's endpoint, resolved as every virtchan command resolves it.
+func endpoint() throws -> AgentEndpoint { try hypervisor.endpoint(of: domainName) }
 
 /// Runs `body` with a session that is closed again afterwards (the channel is exclusive).
 func withSession<T>(_ body: (AgentSession) throws -> T) throws -> T {
@@ -46,15 +39,9 @@ func withSession<T>(_ body: (AgentSession) throws -> T) throws -> T {
 
 /// A guest command's stdout, over an open session.
 func guestRun(_ session: AgentSession, _ shell: String) throws -> String {
-    var out = Data()
-    var options = ExecOptions(argv: ["/bin/sh", "-c", shell])
-    options.forwardStdin = false
-    let r = try ExecClient.run(session, options, stdin: 0, terminal: 1) { stream, bytes in
-        if stream == .stdout { out.append(contentsOf: bytes) }
-        return true
-    }
-    guard r.status == 0 else { throw TransportError(.remote, "guest command failed (\(r.status)): \(shell)") }
-    return String(decoding: out, as: UTF8.self)
+    let out = try ExecClient.capture(session, ["/bin/sh", "-c", shell], timeout: nil)
+    guard out.status == 0 else { throw TransportError(.remote, "guest command failed (\(out.status)): \(shell)") }
+    return out.stdoutText
 }
 
 func qga(_ json: String, timeout: Int32 = 60) throws -> Any? {

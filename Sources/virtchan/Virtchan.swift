@@ -1,8 +1,6 @@
 import ArgumentParser
 import Foundation
-import VirtchanProtocol
-import VirtchanProvisioning
-import VirtchanTransport
+import VirtchanKit
 
 @main
 struct Virtchan: ParsableCommand {
@@ -39,6 +37,9 @@ struct Virtchan: ParsableCommand {
         } catch let error as CLIError {
             report(error.message)
             Foundation.exit(error.exitCode)
+        } catch let error as VirtchanError {
+            report(error.message)
+            Foundation.exit(error.code == .invalidRequest ? 64 : 1)
         } catch let error as ProvisioningError {
             report(error.message)
             Foundation.exit(1)
@@ -84,102 +85,21 @@ struct GlobalOptions: ParsableArguments {
     @Flag(help: "Use an agent that holds no key (anything that reaches its channel can drive it).")
     var insecureAgent = false
 
-    func open() throws -> Connection { try Connection(uri: connect) }
+    func hypervisor() -> Hypervisor { Hypervisor(uri: connect, allowsUnkeyedAgents: insecureAgent) }
 
-    /// Endpoints are cached for the local system instance only, where libvirt's pid files
-    /// tell whether an entry is still current.
-    var endpointCache: EndpointCache? {
-        (connect ?? Connection.defaultURI) == "qemu:///system" ? EndpointCache() : nil
-    }
-}
-
-/// Where virtchan keeps its files: the system's directories for root, the user's own
-/// (XDG base directories) for anyone else, each overridable by its variable.
-enum Paths {
-    static var stateBase: String { env("VIRTCHAN_STATE_DIR") ?? userState("domains") ?? "/var/lib/virtchan/domains" }
-    /// The built-in guest, built by root and readable by everyone.
-    static var imageDirectory: String { env("VIRTCHAN_IMAGE_DIR") ?? "/var/lib/virtchan/images" }
-    static var cacheDirectory: String {
-        env("VIRTCHAN_CACHE_DIR") ?? (isRoot ? "/var/cache/virtchan" : (env("XDG_CACHE_HOME") ?? home + "/.cache") + "/virtchan")
-    }
-    /// Each domain's own initramfs, carrying its agent key (its owner's, 0600, in a 0711 directory).
-    static var bootDirectory: String { env("VIRTCHAN_BOOT_DIR") ?? userState("boot") ?? "/var/lib/virtchan/boot" }
-    static func stateDirectory(for domain: String) -> String { stateBase + "/" + domain }
-
-    private static var isRoot: Bool { geteuid() == 0 }
-    private static var home: String { env("HOME") ?? "/tmp" }
-    private static func userState(_ name: String) -> String? {
-        isRoot ? nil : (env("XDG_STATE_HOME") ?? home + "/.local/state") + "/virtchan/" + name
+    /// A session with the agent in `name`.
+    func session(_ name: String, timeout: Double = 10) throws -> AgentSession {
+        warnIfUnkeyed(try hypervisor().session(with: name, timeout: timeout))
     }
 
-    private static func env(_ key: String) -> String? {
-        guard let v = ProcessInfo.processInfo.environment[key], !v.isEmpty else { return nil }
-        return v
-    }
-}
-
-/// A running managed domain and where its agent listens.
-struct ResolvedDomain {
-    let domain: Domain
-    let metadata: VirtchanMetadata?
-    let channels: [ChannelInfo]
-    let endpoint: AgentEndpoint
-}
-
-enum Resolve {
-    static func running(_ name: String, _ global: GlobalOptions) throws -> ResolvedDomain {
-        let conn = try global.open()
-        let domain = try conn.requireDomain(name)
-        // One RPC for everything: the live XML has the channels, the metadata and, while the
-        // domain runs, its id.
-        let doc = try XMLDocument(parsing: try domain.xml(), name: "the domain XML")
-        guard doc.string("string(/domain/@id)") != nil else {
-            throw CLIError("domain \(name) is not running (start it with: virsh start \(name))")
-        }
-        let channels = ChannelResolver.channels(in: doc)
-        let meta = VirtchanMetadata(domainDocument: doc)
-        let controlName = meta?.controlChannel ?? ChannelNames.control
-        let dataName = meta?.dataChannel ?? ChannelNames.data
-        guard let control = channels.first(where: { $0.name == controlName }) else {
-            throw CLIError("domain \(name) has no \(controlName) channel; create it with virtchan create, or add the channel to its XML")
-        }
-        guard let controlPath = control.path else {
-            throw CLIError("the \(controlName) channel of \(name) is not a unix socket channel")
-        }
-        guard global.connect == nil || conn.isLocal else {
-            throw CLIError("\(conn.uri) is not on this host; run virtchan on the host that runs \(name)")
-        }
-        let console = doc.string("string(/domain/devices/serial[@type='file']/source/@path)")
-        let endpoint = AgentEndpoint(domain: name, controlSocket: controlPath,
-                                     dataSocket: channels.first(where: { $0.name == dataName })?.path,
-                                     consoleLog: console)
-        global.endpointCache?.store(endpoint)
-        return ResolvedDomain(domain: domain, metadata: meta, channels: channels, endpoint: endpoint)
+    /// A session once the agent in `name` says hello, waiting up to `timeout` for it.
+    func waitForAgent(_ name: String, timeout: Double) throws -> AgentSession {
+        warnIfUnkeyed(try hypervisor().waitForAgent(name, timeout: timeout))
     }
 
-    /// A session with the agent in `name`. The endpoint comes from the cache when the domain's
-    /// QEMU process is the one it was recorded for (no libvirt involved), else from libvirt.
-    static func session(_ name: String, _ global: GlobalOptions, timeout: Double = 10) throws -> AgentSession {
-        if let cached = global.endpointCache?.lookup(name) {
-            do {
-                return try connect(cached, global, timeout: timeout)
-            } catch let error as TransportError where error.code == .unreachable {
-                // The socket moved or vanished (a channel was unplugged): ask libvirt.
-                global.endpointCache?.remove(name)
-            }
-        }
-        let resolved = try running(name, global)
-        return try connect(resolved.endpoint, global, timeout: timeout)
-    }
-
-    /// Connects with the domain's key, from its private state directory; an agent without a
-    /// key is accepted only for a domain created with --insecure-agent or with that flag now.
-    private static func connect(_ endpoint: AgentEndpoint, _ global: GlobalOptions, timeout: Double) throws -> AgentSession {
-        var endpoint = endpoint
-        endpoint.loadCredentials(stateDirectory: Paths.stateDirectory(for: endpoint.domain), allowUnkeyed: global.insecureAgent)
-        let session = try AgentSession.connect(endpoint, timeout: timeout)
+    private func warnIfUnkeyed(_ session: AgentSession) -> AgentSession {
         if session.hello.challenge.isEmpty {
-            FileHandle.standardError.write(Data("virtchan: warning: the agent in \(endpoint.domain) holds no key; anything that reaches its channel can drive it\n".utf8))
+            FileHandle.standardError.write(Data("virtchan: warning: the agent in \(session.endpoint.domain) holds no key; anything that reaches its channel can drive it\n".utf8))
         }
         return session
     }

@@ -45,7 +45,7 @@ private func standardSpec(_ name: String = "t1") -> DomainSpec {
         spec.boot = .kernel(kernel: "/k", initrd: nil, cmdline: "a='1' b=\"2\" c=<3> & d")
         let doc = try DomainXML.build(spec, domainType: "kvm")
         let text = doc.serialize()
-        let reparsed = try XMLDocument(parsing: text)
+        let reparsed = try LibXMLDocument(parsing: text)
         #expect(reparsed.string("string(/domain/os/cmdline)") == "a='1' b=\"2\" c=<3> & d")
         #expect(reparsed.string("string(/domain/@type)") == "kvm")
     }
@@ -151,7 +151,7 @@ private func standardSpec(_ name: String = "t1") -> DomainSpec {
         meta.bootstrap = BootstrapRecord(script: "setup.sh", sha256: "ab", state: .failed, exitCode: 3,
                                          startedAt: "2026-01-01T00:00:00Z", endedAt: "2026-01-01T00:00:01Z",
                                          reason: "exited with code 3", runnerPID: nil)
-        let xml = meta.elementXML()
+        let xml = try meta.elementXML()
         #expect(!xml.contains("xmlns"))
         #expect(xml.hasPrefix("<domain version=\"0.1.0\">"))
         #expect(VirtchanMetadata(elementXML: xml) == meta)
@@ -185,7 +185,7 @@ private func standardSpec(_ name: String = "t1") -> DomainSpec {
 
         var meta = try #require(VirtchanMetadata(elementXML: stored))
         meta.bootstrap = BootstrapRecord(script: "s.sh", sha256: "00", state: .running, runnerPID: 1)
-        try domain.setMetadata(meta.elementXML(), key: VirtchanMetadata.key, namespace: VirtchanMetadata.namespace)
+        try domain.setMetadata(try meta.elementXML(), key: VirtchanMetadata.key, namespace: VirtchanMetadata.namespace)
         let again = try #require(domain.metadata(namespace: VirtchanMetadata.namespace).flatMap { VirtchanMetadata(elementXML: $0) })
         #expect(again.bootstrap?.state == .running)
         // The whole document shows it too, as `virsh dumpxml` would.

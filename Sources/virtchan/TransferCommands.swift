@@ -1,7 +1,6 @@
 import ArgumentParser
 import Foundation
-import VirtchanProtocol
-import VirtchanTransport
+import VirtchanKit
 
 struct TransferOptions: ParsableArguments {
     @Flag(name: .shortAndLong, help: "Copy a directory tree (regular files, directories, symlinks, modes).") var recursive = false
@@ -46,10 +45,13 @@ struct Push: ParsableCommand {
             if isDir && !options.recursive { throw CLIError("\(local) is a directory (use -r to copy a tree)") }
             if !isDir && options.recursive { throw CLIError("\(local) is not a directory; drop -r to copy one file") }
         }
-        let session = try Resolve.session(name, global)
+        let session = try global.session(name)
         let transfer = FileTransfer(session: session)
         if options.recursive {
-            let summary = try pushTree(transfer, explicitMode: explicitMode)
+            let summary = try transfer.pushTree(local, to: remote, mode: explicitMode, parents: parents,
+                                                guestSHA256: options.sha256) { path in
+                FileHandle.standardError.write(Data("virtchan: skipping \(path): not a file, directory or symlink\n".utf8))
+            }
             if options.json { return try printJSON(summary) }
             print("\(summary.files) files, \(summary.directories) directories, \(summary.symlinks) symlinks (\(bytes(summary.bytes))) pushed to \(remote)")
             return
@@ -113,47 +115,6 @@ struct Push: ParsableCommand {
             throw CLIError("SHA-256 mismatch: host \(summary.sha256), guest \(g)")
         }
     }
-
-    private func pushTree(_ transfer: FileTransfer, explicitMode: UInt32?) throws -> TreeSummary {
-        let start = Date()
-        var summary = TreeSummary()
-        let rootMode = explicitMode ?? 0o755
-        try transfer.mkdir(remote, mode: rootMode, parents: parents)
-        let fm = FileManager.default
-        guard let walker = fm.enumerator(atPath: local) else { throw CLIError("cannot read the directory \(local)") }
-        var links: [(String, String)] = []
-        for case let rel as String in walker {
-            let path = local + "/" + rel
-            let dest = remote + "/" + rel
-            var st = stat()
-            guard lstat(path, &st) == 0 else { continue }
-            let perm = UInt32(st.st_mode & 0o7777)
-            switch st.st_mode & S_IFMT {
-            case S_IFDIR:
-                try transfer.mkdir(dest, mode: perm, parents: false)
-                summary.directories += 1
-            case S_IFREG:
-                let fd = open(path, O_RDONLY | O_CLOEXEC)
-                guard fd >= 0 else { throw CLIError("cannot open \(path): \(String(cString: strerror(errno)))") }
-                defer { close(fd) }
-                let s = try transfer.push(fd: fd, size: UInt64(st.st_size), to: dest, mode: perm, parents: false,
-                                          guestSHA256: options.sha256)
-                try checkGuestSHA(s)
-                summary.files += 1
-                summary.bytes += s.bytes
-            case S_IFLNK:
-                links.append((try fm.destinationOfSymbolicLink(atPath: path), dest))
-            default:
-                FileHandle.standardError.write(Data("virtchan: skipping \(path): not a file, directory or symlink\n".utf8))
-            }
-        }
-        for (target, dest) in links {
-            try transfer.symlink(target: target, at: dest)
-            summary.symlinks += 1
-        }
-        summary.seconds = Date().timeIntervalSince(start)
-        return summary
-    }
 }
 
 struct Pull: ParsableCommand {
@@ -185,7 +146,7 @@ struct Pull: ParsableCommand {
     }
 
     func run() throws {
-        let session = try Resolve.session(name, global)
+        let session = try global.session(name)
         let transfer = FileTransfer(session: session)
         let pullOptions = PullOptions(preserveSpecialModes: preserveSpecialModes, guestSHA256: options.sha256)
         // A signal unwinds the pull, which removes its temporary files on the way out.

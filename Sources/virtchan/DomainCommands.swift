@@ -1,0 +1,158 @@
+import ArgumentParser
+import Foundation
+import VirtchanKit
+
+struct Create: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "create",
+        abstract: "Define and start a domain with its control and data channels wired.",
+        discussion: """
+        With no boot source the built-in tiny guest boots (build it with Scripts/build-guest). \
+        Sockets and the console log live in $VIRTCHAN_STATE_DIR/NAME (default \
+        /var/lib/virtchan/domains/NAME) unless --libvirt-socket-paths lets libvirt choose.
+        """)
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Name of the new domain.") var name: String
+    @Option(help: "Memory in MiB (default 512, or the template's).") var memory: Int?
+    @Option(help: "Virtual CPUs (default 1, or the template's).") var vcpus: Int?
+    @Option(help: "auto, kvm or tcg. auto takes KVM only where a guest really boots under it.") var accel: Accelerator = .auto
+    @Option(help: "Kernel to boot (with --initrd and --cmdline).") var kernel: String?
+    @Option(help: "Initramfs for --kernel.") var initrd: String?
+    @Option(help: "Kernel command line for --kernel.") var cmdline: String?
+    @Option(help: "Disk image to boot instead of a kernel.") var disk: String?
+    @Option(help: "Your own base domain XML; virtchan adds the controller and channels.") var template: String?
+    @Option(help: "Ports on the virtio-serial controller (1-31).") var ports: Int = 16
+    @Flag(help: "Let libvirt choose the socket paths (read back from the live XML).") var libvirtSocketPaths = false
+    @Flag(name: .customLong("qemu-ga"), help: "Also add the org.qemu.guest_agent.0 channel for qemu-guest-agent.") var qemuGA = false
+    @Flag(help: "Print the domain XML and change nothing.") var dryRun = false
+    @Flag(help: "Return once the domain starts, without waiting for the agent.") var noWait = false
+    @Option(help: "Seconds to wait for the agent's hello.") var waitTimeout: Double = 90
+    @OptionGroup var bootstrap: BootstrapOptions
+
+    func validate() throws {
+        if kernel != nil && disk != nil { throw ValidationError("give --kernel or --disk, not both") }
+        if (initrd != nil || cmdline != nil) && kernel == nil { throw ValidationError("--initrd and --cmdline go with --kernel") }
+        if waitTimeout <= 0 { throw ValidationError("--wait-timeout must be positive") }
+        do {
+            try DomainSpec.validateName(name)
+            try DomainSpec.validateSize(memoryMiB: memory, vcpus: vcpus)
+        } catch {
+            throw ValidationError(error.message)
+        }
+        for (option, path) in [("--disk", disk), ("--kernel", kernel), ("--initrd", initrd)] {
+            var isDir: ObjCBool = false
+            if let path, FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
+                throw ValidationError("\(option) takes a file, and \(path) is a directory")
+            }
+        }
+    }
+
+    func run() throws {
+        var request = MachineRequest(name: name)
+        request.bootstrap = try bootstrap.plan()
+        request.memoryMiB = memory
+        request.vcpus = vcpus
+        request.accelerator = accel
+        request.controllerPorts = ports
+        request.libvirtChoosesSocketPaths = libvirtSocketPaths
+        request.qemuGuestAgent = qemuGA
+        request.allowUnkeyedAgent = global.insecureAgent
+        if let kernel {
+            request.boot = .kernel(kernel, initrd: initrd, cmdline: cmdline)
+        } else if let disk {
+            request.boot = .disk(disk)
+        }
+        if let template {
+            guard let text = try? String(contentsOfFile: template, encoding: .utf8) else {
+                throw CLIError("cannot read the template \(template)")
+            }
+            request.templateXML = text
+        }
+        let hypervisor = global.hypervisor()
+        if dryRun {
+            print(try hypervisor.domainXML(for: request), terminator: "")
+            return
+        }
+        let machine = try hypervisor.create(request)
+        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console log \(machine.consoleLog ?? "-"))")
+        if noWait {
+            if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }
+            return
+        }
+        let session = try global.waitForAgent(name, timeout: waitTimeout)
+        say(String(format: "Agent %@ answered after %.1f s", displaySafe(session.hello.agentVersion, limit: 64), Date().timeIntervalSince(machine.startedAt)))
+        guard request.bootstrap != nil else { return }
+        let code = try hypervisor.runBootstrap(name, session: session, options: .printing(timeout: bootstrap.bootstrapTimeout))
+        guard code != 0 else { return }
+        if bootstrap.destroyOnFailure {
+            try? hypervisor.destroy(name, force: true)
+            FileHandle.standardError.write(Data("virtchan: bootstrap failed with exit code \(code); domain \(name) destroyed\n".utf8))
+        } else {
+            FileHandle.standardError.write(Data("virtchan: bootstrap failed with exit code \(code); domain \(name) is left running (see: virtchan bootstrap log \(name))\n".utf8))
+        }
+        throw ExitCode(code)
+    }
+}
+
+struct ListDomains: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "List the domains virtchan manages.")
+
+    @OptionGroup var global: GlobalOptions
+    @Flag(help: "Print JSON.") var json = false
+    @Flag(help: "Include domains virtchan does not manage.") var all = false
+
+    func run() throws {
+        let rows = try global.hypervisor().domains(includeUnmanaged: all)
+        if json { return try printJSON(rows) }
+        printTable(["NAME", "STATE", "CHANNELS"] + (all ? ["MANAGED"] : []),
+                   rows.map { [$0.name, $0.state, String($0.channels)] + (all ? [$0.managed ? "yes" : "no"] : []) })
+    }
+}
+
+struct Channels: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "channels",
+        abstract: "Show every virtio channel of a domain, live.",
+        discussion: "STATE is libvirt's view of the guest side: connected while a guest process holds the port open.")
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Domain name.") var name: String
+    @Flag(help: "Print a JSON array of {name, role, port, path, state}.") var json = false
+
+    func run() throws {
+        let channels = try global.hypervisor().channels(of: name)
+        if json { return try printJSON(channels) }
+        printTable(["NAME", "ROLE", "PORT", "STATE", "PATH"], channels.map {
+            [$0.name, $0.role.rawValue, $0.port.map(String.init) ?? "-", $0.state ?? "-", $0.path ?? "-"]
+        })
+    }
+}
+
+struct XMLCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "xml", abstract: "Print a domain's live XML.")
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Domain name.") var name: String
+    @Flag(help: "The persistent definition instead of the live XML.") var inactive = false
+
+    func run() throws {
+        print(try global.hypervisor().domain(name).xml(inactive: inactive), terminator: "")
+    }
+}
+
+struct Destroy: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "destroy",
+        abstract: "Stop a domain, undefine it and remove every file virtchan made for it.")
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Domain name.") var name: String
+    @Flag(help: "Stop it and remove its files but keep the libvirt definition.") var keepDefinition = false
+    @Flag(help: "Also destroy a domain virtchan does not manage.") var force = false
+
+    func run() throws {
+        try global.hypervisor().destroy(name, keepDefinition: keepDefinition, force: force)
+        print(keepDefinition ? "Domain \(name) stopped; definition kept" : "Domain \(name) destroyed")
+    }
+}

@@ -11,6 +11,8 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        // `swift package generate-documentation --target VirtchanKit`
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
     targets: [
         // libvirt's headers, and its functions loaded with dlopen on first use (see the header).
@@ -45,14 +47,20 @@ let package = Package(
         .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore", "VirtchanProtocol"]),
         // Scripts/bench: virtchan against qemu-guest-agent and the bare port, in process.
         .executableTarget(name: "virtchan-bench", dependencies: ["VirtchanKit"]),
+        // A program that uses VirtchanKit's public API only; built with everything else.
+        .executableTarget(name: "virtchan-example", dependencies: ["VirtchanKit"], path: "Examples/CreateAndRun"),
+        // One test target per library target; none of them needs libvirtd or QEMU.
         .testTarget(name: "ProtocolTests", dependencies: [
-            "VirtchanProtocol", "VirtchanTransport", "VirtchanAgentCore",
-            .product(name: "Crypto", package: "swift-crypto"),
+            "VirtchanProtocol", .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .testTarget(name: "ProvisioningTests", dependencies: ["VirtchanProvisioning"]),
+        .testTarget(name: "TransportTests", dependencies: ["VirtchanTransport", "VirtchanProtocol"]),
+        // The agent loop in process, driven by the host client.
+        .testTarget(name: "AgentCoreTests", dependencies: ["VirtchanAgentCore", "VirtchanTransport", "VirtchanProtocol"]),
+        .testTarget(name: "KitTests", dependencies: ["VirtchanKit"]),
+        // Real libvirtd, QEMU and guests; skipped (and said so) where they are not reachable.
         .testTarget(name: "EndToEndTests", dependencies: [
-            "VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol",
-            .product(name: "Crypto", package: "swift-crypto"),
+            "VirtchanKit", .product(name: "Crypto", package: "swift-crypto"),
         ]),
     ],
     swiftLanguageModes: [.v6]

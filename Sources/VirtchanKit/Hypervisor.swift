@@ -7,7 +7,7 @@ import Synchronization
 /// Opening one costs nothing: libvirt is connected on first use, and a session with a domain
 /// that is already known (``session(with:timeout:)``) may not need libvirt at all.
 ///
-/// A `Hypervisor` may be shared between threads and tasks. Each ``AgentSession`` it opens
+/// A `Hypervisor` may be shared between threads and tasks. Each `AgentSession` it opens
 /// belongs to one thread at a time: its calls block until the agent answers, each within a
 /// bounded time, and the channel it holds is exclusive.
 public final class Hypervisor: Sendable {
@@ -157,7 +157,7 @@ public final class Hypervisor: Sendable {
     }
 
     /// A session with the agent in `name`. The channel is exclusive: a second session waits
-    /// for it (up to `timeout`) and then fails with ``TransportError/Code/busy``.
+    /// for it (up to `timeout`) and then fails with `TransportError.Code.busy`.
     public func session(with name: String, timeout: Double = 10) throws -> AgentSession {
         if let cached = endpointCache?.lookup(name) {
             do {

@@ -1,7 +1,7 @@
 /// A failure of a VirtchanKit operation that is not a libvirt or channel error: a code a
 /// program can match and a message a person can act on.
 ///
-/// Operations also throw ``ProvisioningError`` (libvirt, domain XML) and ``TransportError``
+/// Operations also throw `ProvisioningError` (libvirt, domain XML) and `TransportError`
 /// (sockets, the agent) unchanged, so a caller matches the layer that failed.
 public struct VirtchanError: Error, CustomStringConvertible, Sendable {
     public struct Code: Hashable, Sendable, CustomStringConvertible {

@@ -36,6 +36,7 @@ var configRequired = false
 var keyPath = AgentKey.guestPath
 var keyRequired = false
 var listPorts = false
+var sysfsRoot = PortDiscovery.defaultSysfsRoot
 var args = CommandLine.arguments.dropFirst()
 while let arg = args.popFirst() {
     func value() -> String {
@@ -48,7 +49,7 @@ while let arg = args.popFirst() {
     case "--config": configPath = value(); configRequired = true
     case "--key": keyPath = value(); keyRequired = true
     case "--log": options.logPath = value()
-    case "--sysfs": options.sysfsRoot = value()
+    case "--sysfs": sysfsRoot = value()
     case "--list-ports": listPorts = true
     case "--verbose", "-v": options.verbose = true
     case "--version": print("virtchan-agent \(agentVersion)"); exit(0)
@@ -57,8 +58,9 @@ while let arg = args.popFirst() {
     }
 }
 
+options.ports = VirtioPortOpener(sysfsRoot: sysfsRoot)
 if listPorts {
-    for port in PortDiscovery.ports(sysfsRoot: options.sysfsRoot) { print("\(port.name) \(port.device)") }
+    for port in options.ports.available() { print("\(port.name) \(port.location)") }
     exit(0)
 }
 

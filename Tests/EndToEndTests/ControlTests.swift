@@ -1,12 +1,6 @@
-import Crypto
 import Foundation
 import Testing
-import VirtchanProtocol
-import VirtchanTransport
-
-private func sha256Hex(_ data: Data) -> String {
-    Crypto.SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
-}
+import VirtchanKit
 
 /// A virtchan process left running while the test does something else.
 final class Background: @unchecked Sendable {

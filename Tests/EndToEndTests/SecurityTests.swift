@@ -1,7 +1,6 @@
 import Foundation
 import Testing
-import VirtchanProtocol
-import VirtchanTransport
+import VirtchanKit
 
 private func type(_ path: String) -> mode_t? {
     var st = stat()
@@ -14,9 +13,9 @@ private func contents(_ path: String) -> [String] {
 
 /// The endpoint of the shared guest as virtchan itself would build it, without the key.
 private func sharedEndpoint() throws -> AgentEndpoint {
-    let rows = channels(SharedGuest.name)
-    return AgentEndpoint(domain: SharedGuest.name, controlSocket: try #require(rows.first { $0.role == "control" }?.path),
-                         dataSocket: rows.first { $0.role == "data" }?.path, consoleLog: nil)
+    var endpoint = try Hypervisor().endpoint(of: SharedGuest.name)
+    endpoint.key = nil
+    return endpoint
 }
 
 extension EndToEnd {

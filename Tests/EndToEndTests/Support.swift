@@ -1,9 +1,45 @@
+import Crypto
 import Foundation
 import Testing
+import VirtchanKit
 
 /// Every end-to-end suite nests in here, so they run one at a time: they share one booted
-/// guest, and a virtio channel takes one client at a time.
-@Suite(.serialized) enum EndToEnd {}
+/// guest, and a virtio channel takes one client at a time. Where there is no libvirtd, QEMU
+/// or guest image to use, the whole suite is skipped and says why.
+@Suite(.serialized, .enabled(if: TestHost.missing == nil, Comment(rawValue: TestHost.missing ?? "")))
+enum EndToEnd {}
+
+func sha256Hex(_ data: Data) -> String {
+    Crypto.SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+}
+
+/// What the end-to-end suite needs from this machine.
+enum TestHost {
+    /// Why the end-to-end suite cannot run here, or nil when it can.
+    static let missing: String? = {
+        guard geteuid() == 0 else { return "end-to-end tests run as root (they drive qemu:///system); run Scripts/test" }
+        guard FileManager.default.isExecutableFile(atPath: VC.binary) else { return "no virtchan binary at \(VC.binary); build it first" }
+        guard ["/usr/bin/qemu-system-x86_64", "/usr/bin/virsh"].allSatisfy(FileManager.default.isExecutableFile) else {
+            return "QEMU or libvirt's client is not installed; Scripts/setup-host installs them"
+        }
+        guard FileManager.default.fileExists(atPath: HostPaths.current.imageDirectory + "/initrd.img") else {
+            return "the built-in guest image is missing; Scripts/build-guest builds it"
+        }
+        do {
+            _ = try Connection(uri: "qemu:///system").allDomains()
+        } catch {
+            return "libvirtd does not answer at qemu:///system (\(error)); Scripts/setup-host starts it"
+        }
+        return nil
+    }()
+}
+
+/// Scripts/test sets VIRTCHAN_REQUIRE_END_TO_END, so that a machine where the suite would be
+/// skipped fails instead of passing with the real tests left out.
+@Test func theEndToEndSuiteRunsWhereItIsRequired() {
+    guard ProcessInfo.processInfo.environment["VIRTCHAN_REQUIRE_END_TO_END"] == "1" else { return }
+    #expect(TestHost.missing == nil, "the end-to-end suite would be skipped: \(TestHost.missing ?? "")")
+}
 
 struct RunResult {
     let code: Int32

@@ -1,11 +1,9 @@
-import Crypto
 import Foundation
 import Testing
-import VirtchanProtocol
-import VirtchanTransport
+import VirtchanKit
 
 private func sha256(file path: String) throws -> String {
-    Crypto.SHA256.hash(data: try Data(contentsOf: URL(fileURLWithPath: path))).map { String(format: "%02x", $0) }.joined()
+    sha256Hex(try Data(contentsOf: URL(fileURLWithPath: path)))
 }
 
 private func makeFile(_ path: String, size: Int, pattern: ((Int) -> UInt8)? = nil) throws {
@@ -259,10 +257,7 @@ extension EndToEnd {
         /// match and a local file that is shorter than announced (as when it shrinks mid-read).
         @Test func checksumMismatchAndShrinkingSource() throws {
             try SharedGuest.require()
-            let rows = channels(name)
-            var endpoint = AgentEndpoint(domain: name, controlSocket: try #require(rows.first { $0.role == "control" }?.path),
-                                         dataSocket: rows.first { $0.role == "data" }?.path, consoleLog: nil)
-            endpoint.loadCredentials(stateDirectory: "/var/lib/virtchan/domains/\(name)", allowUnkeyed: false)
+            let endpoint = try Hypervisor().endpoint(of: name)
             let session = try AgentSession.connect(endpoint)
             do {
                 // A DataEnd whose checksum does not match what was sent.

@@ -85,3 +85,53 @@ func makePipe(nonBlocking: Bool = false) -> (read: Int32, write: Int32)? {
     }
     return (fds[0], fds[1])
 }
+
+nonisolated(unsafe) private var signalPipeWriteEnd: Int32 = -1
+
+/// The self-pipe the poll loop watches: each caught signal becomes one byte holding its number.
+enum SignalPipe {
+    static func install(_ signals: [Int32]) -> Int32 {
+        guard let fds = makePipe(nonBlocking: true) else { return -1 }
+        signalPipeWriteEnd = fds.write
+        for sig in signals {
+            var action = sigaction()
+            action.__sigaction_handler.sa_handler = { sig in
+                let saved = errno
+                var byte = UInt8(truncatingIfNeeded: sig)
+                _ = write(signalPipeWriteEnd, &byte, 1)
+                errno = saved
+            }
+            action.sa_flags = SA_RESTART
+            sigemptyset(&action.sa_mask)
+            sigaction(sig, &action, nil)
+        }
+        signal(SIGPIPE, SIG_IGN)
+        return fds.read
+    }
+
+    /// Puts the default actions back and stops feeding the pipe.
+    static func uninstall(_ signals: [Int32]) {
+        for sig in signals { signal(sig, SIG_DFL) }
+        let writeEnd = signalPipeWriteEnd
+        signalPipeWriteEnd = -1
+        if writeEnd >= 0 { close(writeEnd) }
+    }
+
+    /// Feeds `sig` to the loop as if it had been caught.
+    static func post(_ sig: Int32) {
+        var byte = UInt8(truncatingIfNeeded: sig)
+        _ = write(signalPipeWriteEnd, &byte, 1)
+    }
+
+    /// The signal numbers that arrived since the last call.
+    static func drain(_ fd: Int32) -> [Int32] {
+        var out: [Int32] = []
+        var buf = [UInt8](repeating: 0, count: 64)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            if n <= 0 { break }
+            out.append(contentsOf: buf[0..<n].map { Int32($0) })
+        }
+        return out
+    }
+}

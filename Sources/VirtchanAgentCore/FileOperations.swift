@@ -1,70 +1,25 @@
 import Glibc
 import VirtchanProtocol
 
-/// One file moving over the data port. The agent opens the port when the transfer starts
-/// and closes it when the transfer ends, whichever way it ends.
-final class Transfer {
-    enum Kind { case push, pull }
-    enum Phase { case streaming, awaitingAck }
-
-    let id: UInt32
-    let kind: Kind
-    let data: FramedConnection
-    let path: String
-    var fileFD: Int32
-    /// Push: the temporary file that becomes `path` by rename once verified.
-    let tempPath: String
-    let mode: UInt32
-    let expectedSize: UInt64
-    var bytes: UInt64 = 0
-    var digest = TransferDigest()
-    var sha: SHA256Digest?
-    var phase = Phase.streaming
-    /// Whether the host's end of the data port has been seen connected.
-    var dataConnected = false
-    var dataHup = false
-    let startedAt = monotonicNanos()
-    var lastHupCheck: UInt64 = 0
-
-    init(id: UInt32, kind: Kind, dataFD: Int32, path: String, fileFD: Int32, tempPath: String,
-         mode: UInt32, expectedSize: UInt64, wantSHA256: Bool) {
-        self.id = id
-        self.kind = kind
-        data = FramedConnection(fd: dataFD, maxPayload: FrameLimits.dataChunk + 4096, readBufferSize: 64 * 1024)
-        self.path = path
-        self.fileFD = fileFD
-        self.tempPath = tempPath
-        self.mode = mode
-        self.expectedSize = expectedSize
-        sha = wantSHA256 ? SHA256Digest() : nil
-    }
-
-    /// Closes the data port and the file; a push that did not complete loses its temp file.
-    func close(completed: Bool) {
-        if fileFD >= 0 { Glibc.close(fileFD); fileFD = -1 }
-        if kind == .push && !completed { unlink(tempPath) }
-        Glibc.close(data.fd)
-    }
-}
-
-/// Why a transfer stopped early, as it goes back to the host.
-struct TransferFailure: Error {
-    let code: RemoteErrorCode
-    let errno: Int32
-    let message: String
-
-    init(_ code: RemoteErrorCode, errno: Int32 = 0, _ message: String) {
-        self.code = code
-        self.errno = errno
-        self.message = message
-    }
-
-    init(errno e: Int32, _ what: String) {
-        self.init(remoteCode(forErrno: e), errno: e, "\(what): \(errnoText(e))")
-    }
-}
-
+/// What the agent does to the guest's files: prepare a push, list a tree, snapshot a file
+/// that reports size 0, stat, make directories and links.
 enum FileOps {
+    static func makeDirectory(_ request: MkdirRequest) throws(TransferFailure) {
+        let mode = mode_t(request.mode & 0o7777)
+        let rc = request.parents ? makeDirectories(request.path, mode: mode) : (mkdir(request.path, mode) == 0 ? 0 : errno)
+        guard rc == 0 || (rc == EEXIST && statReply(request.path).kind == .directory) else {
+            throw TransferFailure(errno: rc, "mkdir \(request.path)")
+        }
+        _ = chmod(request.path, mode)
+    }
+
+    static func makeSymlink(_ request: SymlinkRequest) throws(TransferFailure) {
+        _ = unlink(request.path)
+        guard symlink(request.target, request.path) == 0 else {
+            throw TransferFailure(errno: errno, "symlink \(request.path)")
+        }
+    }
+
     /// Creates the temporary file a push writes into, next to its destination.
     static func preparePush(_ request: PushRequest) throws(TransferFailure) -> (fd: Int32, temp: String) {
         let path = request.path

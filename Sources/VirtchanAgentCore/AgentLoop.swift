@@ -1,0 +1,254 @@
+import Glibc
+import VirtchanProtocol
+
+public struct AgentOptions: Sendable {
+    public var controlPort = "org.virtchan.control"
+    public var dataPort = "org.virtchan.data"
+    /// How the ports are reached: the guest's virtio-serial ports, or anything else that
+    /// gives a descriptor per name (a test's socketpairs).
+    public var ports: any PortOpener = VirtioPortOpener()
+    public var logPath: String?
+    public var verbose = false
+    public var policy = ExecPolicy()
+    /// The domain's key; with one, only a host that proves it is served.
+    public var key: AgentKey?
+    public init() {}
+}
+
+public let agentVersion = "0.1.0"
+
+/// The guest agent: one thread, one poll loop over the control port, the data port while a
+/// transfer runs, a child's pipes while an exec runs, and a signal self-pipe.
+///
+/// Where each request is handled: `RequestDispatch.swift` (every frame type, hello and
+/// authentication, info), `ExecPumps.swift` (exec), `PushReceiver.swift` and
+/// `PullSender.swift` (the two transfer state machines), `FileOperations.swift` (stat,
+/// mkdir, symlink, tree listings). `run()` belongs to one thread; only `stop()` may be
+/// called from another.
+public final class Agent: @unchecked Sendable {
+    let options: AgentOptions
+    let log: AgentLog
+    var control: FramedConnection?
+    /// The host end of the control port is closed; stop polling it until SIGIO or a re-check.
+    var controlHup = false
+    var lastHupCheck: UInt64 = 0
+    var sessionActive = false
+    /// The hello's nonce and the challenge sent back, until the host proves the key.
+    var pendingAuth: (nonce: [UInt8], challenge: [UInt8])?
+    /// The answer to the current session's hello: a host resends its hello until answered,
+    /// and a copy that arrives late gets the same answer (the same challenge).
+    var lastHelloAck: HelloAck?
+    var exec: ExecProcess?
+    var transfer: Transfer?
+    var signalFD: Int32 = -1
+    var stopping = false
+
+    static let capabilities = [Capability.ping, Capability.info, Capability.exec, Capability.execStdin,
+                               Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.execResize,
+                               Capability.filePush,
+                               Capability.filePull, Capability.tree, Capability.sha256]
+    /// While this much control output is queued, the agent stops reading child output.
+    let outputHighWater = 1 << 20
+    let stdinHighWater = 4 << 20
+
+    public init(options: AgentOptions) {
+        self.options = options
+        log = AgentLog(path: options.logPath, verbose: options.verbose)
+    }
+
+    static let handledSignals = [SIGCHLD, SIGIO, SIGTERM, SIGINT, SIGHUP]
+
+    /// Serves until SIGTERM, SIGINT or ``stop()``; returns the process's exit status.
+    public func run() -> Int32 {
+        signalFD = SignalPipe.install(Self.handledSignals)
+        guard signalFD >= 0 else {
+            log.info("cannot create the signal pipe: \(errnoText(errno))")
+            return 1
+        }
+        defer {
+            SignalPipe.uninstall(Self.handledSignals)
+            close(signalFD)
+            if let control { closePort(control.fd) }
+            control = nil
+        }
+        if getenv("PATH") == nil { setenv("PATH", Spawner.defaultPath, 1) }
+        log.info("version \(agentVersion), protocol \(ProtocolVersion.current), pid \(getpid())")
+        openControlPort()
+        while !stopping {
+            iterate()
+        }
+        log.info("stopping")
+        endSession(reason: "agent stopping")
+        return 0
+    }
+
+    /// Makes ``run()`` return, as SIGTERM does; callable from any thread.
+    public func stop() { SignalPipe.post(SIGTERM) }
+
+    func iterate() {
+        guard let control else { openControlPort(); return }
+        var fds: [pollfd] = []
+        fds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
+        let controlEvents = Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0)
+        let wantControlInput = !controlHup && (exec.map { $0.stdinBuffer.count < stdinHighWater } ?? true)
+        fds.append(pollfd(fd: controlHup ? -1 : control.fd,
+                          events: wantControlInput ? controlEvents : controlEvents & ~Int16(POLLIN), revents: 0))
+        var execSlots: (stdin: Int, stdout: Int, stderr: Int) = (-1, -1, -1)
+        if let exec {
+            if exec.stdoutFD >= 0 && control.pendingOutput < outputHighWater {
+                execSlots.stdout = fds.count
+                fds.append(pollfd(fd: exec.stdoutFD, events: Int16(POLLIN), revents: 0))
+            }
+            if exec.stderrFD >= 0 && control.pendingOutput < outputHighWater {
+                execSlots.stderr = fds.count
+                fds.append(pollfd(fd: exec.stderrFD, events: Int16(POLLIN), revents: 0))
+            }
+            if exec.stdinFD >= 0 && !exec.tty && (!exec.stdinBuffer.isEmpty || exec.stdinEOF) {
+                execSlots.stdin = fds.count
+                fds.append(pollfd(fd: exec.stdinFD, events: Int16(POLLOUT), revents: 0))
+            }
+        }
+        var dataSlot = -1
+        if let t = transfer, !t.dataHup {
+            dataSlot = fds.count
+            var ev = Int16(0)
+            if t.kind == .push { ev |= Int16(POLLIN) }
+            if t.data.pendingOutput > 0 { ev |= Int16(POLLOUT) }
+            fds.append(pollfd(fd: t.data.fd, events: ev, revents: 0))
+        }
+
+        var timeout: Int32 = -1
+        if controlHup { timeout = 250 }
+        if let exec, exec.exit != nil { timeout = 50 }
+        if let t = transfer, t.dataHup || t.phase == .awaitingAck { timeout = 100 }
+        if let t = transfer, t.kind == .pull, t.phase == .streaming, t.data.pendingOutput < FrameLimits.dataChunk, !t.dataHup {
+            timeout = 0
+        }
+        let rc = poll(&fds, nfds_t(fds.count), timeout)
+        if rc < 0 && errno != EINTR {
+            log.info("poll: \(errnoText(errno))")
+            usleep(100_000)
+            return
+        }
+
+        if fds[0].revents != 0 { handleSignals() }
+        let now = monotonicNanos()
+        if controlHup && now - lastHupCheck >= 250_000_000 {
+            controlHup = false
+        }
+
+        let cre = fds[1].revents
+        if cre & Int16(POLLIN) != 0 {
+            readControl(control)
+        } else if cre & Int16(POLLHUP | POLLERR) != 0 {
+            hostGone(control)
+        }
+        if self.control != nil, !controlHup, control.pendingOutput > 0, fds[1].revents & Int16(POLLOUT) != 0 || cre == 0 {
+            flushControl(control)
+        }
+
+        if let exec = self.exec, exec.id != 0 {
+            if execSlots.stdout >= 0 && fds[execSlots.stdout].revents != 0 { pumpOutput(exec, .stdout) }
+            if execSlots.stderr >= 0 && fds[execSlots.stderr].revents != 0 { pumpOutput(exec, .stderr) }
+            if execSlots.stdin >= 0 && fds[execSlots.stdin].revents != 0 { pumpStdin(exec) }
+            finishExecIfDone(exec)
+        }
+        if let t = transfer {
+            serviceTransfer(t, revents: dataSlot >= 0 ? fds[dataSlot].revents : 0)
+        }
+        if let c = self.control, c.pendingOutput > 0, !controlHup { flushControl(c) }
+    }
+
+    func handleSignals() {
+        for sig in SignalPipe.drain(signalFD) {
+            switch sig {
+            case SIGCHLD: reapChildren()
+            case SIGIO:
+                controlHup = false
+                transfer?.dataHup = false
+            case SIGTERM, SIGINT: stopping = true
+            default: break
+            }
+        }
+    }
+
+    func reapChildren() {
+        while true {
+            var status: Int32 = 0
+            let pid = waitpid(-1, &status, WNOHANG)
+            if pid <= 0 { break }
+            guard let exec, exec.pid == pid else { continue }
+            let termSig = status & 0x7f
+            if termSig == 0 {
+                exec.exit = ExecExit(code: (status >> 8) & 0xff, signal: 0)
+            } else {
+                exec.exit = ExecExit(code: -1, signal: termSig)
+            }
+            exec.exitedAt = monotonicNanos()
+            log.debug("exec \(exec.id) pid \(pid) ended: code \(exec.exit?.code ?? 0) signal \(termSig)")
+        }
+    }
+
+    func flushControl(_ control: FramedConnection) {
+        do {
+            try control.flush()
+        } catch {
+            if error.errno == EAGAIN { return }
+            hostGone(control)
+        }
+    }
+
+    func hostGone(_ control: FramedConnection) {
+        if sessionActive || exec != nil || transfer != nil {
+            log.info("host disconnected from the control port")
+        }
+        endSession(reason: "host disconnected")
+        controlHup = true
+        lastHupCheck = monotonicNanos()
+    }
+
+    /// Forgets the session: kills its process, abandons its transfer, drops queued bytes.
+    func endSession(reason: String) {
+        if let exec {
+            if exec.exit == nil {
+                log.info("killing exec \(exec.id) (pid \(exec.pid)): \(reason)")
+                kill(-exec.pid, SIGKILL)
+                kill(exec.pid, SIGKILL)
+            }
+            exec.closeAll()
+            self.exec = nil
+        }
+        if let t = transfer {
+            log.info("abandoning transfer of \(t.path): \(reason)")
+            t.close(completed: false)
+            transfer = nil
+        }
+        sessionActive = false
+        pendingAuth = nil
+        lastHelloAck = nil
+        control?.discardOutput()
+        control?.decoder.reset()
+    }
+
+    func readControl(_ control: FramedConnection) {
+        let outcome: ReadOutcome
+        do {
+            outcome = try control.fill(limit: 1 << 20)
+        } catch {
+            reopenControlPort(after: error.description)
+            return
+        }
+        if outcome == .eof {
+            hostGone(control)
+            return
+        }
+        let skippedBefore = control.decoder.skippedBytes
+        while let frame = control.decoder.next() {
+            handle(frame, on: control)
+            if self.control !== control { return }
+        }
+        if control.decoder.skippedBytes > skippedBefore {
+            log.info("skipped \(control.decoder.skippedBytes - skippedBefore) bytes of noise on the control port")
+        }
+    }
+}

@@ -1,0 +1,82 @@
+import Glibc
+import VirtchanProtocol
+
+extension Agent {
+    func startExec(_ request: ExecStart, id: UInt32) {
+        guard exec == nil else { return fail(id, .busy, "another command is still running in this session") }
+        guard let command = request.argv.first else { return fail(id, .badRequest, "no command given") }
+        guard options.policy.permits(command) else {
+            log.info("exec of \(command) denied by policy")
+            return fail(id, .denied, "running \(command) is denied by the agent's policy")
+        }
+        do {
+            let process = try Spawner.spawn(request, id: id)
+            exec = process
+            log.debug("exec \(id): \(request.argv.joined(separator: " ")) as pid \(process.pid)")
+            reply(ExecStarted(pid: process.pid), id: id)
+        } catch {
+            fail(id, error.code, errno: error.errno, error.message)
+        }
+    }
+
+    func pumpOutput(_ exec: ExecProcess, _ stream: ExecStream) {
+        guard let control else { return }
+        let fd = stream == .stdout ? exec.stdoutFD : exec.stderrFD
+        var rounds = 0
+        while rounds < 16 && control.pendingOutput < outputHighWater {
+            rounds += 1
+            var readErrno: Int32 = 0
+            let (n, _) = control.sendInPlace(.execOutput, id: exec.id, flags: stream.rawValue, maxPayload: FrameLimits.execChunk) { room in
+                while true {
+                    let got = read(fd, room.baseAddress!, room.count)
+                    if got < 0 && errno == EINTR { continue }
+                    if got < 0 { readErrno = errno }
+                    return got
+                }
+            }
+            if n > 0 { continue }
+            if n < 0 && (readErrno == EAGAIN || readErrno == EWOULDBLOCK) { return }
+            // EOF, or EIO from a pty whose other side is gone.
+            exec.closeOutput(stream)
+            return
+        }
+    }
+
+    func pumpStdin(_ exec: ExecProcess) {
+        while exec.stdinFD >= 0 && !exec.stdinBuffer.isEmpty {
+            let n = exec.stdinBuffer.withUnsafeBytes { write(exec.stdinFD, $0.baseAddress!, $0.count) }
+            if n > 0 {
+                exec.stdinBuffer.removeFirst(n)
+                continue
+            }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
+            // The process closed its stdin; what it did not read is dropped, as with a pipe.
+            exec.closeStdin()
+            return
+        }
+        if exec.stdinEOF && exec.stdinBuffer.isEmpty && exec.stdinFD >= 0 {
+            if exec.tty {
+                var eot: UInt8 = 4 // ^D ends input on a terminal
+                _ = write(exec.stdinFD, &eot, 1)
+                exec.stdinEOF = false
+            } else {
+                exec.closeStdin()
+            }
+        }
+    }
+
+    func finishExecIfDone(_ exec: ExecProcess) {
+        guard let status = exec.exit else { return }
+        // Output still open after the process ended belongs to something it left behind;
+        // give it a moment, then stop waiting.
+        if exec.outputOpen {
+            if monotonicNanos() - exec.exitedAt < 200_000_000 { return }
+            if exec.stdoutFD >= 0 { pumpOutput(exec, .stdout) }
+            if exec.stderrFD >= 0 { pumpOutput(exec, .stderr) }
+        }
+        exec.closeAll()
+        reply(status, id: exec.id)
+        self.exec = nil
+    }
+}

@@ -1,0 +1,172 @@
+import Glibc
+import VirtchanProtocol
+
+extension Agent {
+    func reply<M: WireMessage>(_ message: M, id: UInt32, flags: UInt16 = 0) {
+        control?.send(message, id: id, flags: flags)
+    }
+
+    func fail(_ id: UInt32, _ code: RemoteErrorCode, errno: Int32 = 0, _ message: String) {
+        log.debug("request \(id) failed: \(message)")
+        reply(ErrorMessage(code, errno: errno, message), id: id)
+    }
+
+    func handle(_ frame: Frame, on control: FramedConnection) {
+        if frame.type == .hello {
+            handleHello(frame)
+            return
+        }
+        guard sessionActive else {
+            log.debug("ignoring \(frame.type) before hello")
+            return
+        }
+        if let auth = pendingAuth {
+            // Nothing is served to a peer that has not proven the domain's key.
+            guard frame.type == .authProof, let key = options.key, let proof = try? AuthProof.decode(frame),
+                  key.verify(proof.mac, hostNonce: auth.nonce, challenge: auth.challenge) else {
+                log.info("refused \(frame.type) from a peer that did not prove the domain's key")
+                // Nothing runs before the proof, so there is nothing to tear down: the peer
+                // must start again with a hello (and gets a new challenge).
+                sessionActive = false
+                pendingAuth = nil
+                lastHelloAck = nil
+                fail(frame.id, .unauthenticated, "this agent serves only the host that holds the domain's key")
+                return
+            }
+            pendingAuth = nil
+            control.send(Frame(.ok, id: frame.id))
+            return
+        }
+        do {
+            switch frame.type {
+            case .ping:
+                control.send(Frame(.pong, id: frame.id, payload: frame.payload))
+            case .infoRequest:
+                reply(makeInfo(), id: frame.id)
+            case .execStart:
+                startExec(try ExecStart.decode(frame), id: frame.id)
+            case .execInput:
+                guard let exec, exec.id == frame.id else { return }
+                if exec.stdinFD >= 0 { exec.stdinBuffer.append(contentsOf: frame.payload) }
+                if frame.flags & execInputEOF != 0 { exec.stdinEOF = true }
+                if exec.tty && exec.stdinFD >= 0 { pumpStdin(exec) }
+            case .execSignal:
+                let msg = try ExecSignal.decode(frame)
+                guard let exec, exec.id == frame.id else { return }
+                guard msg.signal > 0 && msg.signal < 65 else { return fail(frame.id, .badRequest, "no such signal \(msg.signal)") }
+                log.debug("signal \(msg.signal) to exec \(exec.id)")
+                exec.signal(msg.signal)
+            case .execOutputClosed:
+                // Nobody reads this stream on the host any more: close our end of the pipe, so the
+                // process's next write fails (SIGPIPE) as it would in a local pipeline.
+                guard let exec, exec.id == frame.id, let stream = ExecStream(rawValue: frame.flags) else { return }
+                log.debug("host closed \(stream) of exec \(exec.id)")
+                exec.closeOutput(stream)
+            case .execResize:
+                // The kernel tells the terminal's foreground process group (SIGWINCH).
+                let size = try ExecResize.decode(frame)
+                guard let exec, exec.id == frame.id, exec.tty, exec.stdoutFD >= 0 else { return }
+                var ws = winsize(ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0)
+                _ = ioctl(exec.stdoutFD, UInt(TIOCSWINSZ), &ws)
+            case .pushRequest:
+                startPush(try PushRequest.decode(frame), id: frame.id)
+            case .pullRequest:
+                startPull(try PullRequest.decode(frame), id: frame.id)
+            case .ok:
+                if let t = transfer, t.id == frame.id, t.phase == .awaitingAck { completePull(t) }
+            case .abort:
+                if let t = transfer, t.id == frame.id {
+                    log.info("host aborted the transfer of \(t.path)")
+                    t.close(completed: false)
+                    transfer = nil
+                    fail(frame.id, .aborted, "transfer aborted by the host")
+                }
+            case .statRequest:
+                reply(FileOps.statReply(try StatRequest.decode(frame).path), id: frame.id)
+            case .mkdir:
+                let request = try MkdirRequest.decode(frame)
+                answer(frame.id) { () throws(TransferFailure) in try FileOps.makeDirectory(request) }
+            case .symlink:
+                let request = try SymlinkRequest.decode(frame)
+                answer(frame.id) { () throws(TransferFailure) in try FileOps.makeSymlink(request) }
+            case .listTree:
+                let req = try ListTree.decode(frame)
+                do {
+                    let entries = try FileOps.listTree(req.path)
+                    var start = 0
+                    repeat {
+                        let end = min(start + 512, entries.count)
+                        reply(TreeEntries(entries: Array(entries[start..<end])), id: frame.id,
+                              flags: end == entries.count ? treeEntriesLast : 0)
+                        start = end
+                    } while start < entries.count
+                } catch {
+                    fail(frame.id, error.code, errno: error.errno, error.message)
+                }
+            default:
+                fail(frame.id, .badRequest, "unexpected \(frame.type) frame")
+            }
+        } catch {
+            fail(frame.id, .badRequest, error.message)
+        }
+    }
+
+    /// Replies ok when `body` succeeds, else with its failure.
+    func answer(_ id: UInt32, _ body: () throws(TransferFailure) -> Void) {
+        do {
+            try body()
+            control?.send(Frame(.ok, id: id))
+        } catch {
+            fail(id, error.code, errno: error.errno, error.message)
+        }
+    }
+
+    func handleHello(_ frame: Frame) {
+        guard let hello = try? Hello.decode(frame) else {
+            log.info("malformed hello ignored")
+            return
+        }
+        if sessionActive, exec == nil, transfer == nil, let ack = lastHelloAck, ack.nonce == hello.nonce {
+            reply(ack, id: frame.id)
+            return
+        }
+        if sessionActive || exec != nil || transfer != nil {
+            endSession(reason: "new session from \(hello.client)")
+        }
+        guard hello.minVersion <= ProtocolVersion.current, hello.maxVersion >= ProtocolVersion.minimum else {
+            fail(frame.id, .unsupported,
+                 "host speaks protocol \(hello.minVersion)-\(hello.maxVersion), agent speaks \(ProtocolVersion.minimum)-\(ProtocolVersion.current)")
+            return
+        }
+        sessionActive = true
+        let version = min(hello.maxVersion, ProtocolVersion.current)
+        var challenge: [UInt8] = []
+        var capabilities = Self.capabilities
+        if options.key != nil {
+            var rng = SystemRandomNumberGenerator()
+            challenge = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            pendingAuth = (hello.nonce, challenge)
+            capabilities.append(Capability.auth)
+        }
+        let ack = HelloAck(nonce: hello.nonce, version: version, agentVersion: agentVersion,
+                           capabilities: capabilities, challenge: challenge)
+        lastHelloAck = ack
+        reply(ack, id: frame.id)
+        log.debug("session from \(hello.client), protocol \(version)")
+    }
+
+    func makeInfo() -> Info {
+        var uts = utsname()
+        uname(&uts)
+        func field<T>(_ value: T) -> String {
+            withUnsafeBytes(of: value) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        }
+        let uptime = readSmallFile("/proc/uptime").flatMap { text in
+            text.split(separator: " ").first.flatMap { Double($0) }
+        } ?? 0
+        return Info(agentVersion: agentVersion, protocolVersion: ProtocolVersion.current,
+                    capabilities: Self.capabilities, kernelRelease: field(uts.release),
+                    hostname: field(uts.nodename), uptimeSeconds: UInt64(uptime),
+                    execAllowed: !options.policy.deniesEverything)
+    }
+}

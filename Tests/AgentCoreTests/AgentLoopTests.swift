@@ -1,0 +1,173 @@
+import Foundation
+import Synchronization
+import Testing
+import VirtchanAgentCore
+import VirtchanProtocol
+import VirtchanTransport
+
+/// A flag one thread sets and another reads.
+final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+    func set() { value.store(true, ordering: .sequentiallyConsistent) }
+    var isSet: Bool { value.load(ordering: .sequentiallyConsistent) }
+}
+
+/// Stands where QEMU stands: a unix socket the host connects to, relayed to one end of a
+/// socketpair whose other end the agent holds as its "port". Like a virtio-serial port, the
+/// agent's end outlives each host connection.
+final class PortRelay: Sendable {
+    let path: String
+    /// The agent's end; the opener hands out duplicates, which the agent closes when done.
+    let agentEnd: Int32
+    private let relayEnd: Int32
+    private let listener: Int32
+    private let stopping = Flag()
+    private let finished = Flag()
+
+    init(path: String) throws {
+        self.path = path
+        var pair: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0 else { throw TransportError.system("socketpair") }
+        agentEnd = pair[0]
+        relayEnd = pair[1]
+        listener = try UnixSocket.listen(path)
+        Thread { [self] in serve() }.start()
+    }
+
+    private func serve() {
+        defer { finished.set() }
+        while !stopping.isSet {
+            var l = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+            guard poll(&l, 1, 50) > 0 else { continue }
+            let conn = accept(listener, nil, nil)
+            guard conn >= 0 else { continue }
+            pump(conn)
+            close(conn)
+        }
+    }
+
+    /// Copies bytes both ways until the host hangs up.
+    private func pump(_ conn: Int32) {
+        var buf = [UInt8](repeating: 0, count: 256 * 1024)
+        while !stopping.isSet {
+            var fds = [pollfd(fd: conn, events: Int16(POLLIN), revents: 0), pollfd(fd: relayEnd, events: Int16(POLLIN), revents: 0)]
+            guard poll(&fds, 2, 50) > 0 else { continue }
+            for (from, to) in [(0, 1), (1, 0)] where fds[from].revents != 0 {
+                let n = buf.withUnsafeMutableBytes { read(fds[from].fd, $0.baseAddress!, $0.count) }
+                if n <= 0 {
+                    if from == 0 { return }
+                    continue
+                }
+                let ok = buf.withUnsafeBytes { writeFully(fds[to].fd, UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                if !ok && from == 0 { return }
+            }
+        }
+    }
+
+    func shutdown() {
+        stopping.set()
+        while !finished.isSet { usleep(10_000) }
+        close(listener)
+        close(relayEnd)
+        close(agentEnd)
+        unlink(path)
+    }
+}
+
+/// The agent's two ports, each behind a relay.
+struct RelayedPorts: PortOpener {
+    let control: PortRelay
+    let data: PortRelay
+
+    func available() -> [(name: String, location: String)] {
+        [("org.virtchan.control", control.path), ("org.virtchan.data", data.path)]
+    }
+
+    func open(_ name: String) -> Result<Int32, PortFailure> {
+        let relay = name == "org.virtchan.control" ? control : data
+        let fd = dup(relay.agentEnd)
+        guard fd >= 0 else { return .failure(.failed(location: relay.path, errno: errno)) }
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        return .success(fd)
+    }
+}
+
+/// The whole agent loop in this process, driven by the real host client over relayed
+/// socketpairs: the same requests the end-to-end tests send through QEMU, with no guest.
+@Suite(.serialized) struct AgentLoopTests {
+    /// Runs an agent with `key` while `body` talks to it as domain `name`.
+    private func withAgent(key: AgentKey?, _ body: (_ endpoint: AgentEndpoint, _ dir: String) throws -> Void) throws {
+        let dir = NSTemporaryDirectory() + "vc-agentloop-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let control = try PortRelay(path: dir + "/control.sock"), data = try PortRelay(path: dir + "/data.sock")
+        var options = AgentOptions()
+        options.ports = RelayedPorts(control: control, data: data)
+        options.key = key
+        options.logPath = dir + "/agent.log"
+        let agent = Agent(options: options)
+        let stopped = Flag()
+        Thread {
+            _ = agent.run()
+            stopped.set()
+        }.start()
+        defer {
+            agent.stop()
+            while !stopped.isSet { usleep(10_000) }
+            control.shutdown()
+            data.shutdown()
+        }
+        let name = "agentloop-\(getpid())"
+        defer { ChannelLock.removeLocks(of: name) }
+        try body(AgentEndpoint(domain: name, controlSocket: control.path, dataSocket: data.path, consoleLog: nil, key: key), dir)
+    }
+
+    @Test func aKeyedAgentServesPingInfoAndExecToTheHostThatHoldsItsKey() throws {
+        let key = AgentKey.generate()
+        try withAgent(key: key) { endpoint, _ in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            #expect(!session.hello.challenge.isEmpty)
+            #expect(try session.ping() >= 0)
+            let info = try session.info()
+            #expect(info.agentVersion == agentVersion)
+            #expect(info.capabilities.contains(Capability.exec))
+            let out = try ExecClient.capture(session, ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
+            #expect(out.stdoutText == "out\n")
+            #expect(out.stderrText == "err\n")
+            #expect(out.status == 3)
+            let missing = #expect(throws: TransportError.self) {
+                _ = try ExecClient.capture(session, ["/no/such/command"])
+            }
+            #expect(missing?.remote?.remoteCode == .commandNotFound)
+        }
+    }
+
+    @Test func aHostWithoutTheKeyIsServedNothing() throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, _ in
+            var wrong = endpoint
+            wrong.key = AgentKey.generate()
+            let error = #expect(throws: TransportError.self) { _ = try AgentSession.connect(wrong, timeout: 5) }
+            #expect(error?.code == .unauthenticated)
+            // The right key still works afterwards.
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            #expect(try session.ping() >= 0)
+        }
+    }
+
+    @Test func aFilePushedAndPulledBackIsTheSameAndKeepsItsMode() throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, dir in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            let transfer = FileTransfer(session: session)
+            let bytes = (0..<700_000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 9) }
+            try Data(bytes).write(to: URL(fileURLWithPath: dir + "/source"))
+            let pushed = try transfer.push(file: dir + "/source", to: dir + "/in-guest/copy", mode: 0o640, parents: true)
+            #expect(pushed.bytes == UInt64(bytes.count))
+            #expect(try transfer.stat(dir + "/in-guest/copy").kind == .regular)
+            let pulled = try transfer.pull(dir + "/in-guest/copy", toPath: dir + "/back")
+            #expect(pulled.sha256 == pushed.sha256)
+            #expect(FileManager.default.contents(atPath: dir + "/back") == Data(bytes))
+            let attributes = try FileManager.default.attributesOfItem(atPath: dir + "/in-guest/copy")
+            #expect((attributes[.posixPermissions] as? Int) == 0o640)
+        }
+    }
+}

@@ -27,12 +27,9 @@ extension Agent {
             rounds += 1
             var readErrno: Int32 = 0
             let (n, _) = control.sendInPlace(.execOutput, id: exec.id, flags: stream.rawValue, maxPayload: FrameLimits.execChunk) { room in
-                while true {
-                    let got = read(fd, room.baseAddress!, room.count)
-                    if got < 0 && errno == EINTR { continue }
-                    if got < 0 { readErrno = errno }
-                    return got
-                }
+                let got = readRestarting(fd, room.baseAddress!, room.count)
+                if got < 0 { readErrno = errno }
+                return got
             }
             if n > 0 { continue }
             if n < 0 && (readErrno == EAGAIN || readErrno == EWOULDBLOCK) { return }

@@ -112,8 +112,7 @@ enum FileOps {
         var mem: Int32 = -1
         var total = 0
         while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-            if n < 0 && errno == EINTR { continue }
+            let n = chunk.withUnsafeMutableBytes { readRestarting(fd, $0.baseAddress!, $0.count) }
             if n < 0 {
                 let e = errno
                 if mem >= 0 { close(mem) }

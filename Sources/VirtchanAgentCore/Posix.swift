@@ -63,6 +63,15 @@ func makeDirectories(_ path: String, mode: mode_t) -> Int32 {
     return 0
 }
 
+/// read(2), made again when a signal interrupted it: the one place the agent retries EINTR
+/// on a read. Returns the byte count, 0 at the end, or -1 with `errno` set.
+func readRestarting(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
+    while true {
+        let n = read(fd, p, count)
+        if n >= 0 || errno != EINTR { return n }
+    }
+}
+
 /// Writes all of `count` bytes to a blocking descriptor. Returns 0 or an errno.
 func writeAll(_ fd: Int32, _ p: UnsafeRawPointer, _ count: Int) -> Int32 {
     var done = 0

@@ -56,13 +56,10 @@ extension Agent {
             var readErrno: Int32 = 0
             let (n, hash) = t.data.sendInPlace(.data, id: t.id, maxPayload: FrameLimits.dataChunk) { room in
                 let want = Int(min(UInt64(room.count), t.expectedSize - min(t.bytes, t.expectedSize) + 1))
-                while true {
-                    let got = read(t.fileFD, room.baseAddress!, want)
-                    if got < 0 && errno == EINTR { continue }
-                    if got < 0 { readErrno = errno }
-                    if got > 0 { t.sha?.update(UnsafeRawBufferPointer(rebasing: room[0..<got])) }
-                    return got
-                }
+                let got = readRestarting(t.fileFD, room.baseAddress!, want)
+                if got < 0 { readErrno = errno }
+                if got > 0 { t.sha?.update(UnsafeRawBufferPointer(rebasing: room[0..<got])) }
+                return got
             }
             if n < 0 { return abortTransfer(t, TransferFailure(errno: readErrno, "reading \(t.path)")) }
             if n == 0 {

@@ -133,12 +133,8 @@ public final class AgentSession {
 
     /// Flushes output and reads input until something arrives or `deadline` passes.
     static func pump(_ c: FramedConnection, until deadline: UInt64, extra: Int32 = -1) throws(TransportError) {
-        var fds = [pollfd(fd: c.fd, events: Int16(POLLIN) | (c.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
-        let now = monotonicNanos()
-        let ms = deadline > now ? Int32(min((deadline - now) / 1_000_000 + 1, 60_000)) : 0
-        let rc = poll(&fds, 1, ms)
-        if rc < 0 && errno != EINTR { throw TransportError.system("poll") }
-        try Interruption.check()
+        var fds = [Poller.interest(c)]
+        try Poller.wait(&fds, milliseconds: Poller.milliseconds(until: deadline))
         if fds[0].revents & Int16(POLLOUT) != 0 || c.pendingOutput > 0 {
             do { try c.flush() } catch {
                 throw TransportError(.agentGone, "the control channel closed: \(error)", errno: error.errno)

@@ -156,15 +156,14 @@ public enum ExecClient {
                 lastPing = now
             }
 
-            var fds = [pollfd(fd: control.fd, events: Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0),
-                       pollfd(fd: pipeFDs[0], events: Int16(POLLIN), revents: 0)]
+            var fds = [Poller.interest(control), pollfd(fd: pipeFDs[0], events: Int16(POLLIN), revents: 0)]
             if stdinOpen && control.pendingOutput < 1 << 20 {
                 fds.append(pollfd(fd: stdin, events: Int16(POLLIN), revents: 0))
             }
             var wait: Int32 = 500
             if let t = timeoutAt, killSentAt == nil { wait = Int32(max(0, min(500, (Int64(t) - Int64(now)) / 1_000_000 + 1))) }
-            let rc = poll(&fds, nfds_t(fds.count), wait)
-            if rc < 0 && errno != EINTR { throw TransportError.system("poll") }
+            // Ctrl-C is the guest's business here: the signal pipe forwards it.
+            try Poller.wait(&fds, milliseconds: wait, interruptible: false)
 
             if fds[1].revents != 0 {
                 var b = [UInt8](repeating: 0, count: 16)
@@ -215,23 +214,6 @@ extension AgentSession {
     func send(_ type: MessageType, id: UInt32, flags: UInt16, payload: UnsafeRawBufferPointer) {
         control.send(type, id: id, flags: flags, payload: payload)
     }
-}
-
-/// Writes all bytes to a blocking descriptor; false once the reader is gone.
-public func writeFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Bool {
-    var done = 0
-    while done < bytes.count {
-        let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
-        if n > 0 { done += n; continue }
-        if n < 0 && errno == EINTR { continue }
-        if n < 0 && errno == EAGAIN {
-            var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-            _ = poll(&p, 1, 1000)
-            continue
-        }
-        return false
-    }
-    return true
 }
 
 /// Puts a terminal in raw mode; returns the settings to restore.

@@ -108,10 +108,8 @@ public final class FileTransfer {
                     progress?(sent, size)
                 }
                 if finished && data.pendingOutput == 0 { break }
-                var fds = [pollfd(fd: data.fd, events: Int16(POLLOUT), revents: 0),
-                           pollfd(fd: session.control.fd, events: Int16(POLLIN) | (session.control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
-                _ = poll(&fds, 2, 500)
-                try Interruption.check()
+                var fds = [pollfd(fd: data.fd, events: Int16(POLLOUT), revents: 0), Poller.interest(session.control)]
+                try Poller.wait(&fds, milliseconds: 500)
                 if fds[0].revents & Int16(POLLOUT) != 0 {
                     do { try data.flush() } catch {
                         throw TransportError(.agentGone, "the data channel closed mid-transfer: \(error)")
@@ -211,10 +209,8 @@ public final class FileTransfer {
                 }) {}
                 if let failure { throw failure }
                 if ended { break }
-                var fds = [pollfd(fd: data.fd, events: Int16(POLLIN), revents: 0),
-                           pollfd(fd: session.control.fd, events: Int16(POLLIN) | (session.control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
-                _ = poll(&fds, 2, 500)
-                try Interruption.check()
+                var fds = [pollfd(fd: data.fd, events: Int16(POLLIN), revents: 0), Poller.interest(session.control)]
+                try Poller.wait(&fds, milliseconds: 500)
                 if fds[0].revents != 0 {
                     let outcome: ReadOutcome
                     do { outcome = try data.fill(limit: 4 << 20) } catch {
@@ -309,18 +305,6 @@ public final class FileTransfer {
 }
 
 /// Reads up to `count` bytes, retrying short reads; 0 only at end of file, -1 on error.
-func readFull(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
-    var done = 0
-    while done < count {
-        let n = read(fd, p + done, count - done)
-        if n > 0 { done += n; continue }
-        if n == 0 { break }
-        if errno == EINTR { continue }
-        return done > 0 ? done : -1
-    }
-    return done
-}
-
 func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
     digest.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
 }

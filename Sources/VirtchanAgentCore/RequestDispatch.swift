@@ -1,6 +1,7 @@
 import Glibc
 import VirtchanProtocol
 
+/// Requests and replies on the control port.
 extension Agent {
     func reply<M: WireMessage>(_ message: M, id: UInt32, flags: UInt16 = 0) {
         control?.send(message, id: id, flags: flags)
@@ -11,6 +12,8 @@ extension Agent {
         reply(ErrorMessage(code, errno: errno, message), id: id)
     }
 
+    /// Every frame from the host lands here: hello and the key proof first, then one case per
+    /// request type, each a line or a call into the file that owns it.
     func handle(_ frame: Frame, on control: FramedConnection) {
         if frame.type == .hello {
             handleHello(frame)

@@ -151,6 +151,10 @@ public final class AgentSession {
         }
     }
 
+    /// Whether the agent holds a key and this session proved it. Without one, anything that
+    /// reaches the agent's channel can drive it.
+    public var agentHoldsKey: Bool { !hello.challenge.isEmpty }
+
     public func newID() -> UInt32 {
         nextID &+= 1
         if nextID == 0 { nextID = 1 }

@@ -17,7 +17,7 @@ struct Virtchan: ParsableCommand {
         (128+N when killed by signal N, 124 on --timeout, 125 when virtchan itself failed, \
         126 not executable, 127 command not found).
         """,
-        version: "0.1.0",
+        version: virtchanVersion,
         subcommands: [Create.self, ListDomains.self, Channels.self, XMLCommand.self, Destroy.self,
                       Wait.self, Ping.self, InfoCommand.self, Exec.self, Push.self, Pull.self,
                       Bootstrap.self])
@@ -98,7 +98,7 @@ struct GlobalOptions: ParsableArguments {
     }
 
     private func warnIfUnkeyed(_ session: AgentSession) -> AgentSession {
-        if session.hello.challenge.isEmpty {
+        if !session.agentHoldsKey {
             FileHandle.standardError.write(Data("virtchan: warning: the agent in \(session.endpoint.domain) holds no key; anything that reaches its channel can drive it\n".utf8))
         }
         return session

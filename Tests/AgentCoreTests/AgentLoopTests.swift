@@ -126,7 +126,7 @@ struct RelayedPorts: PortOpener {
         let key = AgentKey.generate()
         try withAgent(key: key) { endpoint, _ in
             let session = try AgentSession.connect(endpoint, timeout: 10)
-            #expect(!session.hello.challenge.isEmpty)
+            #expect(session.agentHoldsKey)
             #expect(try session.ping() >= 0)
             let info = try session.info()
             #expect(info.agentVersion == agentVersion)

@@ -3,6 +3,13 @@
 /*
  * libxml2, loaded on first use (see CLibvirt.h for why): its headers give the types and
  * constants, and its functions are called through the vc_-prefixed wrappers below.
+ *
+ * libxml2's headers live in /usr/include/libxml2 and include each other as <libxml/NAME.h>.
+ * include/libxml/ holds one forwarding header per name, so they resolve from this target's
+ * own include directory with no compiler flag and no link: pkg-config (libxml-2.0) would
+ * give the flag, but SwiftPM then links libxml2 and ICU into every virtchan process, which
+ * costs each one ~0.8 ms before main. A libxml2 whose headers include a name missing here
+ * fails the build with "'libxml/NAME.h' file not found": add the same one-line header.
  */
 #include <libxml/xmlversion.h>
 /* Debian's libxml2 is built with ICU; its headers would pull ICU's C API into this module and

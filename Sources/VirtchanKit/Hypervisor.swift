@@ -19,7 +19,8 @@ public final class Hypervisor: Sendable {
     /// Off by default; a domain created with ``MachineRequest/allowUnkeyedAgent`` is accepted
     /// without it.
     public let allowsUnkeyedAgents: Bool
-    /// Whether the caller named the URI (a remote one is refused then, not silently replaced).
+    /// Whether the caller named the URI: a named URI that is not on this host is refused for
+    /// sessions, whose sockets are local.
     private let uriGiven: Bool
     private let openConnection = Mutex<Connection?>(nil)
 

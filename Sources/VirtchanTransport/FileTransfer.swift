@@ -64,7 +64,8 @@ public final class FileTransfer {
 
     // MARK: push
 
-    /// Sends `size` bytes read from `fd` to `remote` in the guest.
+    /// Sends `size` bytes read from `fd` to `remote` in the guest. With `guestSHA256`, the guest
+    /// computes the file's SHA-256 as well, and a different one fails the push.
     public func push(fd: Int32, size: UInt64, to remote: String, mode: UInt32, parents: Bool,
                      guestSHA256: Bool = false, progress: ProgressHandler? = nil) throws(TransportError) -> TransferSummary {
         let data = try dataConnection()
@@ -144,9 +145,13 @@ public final class FileTransfer {
         guard result.size == sent, result.digest == digest.digest() else {
             throw TransportError(.integrity, "the guest stored \(result.size) bytes with a different checksum than was sent")
         }
-        return TransferSummary(bytes: sent, seconds: Double(monotonicNanos() - start) / 1e9,
-                               sha256: hex(sha.finalize()), guestSHA256: result.sha256.isEmpty ? nil : result.sha256,
-                               digest: String(result.digest, radix: 16), mode: mode)
+        let summary = TransferSummary(bytes: sent, seconds: Double(monotonicNanos() - start) / 1e9,
+                                      sha256: hex(sha.finalize()), guestSHA256: result.sha256.isEmpty ? nil : result.sha256,
+                                      digest: String(result.digest, radix: 16), mode: mode)
+        if let guest = summary.guestSHA256, guest != summary.sha256 {
+            throw TransportError(.integrity, "SHA-256 mismatch on \(remote): host \(summary.sha256), guest \(guest)")
+        }
+        return summary
     }
 
     // MARK: pull

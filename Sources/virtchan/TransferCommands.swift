@@ -56,8 +56,6 @@ struct Push: ParsableCommand {
             print("\(summary.files) files, \(summary.directories) directories, \(summary.symlinks) symlinks (\(bytes(summary.bytes))) pushed to \(remote)")
             return
         }
-        let (fd, size, fileMode) = try openSource()
-        defer { close(fd) }
         // Onto a directory, the file goes in under its own name, as with cp and scp.
         var dest = remote
         if try transfer.stat(remote).kind == .directory {
@@ -65,10 +63,17 @@ struct Push: ParsableCommand {
             dest = (remote.hasSuffix("/") ? remote : remote + "/") + (local as NSString).lastPathComponent
         }
         let bar = ProgressBar(label: "push", enabled: !options.quiet && isatty(2) == 1)
-        let summary = try transfer.push(fd: fd, size: size, to: dest, mode: explicitMode ?? fileMode, parents: parents,
+        let summary: TransferSummary
+        if local == "-" {
+            let (fd, size) = try spoolStdin()
+            defer { close(fd) }
+            summary = try transfer.push(fd: fd, size: size, to: dest, mode: explicitMode ?? 0o644, parents: parents,
                                         guestSHA256: options.sha256, progress: bar.update)
+        } else {
+            summary = try transfer.push(file: local, to: dest, mode: explicitMode, parents: parents,
+                                        guestSHA256: options.sha256, progress: bar.update)
+        }
         bar.finish()
-        try checkGuestSHA(summary)
         if options.json { return try printJSON(summary) }
         if !options.quiet {
             FileHandle.standardError.write(Data(String(format: "%@ -> %@:%@: %@ in %.2f s (%.1f MiB/s)\n", local, name, dest,
@@ -76,16 +81,16 @@ struct Push: ParsableCommand {
         }
     }
 
-    /// The file to send; stdin is first spooled to an unlinked temporary file so its size is known.
-    private func openSource() throws -> (Int32, UInt64, UInt32) {
-        if local == "-" {
-            var template = Array((NSTemporaryDirectory() + "/virtchan-stdin-XXXXXX").utf8CString)
-            let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-            guard fd >= 0 else { throw CLIError("cannot create a temporary file: \(String(cString: strerror(errno)))") }
-            unlink(template)
-            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
-            defer { buf.deallocate() }
-            var total: UInt64 = 0
+    /// Stdin, spooled to an unlinked temporary file so that its size is known before it is sent.
+    private func spoolStdin() throws -> (fd: Int32, size: UInt64) {
+        var template = Array((NSTemporaryDirectory() + "/virtchan-stdin-XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw CLIError("cannot create a temporary file: \(String(cString: strerror(errno)))") }
+        unlink(template)
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+        defer { buf.deallocate() }
+        var total: UInt64 = 0
+        do {
             while true {
                 let n = read(0, buf.baseAddress!, buf.count)
                 if n < 0 && errno == EINTR { continue }
@@ -96,24 +101,12 @@ struct Push: ParsableCommand {
                 }
                 total += UInt64(n)
             }
-            lseek(fd, 0, SEEK_SET)
-            return (fd, total, 0o644)
-        }
-        let fd = open(local, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw CLIError("cannot open \(local): \(String(cString: strerror(errno)))") }
-        var st = stat()
-        fstat(fd, &st)
-        guard (st.st_mode & S_IFMT) == S_IFREG else {
+        } catch {
             close(fd)
-            throw CLIError("\(local) is not a regular file")
+            throw error
         }
-        return (fd, UInt64(st.st_size), UInt32(st.st_mode & 0o7777))
-    }
-
-    private func checkGuestSHA(_ summary: TransferSummary) throws {
-        if let g = summary.guestSHA256, g != summary.sha256 {
-            throw CLIError("SHA-256 mismatch: host \(summary.sha256), guest \(g)")
-        }
+        lseek(fd, 0, SEEK_SET)
+        return (fd, total)
     }
 }
 

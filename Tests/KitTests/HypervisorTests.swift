@@ -112,4 +112,49 @@ import VirtchanKit
             #expect(error?.code == .invalidRequest)
         }
     }
+
+    /// Mode bits of a path, or nil when it does not exist.
+    private func mode(_ path: String) -> Int? {
+        (try? FileManager.default.attributesOfItem(atPath: path))?[.posixPermissions] as? Int
+    }
+
+    @Test func createWritesAPrivateStateDirectoryAndDestroyRemovesEverything() throws {
+        let paths = try scratchPaths()
+        defer { remove(paths) }
+        let hypervisor = Hypervisor(uri: "test:///default", paths: paths)
+        var request = MachineRequest(name: "vm4")
+        request.accelerator = .tcg
+        let machine = try hypervisor.create(request)
+        #expect(machine.domainType == "qemu")
+        let state = paths.stateDirectory(for: "vm4")
+        #expect(mode(state) == 0o700)
+        #expect(mode(state + "/agent.key") == 0o600)
+        #expect(mode(paths.keyedInitrd(for: "vm4")) == 0o600)
+        #expect(try hypervisor.domains().map(\.name) == ["vm4"])
+        #expect(try hypervisor.metadata(of: "vm4")?.stateDirectory == state)
+        #expect(try hypervisor.domain("vm4").isActive)
+
+        // A second create of the same name is refused and takes nothing of the first.
+        let error = #expect(throws: VirtchanError.self) { _ = try hypervisor.create(request) }
+        #expect(error?.code == .alreadyExists)
+        #expect(FileManager.default.fileExists(atPath: state + "/agent.key"))
+
+        try hypervisor.destroy("vm4")
+        #expect(try hypervisor.domains().isEmpty)
+        #expect(mode(state) == nil)
+        #expect(mode(paths.keyedInitrd(for: "vm4")) == nil)
+    }
+
+    @Test func aDefinitionLibvirtRefusesLeavesNoFilesBehind() throws {
+        let paths = try scratchPaths()
+        defer { remove(paths) }
+        let hypervisor = Hypervisor(uri: "test:///default", paths: paths)
+        var request = MachineRequest(name: "vm5")
+        request.accelerator = .tcg
+        request.templateXML = "<domain><devices><interface type='no-such-type'/></devices></domain>"
+        #expect(throws: ProvisioningError.self) { _ = try hypervisor.create(request) }
+        #expect(try hypervisor.domains(includeUnmanaged: true).map(\.name) == ["test"])
+        #expect(mode(paths.stateDirectory(for: "vm5")) == nil)
+        #expect(mode(paths.keyedInitrd(for: "vm5")) == nil)
+    }
 }

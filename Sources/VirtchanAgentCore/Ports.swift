@@ -24,8 +24,8 @@ public enum PortDiscovery {
         }
     }
 
-    public static func find(_ name: String, sysfsRoot: String = defaultSysfsRoot) -> VirtioPort? {
-        ports(sysfsRoot: sysfsRoot).first { $0.name == name }
+    public static func find(_ name: String, sysfsRoot: String = defaultSysfsRoot, devRoot: String = "/dev") -> VirtioPort? {
+        ports(sysfsRoot: sysfsRoot, devRoot: devRoot).first { $0.name == name }
     }
 }
 
@@ -61,7 +61,7 @@ public struct VirtioPortOpener: PortOpener {
     }
 
     public func open(_ name: String) -> Result<Int32, PortFailure> {
-        guard let port = PortDiscovery.ports(sysfsRoot: sysfsRoot, devRoot: devRoot).first(where: { $0.name == name }) else {
+        guard let port = PortDiscovery.find(name, sysfsRoot: sysfsRoot, devRoot: devRoot) else {
             return .failure(.missing)
         }
         let fd = Glibc.open(port.device, O_RDWR | O_NONBLOCK | O_CLOEXEC)

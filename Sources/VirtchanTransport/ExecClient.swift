@@ -235,6 +235,9 @@ public struct CapturedOutput: Sendable {
     public var result: ExecResult
     public var stdout: [UInt8] = []
     public var stderr: [UInt8] = []
+    /// A stream went past the limit: what is kept is its first `limit` bytes, and the
+    /// command's further writes to it failed (SIGPIPE), as in `cmd | head -c`.
+    public var truncated = false
     /// The exit status as a shell reports it (see ``ExecResult/status``).
     public var status: Int32 { result.status }
     public var stdoutText: String { String(decoding: stdout, as: UTF8.self) }
@@ -243,18 +246,25 @@ public struct CapturedOutput: Sendable {
 
 extension ExecClient {
     /// Runs a command with no input and collects its output, for commands whose output is
-    /// small; stream larger output with ``run(_:_:stdin:terminal:sink:)``.
+    /// small: the host keeps at most `limit` bytes of each stream, whatever the guest sends.
+    /// Stream larger output with ``run(_:_:stdin:terminal:sink:)``.
     public static func capture(_ session: AgentSession, _ argv: [String], env: [String] = [],
-                               timeout: Double? = 30) throws(TransportError) -> CapturedOutput {
+                               timeout: Double? = 30, limit: Int = 1 << 20) throws(TransportError) -> CapturedOutput {
         var options = ExecOptions(argv: argv)
         options.env = env
         options.forwardStdin = false
         options.timeout = timeout
         var out: [UInt8] = [], err: [UInt8] = []
+        var truncated = false
         let result = try run(session, options, stdin: 0, terminal: 1) { stream, bytes in
-            if stream == .stderr { err.append(contentsOf: bytes) } else { out.append(contentsOf: bytes) }
-            return true
+            func keep(_ buffer: inout [UInt8]) -> Bool {
+                let room = limit - buffer.count
+                buffer.append(contentsOf: bytes.prefix(max(0, room)))
+                if bytes.count > room { truncated = true }
+                return bytes.count < room
+            }
+            return stream == .stderr ? keep(&err) : keep(&out)
         }
-        return CapturedOutput(result: result, stdout: out, stderr: err)
+        return CapturedOutput(result: result, stdout: out, stderr: err, truncated: truncated)
     }
 }

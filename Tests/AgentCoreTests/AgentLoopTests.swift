@@ -139,6 +139,10 @@ struct RelayedPorts: PortOpener {
                 _ = try ExecClient.capture(session, ["/no/such/command"])
             }
             #expect(missing?.remote?.remoteCode == .commandNotFound)
+            // However much a command prints, the host keeps only what it asked for.
+            let flood = try ExecClient.capture(session, ["/bin/sh", "-c", "while :; do echo flood; done"], limit: 1000)
+            #expect(flood.stdout.count == 1000)
+            #expect(flood.truncated)
         }
     }
 

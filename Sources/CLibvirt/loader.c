@@ -10,6 +10,7 @@ static struct {
 #undef VC_VIRT_POINTER
     __typeof__(virResetLastError) *virResetLastError;
     __typeof__(virSetErrorFunc) *virSetErrorFunc;
+    __typeof__(virEventUpdateHandle) *virEventUpdateHandle;
 } fn;
 
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
@@ -36,6 +37,7 @@ static void load(void) {
 #undef VC_VIRT_FIND
     fn.virResetLastError = (__typeof__(virResetLastError) *)find(virt, qemu, "virResetLastError");
     fn.virSetErrorFunc = (__typeof__(virSetErrorFunc) *)find(virt, qemu, "virSetErrorFunc");
+    fn.virEventUpdateHandle = (__typeof__(virEventUpdateHandle) *)find(virt, qemu, "virEventUpdateHandle");
 }
 
 const char *vc_virt_load(void) {
@@ -54,6 +56,11 @@ VC_VIRT_FUNCTIONS(VC_VIRT_DEFINE)
 void vc_virResetLastError(void) {
     if (vc_virt_load() && !fn.virResetLastError) return;
     fn.virResetLastError();
+}
+
+void vc_virEventUpdateHandle(int watch, int events) {
+    if (vc_virt_load() && !fn.virEventUpdateHandle) return;
+    fn.virEventUpdateHandle(watch, events);
 }
 
 static void silent(void *user_data, virErrorPtr error) {

@@ -18,7 +18,7 @@ public struct AgentOptions: Sendable {
 public let agentVersion = "0.1.0"
 
 /// The guest agent: one thread, one poll loop over the control port, the data port while a
-/// transfer runs, a child's pipes while an exec runs, and a signal self-pipe.
+/// transfer runs, the pipes of every running exec, and a signal self-pipe.
 ///
 /// Where each request is handled: `RequestDispatch.swift` (every frame type, hello and
 /// authentication, info), `ExecPumps.swift` (exec), `PushReceiver.swift` and
@@ -38,18 +38,21 @@ public final class Agent: @unchecked Sendable {
     /// The answer to the current session's hello: a host resends its hello until answered,
     /// and a copy that arrives late gets the same answer (the same challenge).
     var lastHelloAck: HelloAck?
-    var exec: ExecProcess?
+    /// The session's running processes by request id; each streams on its own.
+    var execs: [UInt32: ExecProcess] = [:]
     var transfer: Transfer?
     var signalFD: Int32 = -1
     var stopping = false
 
     static let capabilities = [Capability.ping, Capability.info, Capability.exec, Capability.execStdin,
                                Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.execResize,
-                               Capability.filePush,
+                               Capability.execConcurrent, Capability.execFlow, Capability.filePush,
                                Capability.filePull, Capability.tree, Capability.sha256]
     /// While this much control output is queued, the agent stops reading child output.
     let outputHighWater = 1 << 20
     let stdinHighWater = 4 << 20
+    /// At most this many processes run for one session at a time.
+    let maxExecs = 64
 
     public init(options: AgentOptions) {
         self.options = options
@@ -90,23 +93,28 @@ public final class Agent: @unchecked Sendable {
         var fds: [pollfd] = []
         fds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
         let controlEvents = Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0)
-        let wantControlInput = !controlHup && (exec.map { $0.stdinBuffer.count < stdinHighWater } ?? true)
+        let stdinQueued = execs.values.reduce(0) { $0 + $1.stdinBuffer.count }
+        let wantControlInput = !controlHup && stdinQueued < stdinHighWater
         fds.append(pollfd(fd: controlHup ? -1 : control.fd,
                           events: wantControlInput ? controlEvents : controlEvents & ~Int16(POLLIN), revents: 0))
-        var execSlots: (stdin: Int, stdout: Int, stderr: Int) = (-1, -1, -1)
-        if let exec {
-            if exec.stdoutFD >= 0 && control.pendingOutput < outputHighWater {
-                execSlots.stdout = fds.count
+        // Per exec: the poll slots of its stdin, stdout and stderr (-1: not polled).
+        var execSlots: [(exec: ExecProcess, stdin: Int, stdout: Int, stderr: Int)] = []
+        let outputRoom = control.pendingOutput < outputHighWater
+        for exec in execs.values {
+            var slots = (exec: exec, stdin: -1, stdout: -1, stderr: -1)
+            if exec.stdoutFD >= 0 && outputRoom && !exec.outputPaused {
+                slots.stdout = fds.count
                 fds.append(pollfd(fd: exec.stdoutFD, events: Int16(POLLIN), revents: 0))
             }
-            if exec.stderrFD >= 0 && control.pendingOutput < outputHighWater {
-                execSlots.stderr = fds.count
+            if exec.stderrFD >= 0 && outputRoom && !exec.outputPaused {
+                slots.stderr = fds.count
                 fds.append(pollfd(fd: exec.stderrFD, events: Int16(POLLIN), revents: 0))
             }
             if exec.stdinFD >= 0 && !exec.tty && (!exec.stdinBuffer.isEmpty || exec.stdinEOF) {
-                execSlots.stdin = fds.count
+                slots.stdin = fds.count
                 fds.append(pollfd(fd: exec.stdinFD, events: Int16(POLLOUT), revents: 0))
             }
+            execSlots.append(slots)
         }
         var dataSlot = -1
         if let t = transfer, !t.dataHup {
@@ -119,7 +127,7 @@ public final class Agent: @unchecked Sendable {
 
         var timeout: Int32 = -1
         if controlHup { timeout = 250 }
-        if let exec, exec.exit != nil { timeout = 50 }
+        if execs.values.contains(where: { $0.exit != nil }) { timeout = 50 }
         if let t = transfer, t.dataHup || t.phase == .awaitingAck { timeout = 100 }
         if let t = transfer, t.kind == .pull, t.phase == .streaming, t.data.pendingOutput < FrameLimits.dataChunk, !t.dataHup {
             timeout = 0
@@ -147,10 +155,11 @@ public final class Agent: @unchecked Sendable {
             flushControl(control)
         }
 
-        if let exec = self.exec, exec.id != 0 {
-            if execSlots.stdout >= 0 && fds[execSlots.stdout].revents != 0 { pumpOutput(exec, .stdout) }
-            if execSlots.stderr >= 0 && fds[execSlots.stderr].revents != 0 { pumpOutput(exec, .stderr) }
-            if execSlots.stdin >= 0 && fds[execSlots.stdin].revents != 0 { pumpStdin(exec) }
+        for slots in execSlots where execs[slots.exec.id] === slots.exec {
+            let exec = slots.exec
+            if slots.stdout >= 0 && fds[slots.stdout].revents != 0 { pumpOutput(exec, .stdout) }
+            if slots.stderr >= 0 && fds[slots.stderr].revents != 0 { pumpOutput(exec, .stderr) }
+            if slots.stdin >= 0 && fds[slots.stdin].revents != 0 { pumpStdin(exec) }
             finishExecIfDone(exec)
         }
         if let t = transfer {
@@ -177,7 +186,7 @@ public final class Agent: @unchecked Sendable {
             var status: Int32 = 0
             let pid = waitpid(-1, &status, WNOHANG)
             if pid <= 0 { break }
-            guard let exec, exec.pid == pid else { continue }
+            guard let exec = execs.values.first(where: { $0.pid == pid }) else { continue }
             let termSig = status & 0x7f
             if termSig == 0 {
                 exec.exit = ExecExit(code: (status >> 8) & 0xff, signal: 0)
@@ -199,7 +208,7 @@ public final class Agent: @unchecked Sendable {
     }
 
     func hostGone(_ control: FramedConnection) {
-        if sessionActive || exec != nil || transfer != nil {
+        if sessionActive || !execs.isEmpty || transfer != nil {
             log.info("host disconnected from the control port")
         }
         endSession(reason: "host disconnected")
@@ -207,17 +216,17 @@ public final class Agent: @unchecked Sendable {
         lastHupCheck = monotonicNanos()
     }
 
-    /// Forgets the session: kills its process, abandons its transfer, drops queued bytes.
+    /// Forgets the session: kills its processes, abandons its transfer, drops queued bytes.
     func endSession(reason: String) {
-        if let exec {
+        for exec in execs.values {
             if exec.exit == nil {
                 log.info("killing exec \(exec.id) (pid \(exec.pid)): \(reason)")
                 kill(-exec.pid, SIGKILL)
                 kill(exec.pid, SIGKILL)
             }
             exec.closeAll()
-            self.exec = nil
         }
+        execs = [:]
         if let t = transfer {
             log.info("abandoning transfer of \(t.path): \(reason)")
             t.close(completed: false)

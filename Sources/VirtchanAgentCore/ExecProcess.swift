@@ -19,6 +19,9 @@ final class ExecProcess {
     var stdinEOF = false
     var exit: ExecExit?
     var exitedAt: UInt64 = 0
+    /// The host asked to stop forwarding this process's output for now (execFlow): its
+    /// reader is behind, and other requests on the session must not wait for it.
+    var outputPaused = false
 
     init(id: UInt32, pid: pid_t, tty: Bool, stdin: Int32, stdout: Int32, stderr: Int32) {
         self.id = id

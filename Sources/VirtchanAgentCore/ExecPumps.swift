@@ -3,7 +3,10 @@ import VirtchanProtocol
 
 extension Agent {
     func startExec(_ request: ExecStart, id: UInt32) {
-        guard exec == nil else { return fail(id, .busy, "another command is still running in this session") }
+        guard execs[id] == nil else { return fail(id, .badRequest, "request \(id) already runs a command") }
+        guard execs.count < maxExecs else {
+            return fail(id, .busy, "\(maxExecs) commands are already running in this session")
+        }
         guard let command = request.argv.first else { return fail(id, .badRequest, "no command given") }
         guard options.policy.permits(command) else {
             log.info("exec of \(command) denied by policy")
@@ -11,7 +14,7 @@ extension Agent {
         }
         do {
             let process = try Spawner.spawn(request, id: id)
-            exec = process
+            execs[id] = process
             log.debug("exec \(id): \(request.argv.joined(separator: " ")) as pid \(process.pid)")
             reply(ExecStarted(pid: process.pid), id: id)
         } catch {
@@ -23,7 +26,7 @@ extension Agent {
         guard let control else { return }
         let fd = stream == .stdout ? exec.stdoutFD : exec.stderrFD
         var rounds = 0
-        while rounds < 16 && control.pendingOutput < outputHighWater {
+        while rounds < 16 && control.pendingOutput < outputHighWater && !exec.outputPaused {
             rounds += 1
             var readErrno: Int32 = 0
             let (n, _) = control.sendInPlace(.execOutput, id: exec.id, flags: stream.rawValue, maxPayload: FrameLimits.execChunk) { room in
@@ -74,6 +77,6 @@ extension Agent {
         }
         exec.closeAll()
         reply(status, id: exec.id)
-        self.exec = nil
+        execs[exec.id] = nil
     }
 }

@@ -49,26 +49,30 @@ extension Agent {
             case .execStart:
                 startExec(try ExecStart.decode(frame), id: frame.id)
             case .execInput:
-                guard let exec, exec.id == frame.id else { return }
+                guard let exec = execs[frame.id] else { return }
                 if exec.stdinFD >= 0 { exec.stdinBuffer.append(contentsOf: frame.payload) }
                 if frame.flags & execInputEOF != 0 { exec.stdinEOF = true }
                 if exec.tty && exec.stdinFD >= 0 { pumpStdin(exec) }
             case .execSignal:
                 let msg = try ExecSignal.decode(frame)
-                guard let exec, exec.id == frame.id else { return }
+                guard let exec = execs[frame.id] else { return }
                 guard msg.signal > 0 && msg.signal < 65 else { return fail(frame.id, .badRequest, "no such signal \(msg.signal)") }
                 log.debug("signal \(msg.signal) to exec \(exec.id)")
                 exec.signal(msg.signal)
             case .execOutputClosed:
                 // Nobody reads this stream on the host any more: close our end of the pipe, so the
                 // process's next write fails (SIGPIPE) as it would in a local pipeline.
-                guard let exec, exec.id == frame.id, let stream = ExecStream(rawValue: frame.flags) else { return }
+                guard let exec = execs[frame.id], let stream = ExecStream(rawValue: frame.flags) else { return }
                 log.debug("host closed \(stream) of exec \(exec.id)")
                 exec.closeOutput(stream)
+            case .execFlow:
+                // The host's reader of this process is behind (or caught up again).
+                guard let exec = execs[frame.id] else { return }
+                exec.outputPaused = frame.flags & execFlowPause != 0
             case .execResize:
                 // The kernel tells the terminal's foreground process group (SIGWINCH).
                 let size = try ExecResize.decode(frame)
-                guard let exec, exec.id == frame.id, exec.tty, exec.stdoutFD >= 0 else { return }
+                guard let exec = execs[frame.id], exec.tty, exec.stdoutFD >= 0 else { return }
                 var ws = winsize(ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0)
                 _ = ioctl(exec.stdoutFD, UInt(TIOCSWINSZ), &ws)
             case .pushRequest:
@@ -129,11 +133,11 @@ extension Agent {
             log.info("malformed hello ignored")
             return
         }
-        if sessionActive, exec == nil, transfer == nil, let ack = lastHelloAck, ack.nonce == hello.nonce {
+        if sessionActive, execs.isEmpty, transfer == nil, let ack = lastHelloAck, ack.nonce == hello.nonce {
             reply(ack, id: frame.id)
             return
         }
-        if sessionActive || exec != nil || transfer != nil {
+        if sessionActive || !execs.isEmpty || transfer != nil {
             endSession(reason: "new session from \(hello.client)")
         }
         guard hello.minVersion <= ProtocolVersion.current, hello.maxVersion >= ProtocolVersion.minimum else {

@@ -19,16 +19,17 @@ public final class Hypervisor: Sendable {
     /// Off by default; a domain created with ``MachineRequest/allowUnkeyedAgent`` is accepted
     /// without it.
     public let allowsUnkeyedAgents: Bool
-    /// Whether the caller named the URI: a named URI that is not on this host is refused for
-    /// sessions, whose sockets are local.
-    private let uriGiven: Bool
+    /// How sessions reach agents: through a session holder shared by every process (the
+    /// default), or straight to the channel sockets.
+    public let sharing: SessionSharing
     private let openConnection = Mutex<Connection?>(nil)
 
-    public init(uri: String? = nil, paths: HostPaths = .current, allowsUnkeyedAgents: Bool = false) {
+    public init(uri: String? = nil, paths: HostPaths = .current, allowsUnkeyedAgents: Bool = false,
+                sharing: SessionSharing = .standard) {
         self.uri = uri ?? Connection.defaultURI
-        uriGiven = uri != nil
         self.paths = paths
         self.allowsUnkeyedAgents = allowsUnkeyedAgents
+        self.sharing = sharing
     }
 
     /// The libvirt connection, opened on first use.
@@ -91,6 +92,7 @@ public final class Hypervisor: Sendable {
             throw VirtchanError(.notManaged, "domain \(name) is not managed by virtchan; use --force to destroy it anyway")
         }
         if domain.isActive { try domain.destroy() }
+        stopHolder(of: name, timeout: 2)
         endpointCache?.remove(name)
         ChannelLock.removeLocks(of: name)
         unlink(paths.keyedInitrd(for: name))
@@ -137,8 +139,8 @@ public final class Hypervisor: Sendable {
         guard let controlPath = control.path else {
             throw VirtchanError(.noChannel, "the \(controlName) channel of \(name) is not a unix socket channel")
         }
-        guard !uriGiven || conn.isLocal else {
-            throw VirtchanError(.invalidRequest, "\(conn.uri) is not on this host; run virtchan on the host that runs \(name)")
+        guard conn.isLocal else {
+            throw VirtchanError(.invalidRequest, "the channels of \(name) on \(conn.uri) are not sockets on this host; reach them through a session (Hypervisor.session(with:))")
         }
         let console = doc.string("string(/domain/devices/serial[@type='file']/source/@path)")
         let endpoint = AgentEndpoint(domain: name, controlSocket: controlPath,
@@ -157,9 +159,16 @@ public final class Hypervisor: Sendable {
         return endpoint
     }
 
-    /// A session with the agent in `name`. The channel is exclusive: a second session waits
-    /// for it (up to `timeout`) and then fails with `TransportError.Code.busy`.
+    /// A session with the agent in `name`: through its session holder (started when none
+    /// runs), which any number of sessions share, or with ``SessionSharing/direct`` straight
+    /// to the channel, which takes one session at a time (a second fails as busy).
     public func session(with name: String, timeout: Double = 10) throws -> AgentSession {
+        if case .holder(let persist) = sharing {
+            return try heldSession(with: name, persist: persist, timeout: timeout)
+        }
+        guard Connection.isLocal(uri: uri) else {
+            throw VirtchanError(.invalidRequest, "\(uri) is not reached through sockets on this host; its domains are reached through a session holder (sharing: .holder)")
+        }
         if let cached = endpointCache?.lookup(name) {
             do {
                 return try connect(cached, timeout: timeout)
@@ -191,7 +200,7 @@ public final class Hypervisor: Sendable {
 
     /// The key from the domain's private state directory; an agent without a key is accepted
     /// only for a domain created so, or when ``allowsUnkeyedAgents`` is set.
-    private func loadCredentials(_ endpoint: inout AgentEndpoint) {
+    func loadCredentials(_ endpoint: inout AgentEndpoint) {
         endpoint.loadCredentials(stateDirectory: paths.stateDirectory(for: endpoint.domain), allowUnkeyed: allowsUnkeyedAgents)
     }
 

@@ -30,6 +30,11 @@ public struct VirtchanError: Error, CustomStringConvertible, Sendable {
         /// A host file could not be read or written.
         public static let io = Code(.io)
         public var description: String { value.rawValue }
+        /// The code whose ``description`` is `name`, for errors that cross a process boundary.
+        public init?(named name: String) {
+            guard let v = Value(rawValue: name) else { return nil }
+            value = v
+        }
     }
 
     public let code: Code

@@ -18,6 +18,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case execExit = 0x15
     case execOutputClosed = 0x16
     case execResize = 0x17
+    case execFlow = 0x18
 
     case pushRequest = 0x20
     case pullRequest = 0x21
@@ -33,6 +34,11 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case ok = 0x2B
     case listTree = 0x2C
     case treeEntries = 0x2D
+
+    // Between virtchan processes on one host and a session holder; never on a channel.
+    case dataPortRequest = 0x40
+    case dataPortQueued = 0x41
+    case dataPortGrant = 0x42
 }
 
 public enum ProtocolVersion {
@@ -52,10 +58,17 @@ public enum Capability {
     public static let execOutputClosed = "exec-output-closed"
     /// The agent understands execResize.
     public static let execResize = "exec-resize"
+    /// The agent runs several processes per session, each under its request's id.
+    public static let execConcurrent = "exec-concurrent"
+    /// The agent understands execFlow (pause and resume one process's output).
+    public static let execFlow = "exec-flow"
     public static let filePush = "file-push"
     public static let filePull = "file-pull"
     public static let tree = "tree"
     public static let sha256 = "sha256"
+    /// Announced by a session holder in its own hello answer: the session is shared, and
+    /// the holder has already proven the domain's key to the agent.
+    public static let heldSession = "held-session"
     /// The agent holds a key and serves only a host that proves it (AuthProof).
     public static let auth = "auth-hmac-sha256"
 }
@@ -276,6 +289,8 @@ public enum ExecStream: UInt16, Sendable { case stdout = 1, stderr = 2 }
 
 /// Flag of an execInput frame: the host's stdin reached EOF (the payload may still hold bytes).
 public let execInputEOF: UInt16 = 1
+/// execFlow flag: stop forwarding the process's output until an execFlow without it.
+public let execFlowPause: UInt16 = 1
 
 public struct ExecSignal: WireMessage, Equatable {
     public static let type = MessageType.execSignal
@@ -352,9 +367,19 @@ public struct DataReady: WireMessage, Equatable {
     public static let type = MessageType.dataReady
     public var size: UInt64
     public var mode: UInt32
-    public init(size: UInt64, mode: UInt32) { self.size = size; self.mode = mode }
-    public func encode(into w: inout ByteWriter) { w.u64(size); w.u32(mode) }
-    public init(from r: inout ByteReader) throws(ProtocolError) { size = try r.u64(); mode = try r.u32() }
+    /// The id that the transfer's frames carry on the data port, when it is not the request's:
+    /// a session holder renumbers requests on their way to the agent, and the data port
+    /// carries the agent's number. Appended by the holder, never by the agent.
+    public var dataID: UInt32?
+    public init(size: UInt64, mode: UInt32, dataID: UInt32? = nil) { self.size = size; self.mode = mode; self.dataID = dataID }
+    public func encode(into w: inout ByteWriter) {
+        w.u64(size); w.u32(mode)
+        if let dataID { w.u32(dataID) }
+    }
+    public init(from r: inout ByteReader) throws(ProtocolError) {
+        size = try r.u64(); mode = try r.u32()
+        dataID = r.remaining >= 4 ? try r.u32() : nil
+    }
 }
 
 /// Last frame of a file on the data port: the total size and the TransferDigest of its frames.

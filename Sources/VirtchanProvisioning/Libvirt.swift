@@ -77,12 +77,30 @@ public final class Connection: @unchecked Sendable {
         return (0..<Int(n)).compactMap { i in list[i].map { Domain(connection: self, pointer: $0) } }
     }
 
-    /// True when the URI names no remote host, so the channel sockets are on this machine.
-    public var isLocal: Bool {
+    /// True when the URI reaches libvirt on this machine through its own unix socket, so a
+    /// domain's channel sockets are files here. A URI with a host or a network transport
+    /// (`qemu+ssh`, `qemu+tcp`, `qemu+tls`) is remote even when it names this machine: its
+    /// channels are reached through libvirt streams.
+    public var isLocal: Bool { Self.isLocal(uri: uri) }
+
+    public static func isLocal(uri: String) -> Bool {
         guard let components = URLComponents(string: uri) else { return true }
-        let host = components.host ?? ""
-        return host.isEmpty || host == "localhost" || host == "127.0.0.1"
+        let scheme = components.scheme ?? ""
+        if let plus = scheme.firstIndex(of: "+"), scheme[scheme.index(after: plus)...] != "unix" { return false }
+        return (components.host ?? "").isEmpty
     }
+
+    /// Has libvirt probe the far end every `interval` seconds and drop the connection after
+    /// `count` probes go unanswered, so a lost network link fails what waits on it instead of
+    /// hanging. Needs libvirt's event loop (``ChannelStream/startEventLoop()``). The
+    /// corresponding C function is `virConnectSetKeepAlive`.
+    public func setKeepAlive(interval: Int32, count: UInt32) {
+        if vc_virConnectSetKeepAlive(pointer, interval, count) < 0 { vc_virResetLastError() }
+    }
+
+    /// Whether libvirt still answers on this connection. The corresponding C function is
+    /// `virConnectIsAlive`.
+    public var isAlive: Bool { vc_virConnectIsAlive(pointer) == 1 }
 }
 
 public enum DomainState: String, Sendable, Codable {
@@ -129,6 +147,16 @@ public final class Domain: @unchecked Sendable {
     }
 
     public var isActive: Bool { vc_virDomainIsActive(pointer) == 1 }
+
+    /// The corresponding C function is `virDomainGetUUIDString`.
+    public var uuid: String {
+        var buf = [CChar](repeating: 0, count: Int(VIR_UUID_STRING_BUFLEN))
+        guard vc_virDomainGetUUIDString(pointer, &buf) == 0 else {
+            vc_virResetLastError()
+            return ""
+        }
+        return String(decoding: buf.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
 
     /// The live XML (or the persistent one when stopped). The corresponding C function is
     /// `virDomainGetXMLDesc`.

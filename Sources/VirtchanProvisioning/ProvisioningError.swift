@@ -23,6 +23,11 @@ public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
         /// libvirt or libxml2 cannot be loaded: the installation is broken.
         public static let libraryMissing = Code(.libraryMissing)
         public var description: String { value.rawValue }
+        /// The code whose ``description`` is `name`, for errors that cross a process boundary.
+        public init?(named name: String) {
+            guard let v = Value(rawValue: name) else { return nil }
+            value = v
+        }
     }
 
     public let code: Code

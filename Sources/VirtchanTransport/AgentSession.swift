@@ -13,6 +13,9 @@ public struct AgentEndpoint: Sendable {
     /// Whether an agent without a key may be used (anything that reaches its socket can
     /// drive it); off unless the user or the domain's settings say so.
     public var allowsUnkeyedAgent: Bool
+    /// The socket of the session holder that serves this domain on this host; when set,
+    /// sessions go through it instead of the channel sockets (see ``HolderLink``).
+    public var holderSocket: String?
 
     public init(domain: String, controlSocket: String, dataSocket: String?, consoleLog: String?,
                 key: AgentKey? = nil, allowsUnkeyedAgent: Bool = false) {
@@ -43,17 +46,31 @@ public final class AgentSession {
     public let endpoint: AgentEndpoint
     public let control: FramedConnection
     public private(set) var hello: HelloAck
-    private let lock: ChannelLock
+    private let lock: ChannelLock?
     private var nextID: UInt32 = 1
     /// Frames that arrived for another request while waiting for one.
     private var stash: [Frame] = []
 
     /// Connects and completes the handshake, resending the hello until `timeout` passes
     /// (an agent still booting misses what arrives before it opens its port).
-    public static func connect(_ endpoint: AgentEndpoint, timeout: Double = 10) throws(TransportError) -> AgentSession {
+    ///
+    /// The session goes through the endpoint's session holder when it names one, else
+    /// straight to the control socket. With `channel`, the handshake runs over that already
+    /// open descriptor instead (a holder's own session), which the session then owns.
+    public static func connect(_ endpoint: AgentEndpoint, over channel: Int32? = nil,
+                               timeout: Double = 10) throws(TransportError) -> AgentSession {
         signal(SIGPIPE, SIG_IGN)
-        let lock = try ChannelLock(domain: endpoint.domain, role: "control", label: "control channel of \(endpoint.domain)")
-        let fd = try UnixSocket.connect(endpoint.controlSocket)
+        let held = channel == nil && endpoint.holderSocket != nil
+        var lock: ChannelLock?
+        let fd: Int32
+        if let channel {
+            fd = channel
+        } else if let holder = endpoint.holderSocket {
+            fd = try HolderLink.connect(holder)
+        } else {
+            lock = try ChannelLock(domain: endpoint.domain, role: "control", label: "control channel of \(endpoint.domain)")
+            fd = try UnixSocket.connect(endpoint.controlSocket)
+        }
         let control = FramedConnection(fd: fd)
         var rng = SystemRandomNumberGenerator()
         let nonce = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
@@ -77,7 +94,11 @@ public final class AgentSession {
                 while let frame = control.decoder.next() {
                     // Anything before our own ack is left over from an earlier session.
                     if frame.type == .helloAck, let ack = try? HelloAck.decode(frame), ack.nonce == nonce {
-                        try authenticate(endpoint, control, ack: ack, nonce: nonce, deadline: deadline)
+                        // A holder proved the key when it opened its own session; only a
+                        // holder's socket is believed when it says so.
+                        if !(held && ack.capabilities.contains(Capability.heldSession)) {
+                            try authenticate(endpoint, control, ack: ack, nonce: nonce, deadline: deadline)
+                        }
                         return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: lock)
                     }
                     if frame.type == .error, let err = try? ErrorMessage.decode(frame), err.remoteCode == .unsupported {
@@ -122,7 +143,7 @@ public final class AgentSession {
         }
     }
 
-    private init(endpoint: AgentEndpoint, control: FramedConnection, hello: HelloAck, lock: ChannelLock) {
+    private init(endpoint: AgentEndpoint, control: FramedConnection, hello: HelloAck, lock: ChannelLock?) {
         self.endpoint = endpoint
         self.control = control
         self.hello = hello
@@ -153,7 +174,10 @@ public final class AgentSession {
 
     /// Whether the agent holds a key and this session proved it. Without one, anything that
     /// reaches the agent's channel can drive it.
-    public var agentHoldsKey: Bool { !hello.challenge.isEmpty }
+    public var agentHoldsKey: Bool { hello.capabilities.contains(Capability.auth) }
+
+    /// Whether the session goes through a session holder shared with other processes.
+    public var isHeld: Bool { hello.capabilities.contains(Capability.heldSession) && endpoint.holderSocket != nil }
 
     public func newID() -> UInt32 {
         nextID &+= 1

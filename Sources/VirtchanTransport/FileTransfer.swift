@@ -27,20 +27,40 @@ public final class FileTransfer {
     let session: AgentSession
     private var data: FramedConnection?
     private var dataLock: ChannelLock?
+    /// Through a session holder: the connection that holds the data port for this object.
+    private var dataGrant: Int32 = -1
     /// How long the agent may stay silent before the transfer is given up.
     public var silenceLimit: Double = 15
+    /// How long a transfer waits for the data port while others use it (through a session
+    /// holder, transfers take turns on it).
+    public var queueTimeout: Double = 3600
+    /// Called while this transfer waits for others, with the number ahead of it.
+    public var onQueued: ((Int) -> Void)?
 
     public init(session: AgentSession) { self.session = session }
 
-    deinit { if let data { close(data.fd) } }
+    deinit {
+        if let data { close(data.fd) }
+        if dataGrant >= 0 { close(dataGrant) }
+    }
 
+    /// The data port: straight from its socket, or lent by the session holder for as long as
+    /// this object lives (every transfer it makes runs under one turn).
     private func dataConnection() throws(TransportError) -> FramedConnection {
         if let data { return data }
-        guard let path = session.endpoint.dataSocket else {
-            throw TransportError(.unreachable, "domain \(session.endpoint.domain) has no data channel")
+        let endpoint = session.endpoint
+        let fd: Int32
+        if session.isHeld, let holder = endpoint.holderSocket {
+            let lent = try HolderLink.dataPort(holder, domain: endpoint.domain, timeout: queueTimeout, queued: onQueued)
+            fd = lent.port
+            dataGrant = lent.grant
+        } else {
+            guard let path = endpoint.dataSocket else {
+                throw TransportError(.unreachable, "domain \(endpoint.domain) has no data channel")
+            }
+            dataLock = try ChannelLock(domain: endpoint.domain, role: "data", label: "data channel of \(endpoint.domain)")
+            fd = try UnixSocket.connect(path)
         }
-        dataLock = try ChannelLock(domain: session.endpoint.domain, role: "data", label: "data channel of \(session.endpoint.domain)")
-        let fd = try UnixSocket.connect(path)
         let c = FramedConnection(fd: fd, maxPayload: FrameLimits.dataChunk + 4096)
         data = c
         return c
@@ -53,6 +73,12 @@ public final class FileTransfer {
         }
         if f.type == .error { throw TransportError(remote: try decodeOrThrow(ErrorMessage.self, f)) }
         return f
+    }
+
+    /// The id of the transfer's frames on the data port: the request's, or through a session
+    /// holder, the one the holder says the agent knows it by.
+    private func dataPortID(_ ready: DataReady, request id: UInt32) -> UInt32 {
+        session.isHeld ? ready.dataID ?? id : id
     }
 
     private func abort(_ id: UInt32) {
@@ -72,10 +98,11 @@ public final class FileTransfer {
         let id = session.newID()
         let start = monotonicNanos()
         session.send(PushRequest(path: remote, mode: mode, size: size, parents: parents, wantSHA256: guestSHA256), id: id)
-        let ready = try controlReply(id, timeout: 30)
-        guard ready.type == .dataReady else {
-            throw TransportError(.protocolViolation, "the agent answered a push with \(ready.type)")
+        let readyFrame = try controlReply(id, timeout: 30)
+        guard readyFrame.type == .dataReady else {
+            throw TransportError(.protocolViolation, "the agent answered a push with \(readyFrame.type)")
         }
+        let dataID = try dataPortID(decodeOrThrow(DataReady.self, readyFrame), request: id)
         var digest = TransferDigest()
         var sha = Crypto.SHA256()
         var sent: UInt64 = 0
@@ -88,13 +115,13 @@ public final class FileTransfer {
                 while !finished && data.pendingOutput < 2 * FrameLimits.dataChunk {
                     let want = Int(min(UInt64(FrameLimits.dataChunk), size - sent))
                     if want == 0 {
-                        data.send(DataEnd(size: sent, digest: digest.digest()), id: id)
+                        data.send(DataEnd(size: sent, digest: digest.digest()), id: dataID)
                         finished = true
                         break
                     }
                     // Read straight into the output buffer, behind the frame header.
                     var readErrno: Int32 = 0
-                    let (got, hash) = data.sendInPlace(.data, id: id, maxPayload: want) { room in
+                    let (got, hash) = data.sendInPlace(.data, id: dataID, maxPayload: want) { room in
                         let n = readFull(fd, room.baseAddress!, want)
                         if n < 0 { readErrno = errno }
                         if n > 0 { sha.update(bufferPointer: UnsafeRawBufferPointer(rebasing: room[0..<n])) }
@@ -167,6 +194,7 @@ public final class FileTransfer {
         session.send(PullRequest(path: remote, wantSHA256: guestSHA256), id: id)
         let readyFrame = try controlReply(id, timeout: 30)
         let ready = try decodeOrThrow(DataReady.self, readyFrame)
+        let dataID = dataPortID(ready, request: id)
         var digest = TransferDigest()
         var sha = Crypto.SHA256()
         var received: UInt64 = 0
@@ -179,7 +207,7 @@ public final class FileTransfer {
             while !ended {
                 var failure: TransportError?
                 while failure == nil && !ended && data.decoder.nextInPlace({ frame in
-                    guard frame.id == id else { return }
+                    guard frame.id == dataID else { return }
                     switch frame.type {
                     case .data:
                         guard received + UInt64(frame.payload.count) <= ready.size else {

@@ -29,6 +29,11 @@ public struct TransportError: Error, CustomStringConvertible, Sendable {
         /// The agent and this host do not share the domain's key (or the agent has none).
         public static let unauthenticated = Code(.unauthenticated)
         public var description: String { value.rawValue }
+        /// The code whose ``description`` is `name`, for errors that cross a process boundary.
+        public init?(named name: String) {
+            guard let v = Value(rawValue: name) else { return nil }
+            value = v
+        }
     }
 
     public let code: Code

@@ -76,7 +76,7 @@ public var runtimeDirectory: String {
 }
 
 /// Creates `path` and any missing parents, each new one private (0700).
-func makePrivateDirectories(_ path: String) {
+public func makePrivateDirectories(_ path: String) {
     var partial = ""
     for part in path.split(separator: "/") {
         partial += "/" + part
@@ -92,7 +92,7 @@ public final class ChannelLock {
     static var directory: String { runtimeDirectory + "/locks" }
     let fd: Int32
 
-    init(domain: String, role: String, label: String) throws(TransportError) {
+    public init(domain: String, role: String, label: String) throws(TransportError) {
         makePrivateDirectories(Self.directory)
         let lockPath = Self.path(domain: domain, role: role)
         fd = open(lockPath, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)

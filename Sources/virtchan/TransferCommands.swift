@@ -45,8 +45,7 @@ struct Push: ParsableCommand {
             if isDir && !options.recursive { throw CLIError("\(local) is a directory (use -r to copy a tree)") }
             if !isDir && options.recursive { throw CLIError("\(local) is not a directory; drop -r to copy one file") }
         }
-        let session = try global.session(name)
-        let transfer = FileTransfer(session: session)
+        let transfer = try global.transfer(name)
         if options.recursive {
             let summary = try transfer.pushTree(local, to: remote, mode: explicitMode, parents: parents,
                                                 guestSHA256: options.sha256) { path in
@@ -139,8 +138,7 @@ struct Pull: ParsableCommand {
     }
 
     func run() throws {
-        let session = try global.session(name)
-        let transfer = FileTransfer(session: session)
+        let transfer = try global.transfer(name)
         let pullOptions = PullOptions(preserveSpecialModes: preserveSpecialModes, guestSHA256: options.sha256)
         // A signal unwinds the pull, which removes its temporary files on the way out.
         Interruption.install()

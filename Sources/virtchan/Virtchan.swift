@@ -20,7 +20,7 @@ struct Virtchan: ParsableCommand {
         version: virtchanVersion,
         subcommands: [Create.self, ListDomains.self, Channels.self, XMLCommand.self, Destroy.self,
                       Wait.self, Ping.self, InfoCommand.self, Exec.self, Push.self, Pull.self,
-                      Bootstrap.self])
+                      Bootstrap.self, Holder.self])
 
     static func main() {
         var command: ParsableCommand
@@ -84,8 +84,18 @@ struct GlobalOptions: ParsableArguments {
     var connect: String?
     @Flag(help: "Use an agent that holds no key (anything that reaches its channel can drive it).")
     var insecureAgent = false
+    @Option(help: ArgumentHelp("Seconds the domain's session holder stays after the last command (0: it ends with the last one).",
+                               discussion: "Commands on one domain share one holder process, started by the first; see 'virtchan holder --help'.",
+                               valueName: "seconds"))
+    var persist: Double = 60
 
-    func hypervisor() -> Hypervisor { Hypervisor(uri: connect, allowsUnkeyedAgents: insecureAgent) }
+    func validate() throws {
+        guard persist >= 0, persist.isFinite else { throw ValidationError("--persist takes 0 or more seconds") }
+    }
+
+    func hypervisor() -> Hypervisor {
+        Hypervisor(uri: connect, allowsUnkeyedAgents: insecureAgent, sharing: .holder(persist: persist))
+    }
 
     /// A session with the agent in `name`.
     func session(_ name: String, timeout: Double = 10) throws -> AgentSession {
@@ -95,6 +105,16 @@ struct GlobalOptions: ParsableArguments {
     /// A session once the agent in `name` says hello, waiting up to `timeout` for it.
     func waitForAgent(_ name: String, timeout: Double) throws -> AgentSession {
         warnIfUnkeyed(try hypervisor().waitForAgent(name, timeout: timeout))
+    }
+
+    /// A file mover on a session with `name`; while other transfers on the domain go first,
+    /// it says so on stderr.
+    func transfer(_ name: String) throws -> FileTransfer {
+        let transfer = FileTransfer(session: try session(name))
+        transfer.onQueued = { ahead in
+            FileHandle.standardError.write(Data("virtchan: waiting for the data channel of \(name): \(ahead) transfer\(ahead == 1 ? "" : "s") ahead\n".utf8))
+        }
+        return transfer
     }
 
     private func warnIfUnkeyed(_ session: AgentSession) -> AgentSession {

@@ -44,6 +44,23 @@ void vc_virt_silence_errors(void);
     X(int, -1, virDomainFree, (virDomainPtr domain), (domain)) \
     X(int, -1, virDomainSetMetadata, (virDomainPtr domain, int type, const char *metadata, const char *key, const char *uri, unsigned int flags), (domain, type, metadata, key, uri, flags)) \
     X(char *, NULL, virDomainGetMetadata, (virDomainPtr domain, int type, const char *uri, unsigned int flags), (domain, type, uri, flags)) \
+    X(int, -1, virDomainGetUUIDString, (virDomainPtr domain, char *buf), (domain, buf)) \
+    X(int, -1, virConnectIsAlive, (virConnectPtr conn), (conn)) \
+    X(virStreamPtr, NULL, virStreamNew, (virConnectPtr conn, unsigned int flags), (conn, flags)) \
+    X(int, -1, virDomainOpenChannel, (virDomainPtr domain, const char *name, virStreamPtr st, unsigned int flags), (domain, name, st, flags)) \
+    X(int, -1, virStreamSend, (virStreamPtr st, const char *data, size_t nbytes), (st, data, nbytes)) \
+    X(int, -1, virStreamRecv, (virStreamPtr st, char *data, size_t nbytes), (st, data, nbytes)) \
+    X(int, -1, virStreamFinish, (virStreamPtr st), (st)) \
+    X(int, -1, virStreamAbort, (virStreamPtr st), (st)) \
+    X(int, -1, virStreamFree, (virStreamPtr st), (st)) \
+    X(int, -1, virStreamEventAddCallback, (virStreamPtr st, int events, virStreamEventCallback cb, void *opaque, virFreeCallback ff), (st, events, cb, opaque, ff)) \
+    X(int, -1, virStreamEventUpdateCallback, (virStreamPtr st, int events), (st, events)) \
+    X(int, -1, virStreamEventRemoveCallback, (virStreamPtr st), (st)) \
+    X(int, -1, virEventRegisterDefaultImpl, (void), ()) \
+    X(int, -1, virEventRunDefaultImpl, (void), ()) \
+    X(int, -1, virEventAddHandle, (int fd, int events, virEventHandleCallback cb, void *opaque, virFreeCallback ff), (fd, events, cb, opaque, ff)) \
+    X(int, -1, virEventRemoveHandle, (int watch), (watch)) \
+    X(int, -1, virConnectSetKeepAlive, (virConnectPtr conn, int interval, unsigned int count), (conn, interval, count)) \
     X(char *, NULL, virDomainQemuAgentCommand, (virDomainPtr domain, const char *cmd, int timeout, unsigned int flags), (domain, cmd, timeout, flags))
 
 #define VC_VIRT_DECLARE(ret, fail, name, params, args) ret vc_##name params;
@@ -51,5 +68,6 @@ VC_VIRT_FUNCTIONS(VC_VIRT_DECLARE)
 #undef VC_VIRT_DECLARE
 
 void vc_virResetLastError(void);
+void vc_virEventUpdateHandle(int watch, int events);
 
 #endif

@@ -1,0 +1,342 @@
+import Crypto
+import Foundation
+import VirtchanProtocol
+import VirtchanProvisioning
+import VirtchanTransport
+
+/// How a ``Hypervisor`` reaches a domain's agent.
+public enum SessionSharing: Sendable, Equatable {
+    /// Through the domain's session holder, started on demand, which stays `persist`
+    /// seconds after its last client (0: it ends with its last client). Any number of
+    /// processes may work on one domain at once, and a remote domain's ssh or TLS
+    /// connection is paid for once.
+    case holder(persist: Double)
+    /// Straight to the channel sockets on this host: one session per domain at a time (a
+    /// second one fails as busy). Used by tools that must own the channel, such as a
+    /// benchmark of the bare port.
+    case direct
+
+    public static let standard = SessionSharing.holder(persist: 60)
+}
+
+/// A running session holder, as `virtchan holder list` shows it.
+public struct HolderRecord: Sendable, Codable, Equatable {
+    public var domain: String
+    public var uri: String
+    public var pid: Int32
+    public var socket: String
+    public var persistSeconds: Double
+}
+
+extension Hypervisor {
+    /// Where session holders keep their sockets, locks, records and logs.
+    public static var holderDirectory: String { runtimeDirectory + "/holders" }
+
+    /// The socket of the holder that serves `name` on this hypervisor: one per URI and
+    /// domain name, so domains of the same name on two hosts never share one.
+    public func holderSocket(for name: String) -> String {
+        let slug = String(name.unicodeScalars.filter { $0.isASCII && (CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0)) }
+            .prefix(40).map(Character.init))
+        let digest = SHA256.hash(data: Data((uri + "\n" + name).utf8))
+        let hash = digest.prefix(8).map { String(format: "%02x", $0) }.joined()
+        return Self.holderDirectory + "/" + slug + "-" + hash + ".sock"
+    }
+
+    // MARK: the client's side
+
+    /// A session through the holder of `name`, starting one when none runs.
+    func heldSession(with name: String, persist: Double, timeout: Double) throws -> AgentSession {
+        let socket = holderSocket(for: name)
+        var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil, consoleLog: nil)
+        endpoint.holderSocket = socket
+        do {
+            return try AgentSession.connect(endpoint, timeout: timeout)
+        } catch {
+            // No holder yet, or a stale socket left by one that died: start one.
+            guard error.code == .unreachable else { throw error }
+        }
+        let deadline = Date().addingTimeInterval(timeout)
+        while true {
+            switch try launchHolder(for: name, persist: persist, timeout: max(1, deadline.timeIntervalSinceNow)) {
+            case .ready:
+                return try AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow))
+            case .alreadyHeld:
+                // Another process started one a moment ago, or one is ending: try its socket.
+                if let session = try? AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow)) {
+                    return session
+                }
+                guard deadline.timeIntervalSinceNow > 0 else {
+                    throw TransportError(.busy, "the session holder of \(name) neither answers nor lets go of its lock (see \(socket).log)")
+                }
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+        }
+    }
+
+    private enum LaunchOutcome { case ready, alreadyHeld }
+
+    /// Starts `virtchan holder serve` for `name`, detached (its own session, output to its log),
+    /// and waits for it to say it serves, or why it cannot.
+    private func launchHolder(for name: String, persist: Double, timeout: Double) throws -> LaunchOutcome {
+        let executable = try Self.holderExecutable()
+        var pipeFDs: [Int32] = [-1, -1]
+        guard pipe(&pipeFDs) == 0 else { throw VirtchanError(.io, "pipe: \(String(cString: strerror(errno)))") }
+        for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        defer { close(pipeFDs[0]) }
+        makePrivateDirectories(Self.holderDirectory)
+        var args = [executable, "holder", "serve", "--connect", uri, "--persist", String(persist),
+                    "--timeout", String(timeout), "--ready-fd", "3"]
+        if allowsUnkeyedAgents { args.append("--insecure-agent") }
+        args += ["--", name]
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 3)
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, holderSocket(for: name) + ".log", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var none = sigset_t()
+        sigemptyset(&none)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for sig in [SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGCHLD] { sigaddset(&defaults, sig) }
+        posix_spawnattr_setsigmask(&attr, &none)
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        // POSIX_SPAWN_SETSID (0x80) is glibc's; the holder outlives the command's terminal.
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | 0x80))
+        var pid: pid_t = 0
+        let cargs = args.map { strdup($0) } + [nil]
+        defer { for a in cargs { free(a) } }
+        let rc = posix_spawn(&pid, executable, &actions, &attr, cargs, environ)
+        close(pipeFDs[1])
+        guard rc == 0 else {
+            throw VirtchanError(.io, "cannot start the session holder \(executable): \(String(cString: strerror(rc)))")
+        }
+        let line = readLine(pipeFDs[0], timeout: timeout + 5)
+        if line == "ready" { return .ready }
+        if line == "held" { return .alreadyHeld }
+        if let line, line.hasPrefix("error ") { throw Self.decodeHolderError(String(line.dropFirst(6))) }
+        throw TransportError(.agentGone, "the session holder of \(name) ended before it served (see \(holderSocket(for: name)).log)")
+    }
+
+    /// The virtchan executable that runs holders: `VIRTCHAN_EXECUTABLE`, this program when it
+    /// is virtchan, a virtchan beside it, or one on PATH.
+    static func holderExecutable() throws -> String {
+        if let env = ProcessInfo.processInfo.environment["VIRTCHAN_EXECUTABLE"], !env.isEmpty { return env }
+        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+        if (me as NSString).lastPathComponent == "virtchan" { return me }
+        let sibling = ((me as NSString).deletingLastPathComponent as NSString).appendingPathComponent("virtchan")
+        if !me.isEmpty, access(sibling, X_OK) == 0 { return sibling }
+        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":") {
+            let candidate = String(dir) + "/virtchan"
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        throw VirtchanError(.invalidRequest, "no virtchan executable to hold the session: install virtchan on PATH, set VIRTCHAN_EXECUTABLE, or open the Hypervisor with sharing: .direct")
+    }
+
+    private func readLine(_ fd: Int32, timeout: Double) -> String? {
+        var bytes: [UInt8] = []
+        let deadline = Date().addingTimeInterval(timeout)
+        var byte: UInt8 = 0
+        while bytes.count < 8192 {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let left = Int32(max(0, deadline.timeIntervalSinceNow) * 1000)
+            let rc = poll(&p, 1, left)
+            if rc == 0 { return nil }
+            if rc < 0 { if errno == EINTR { continue }; return nil }
+            let n = read(fd, &byte, 1)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            if byte == 10 { break }
+            bytes.append(byte)
+        }
+        return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Errors cross from the holder as `error LAYER CODE MESSAGE`, so the command reports
+    /// (and exits with) what it would have met itself.
+    static func encodeHolderError(_ error: Error) -> String {
+        let text: String
+        switch error {
+        case let e as TransportError: text = "transport \(e.code) \(e.message)"
+        case let e as VirtchanError: text = "virtchan \(e.code) \(e.message)"
+        case let e as ProvisioningError: text = "provisioning \(e.code) \(e.message)"
+        default: text = "other io \(error)"
+        }
+        return "error " + text.replacingOccurrences(of: "\n", with: " ")
+    }
+
+    static func decodeHolderError(_ text: String) -> Error {
+        let parts = text.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 3 else { return TransportError(.agentGone, text) }
+        switch parts[0] {
+        case "transport": return TransportError(TransportError.Code(named: parts[1]) ?? .io, parts[2])
+        case "virtchan": return VirtchanError(VirtchanError.Code(named: parts[1]) ?? .io, parts[2])
+        case "provisioning": return ProvisioningError(ProvisioningError.Code(named: parts[1]) ?? .libvirt, parts[2])
+        default: return VirtchanError(.io, parts[2])
+        }
+    }
+
+    // MARK: the holder's side
+
+    /// Runs the holder of `name` until it ends (the hidden `virtchan holder serve`). It
+    /// reports on `ready` (a pipe from the process that started it) `ready`, `held` (another
+    /// holder has the domain) or `error ...`, then serves; returns the process exit status.
+    public func serveHolder(_ name: String, options: SessionHolder.Options, timeout: Double, ready: Int32?) -> Int32 {
+        func report(_ line: String) {
+            guard let ready else { return }
+            let bytes = Array((line + "\n").utf8)
+            _ = bytes.withUnsafeBytes { writeFully(ready, $0) }
+            close(ready)
+        }
+        func log(_ line: String) {
+            FileHandle.standardError.write(Data("virtchan holder \(name): \(line)\n".utf8))
+        }
+        Interruption.install()
+        signal(SIGPIPE, SIG_IGN)
+        Self.closeInheritedDescriptors(keeping: ready)
+        let socket = holderSocket(for: name)
+        makePrivateDirectories(Self.holderDirectory)
+        let lockFD = open(socket + ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
+            report("held")
+            return 0
+        }
+        defer { close(lockFD) }
+        let recordPath = socket + ".json"
+        do {
+            let (agent, openData, locks) = try openHeldChannels(name, timeout: timeout)
+            let listener = try UnixSocket.listen(socket, backlog: 128)
+            chmod(socket, 0o600)
+            setNonBlocking(listener)
+            let record = HolderRecord(domain: name, uri: uri, pid: getpid(), socket: socket, persistSeconds: options.persist)
+            try? writePrivateFile(recordPath, JSONEncoder().encode(record))
+            report("ready")
+            log("serving (pid \(getpid()), agent \(agent.hello.agentVersion))")
+            let holder = SessionHolder(agent: agent, listener: listener, socketPath: socket, options: options,
+                                       openData: openData, log: log)
+            let why = holder.run()
+            holder.shutDown(reason: why)
+            unlink(recordPath)
+            log("ended: \(why)")
+            withExtendedLifetime(locks) {}
+            return 0
+        } catch {
+            unlink(recordPath)
+            log("cannot serve: \(error)")
+            report(Self.encodeHolderError(error))
+            return 1
+        }
+    }
+
+    /// A holder outlives the command that started it: a descriptor it inherited by accident
+    /// (a pipe a test harness reads to its end) must not stay open with it.
+    private static func closeInheritedDescriptors(keeping kept: Int32?) {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        for fd in names.compactMap({ Int32($0) }) where fd > 2 && fd != kept {
+            close(fd)
+        }
+    }
+
+    /// The agent session and the data channel's opener: the channel sockets on this host, or
+    /// libvirt streams for a remote URI.
+    private func openHeldChannels(_ name: String, timeout: Double) throws
+        -> (AgentSession, SessionHolder.DataOpener, [ChannelLock]) {
+        if Connection.isLocal(uri: uri) {
+            let control = try ChannelLock(domain: name, role: "control", label: "control channel of \(name)")
+            let data = try ChannelLock(domain: name, role: "data", label: "data channel of \(name)")
+            var endpoint = try endpoint(of: name)
+            let fd: Int32
+            do {
+                fd = try UnixSocket.connect(endpoint.controlSocket)
+            } catch {
+                // The cached socket moved or vanished (a restarted domain): ask libvirt.
+                guard error.code == .unreachable else { throw error }
+                endpointCache?.remove(name)
+                endpoint = try running(name).endpoint
+                loadCredentials(&endpoint)
+                fd = try UnixSocket.connect(endpoint.controlSocket)
+            }
+            let session = try AgentSession.connect(endpoint, over: fd, timeout: timeout)
+            let dataPath = endpoint.dataSocket
+            return (session, {
+                guard let dataPath else { throw TransportError(.unreachable, "domain \(name) has no data channel") }
+                return try UnixSocket.connect(dataPath)
+            }, [control, data])
+        }
+        // A remote domain: libvirt streams over the connection's own transport (ssh, TLS, TCP).
+        try ChannelStream.startEventLoop()
+        let conn = try connection()
+        conn.setKeepAlive(interval: 5, count: 3)
+        let domain = try conn.requireDomain(name)
+        guard domain.isActive else {
+            throw VirtchanError(.notRunning, "domain \(name) is not running on \(uri) (start it with: virsh -c \(uri) start \(name))")
+        }
+        let meta = domain.virtchanMetadata
+        let controlName = meta?.controlChannel ?? ChannelNames.control
+        let dataName = meta?.dataChannel ?? ChannelNames.data
+        let channels = try ChannelResolver.channels(inDomainXML: domain.xml())
+        guard channels.contains(where: { $0.name == controlName }) else {
+            throw VirtchanError(.noChannel, "domain \(name) on \(uri) has no \(controlName) channel; create it with virtchan create, or add the channel to its XML")
+        }
+        var endpoint = AgentEndpoint(domain: name, controlSocket: "\(uri) channel \(controlName)", dataSocket: nil, consoleLog: nil)
+        loadCredentials(&endpoint)
+        let fd = try ChannelStream.open(domain, channel: controlName)
+        let session = try AgentSession.connect(endpoint, over: fd, timeout: timeout)
+        return (session, { try ChannelStream.open(domain, channel: dataName) }, [])
+    }
+
+    // MARK: listing and stopping
+
+    /// The holders running for this user, on any URI.
+    public static func holders() -> [HolderRecord] {
+        let dir = holderDirectory
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        var records: [HolderRecord] = []
+        for file in names where file.hasSuffix(".sock.json") {
+            guard let data = FileManager.default.contents(atPath: dir + "/" + file),
+                  let record = try? JSONDecoder().decode(HolderRecord.self, from: data),
+                  isLive(record) else { continue }
+            records.append(record)
+        }
+        return records.sorted { ($0.uri, $0.domain) < ($1.uri, $1.domain) }
+    }
+
+    /// A record counts only while its holder keeps its lock. A holder that was killed leaves
+    /// a record and a socket behind: neither is ever taken for a live one, and both go here
+    /// (under the lock, so a holder starting at this moment waits).
+    private static func isLive(_ record: HolderRecord) -> Bool {
+        let fd = open(record.socket + ".lock", O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        if flock(fd, LOCK_EX | LOCK_NB) == 0 {
+            unlink(record.socket)
+            unlink(record.socket + ".json")
+            flock(fd, LOCK_UN)
+            return false
+        }
+        return true
+    }
+
+    /// Stops the holder of `name` on this hypervisor, if one runs; its clients' commands end
+    /// with an error. Returns whether there was one.
+    @discardableResult
+    public func stopHolder(of name: String, timeout: Double = 5) -> Bool {
+        let socket = holderSocket(for: name)
+        guard let record = Self.holders().first(where: { $0.socket == socket }) else { return false }
+        return Self.stop(record, timeout: timeout)
+    }
+
+    /// Sends SIGTERM and waits for the holder to let go of its lock.
+    @discardableResult
+    public static func stop(_ record: HolderRecord, timeout: Double = 5) -> Bool {
+        kill(record.pid, SIGTERM)
+        let deadline = Date().addingTimeInterval(timeout)
+        while isLive(record) && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        return true
+    }
+}

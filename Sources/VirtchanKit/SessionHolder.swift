@@ -1,0 +1,347 @@
+import Glibc
+import VirtchanProtocol
+import VirtchanTransport
+
+/// The process that holds one domain's channels and serves every virtchan process on this
+/// host that works on the domain, in the manner of an ssh ControlMaster.
+///
+/// The channels take one client each (QEMU's socket, and libvirt's channel stream too), so one
+/// process keeps them: it holds one agent session on the control channel and relays each
+/// client's requests under ids of its own; the agent runs them side by side. Transfers take
+/// turns on the data channel: the holder lends its descriptor to one client at a time, and a
+/// client that waits is told how many are ahead. The holder ends when the agent's channel
+/// closes, when the agent stops answering, or after `persist` seconds without clients.
+///
+/// Everything runs on one thread in one poll loop; no client can stall another: a client that
+/// stops reading has its own commands' output paused in the agent (`execFlow`), and one that
+/// lets more than ``clientOutputLimit`` pile up is dropped.
+public final class SessionHolder {
+    public struct Options: Sendable {
+        /// Seconds to stay after the last client left; 0 ends with the last client.
+        public var persist: Double = 60
+        /// Seconds between keepalive pings while the agent is otherwise silent.
+        public var keepalive: Double = 5
+        /// The agent is taken for gone after this long without an answer to a ping.
+        public var silenceLimit: Double = 15
+        public init() {}
+    }
+
+    /// Opens the data channel (its local socket, or a libvirt stream) on first use.
+    public typealias DataOpener = () throws -> Int32
+
+    private final class Client {
+        let conn: FramedConnection
+        let uid: uid_t
+        var isData = false
+        /// The client's request ids and the holder's id for each.
+        var requests: [UInt32: UInt32] = [:]
+        /// Holder ids of this client's commands whose output the agent was asked to pause.
+        var paused: Set<UInt32> = []
+        init(fd: Int32, uid: uid_t) {
+            conn = FramedConnection(fd: fd)
+            self.uid = uid
+        }
+    }
+
+    private struct Route {
+        let client: Client
+        let clientID: UInt32
+        let kind: MessageType
+        var started = false
+    }
+
+    static let clientOutputLimit = 64 << 20
+    static let pauseAbove = 1 << 20
+    static let resumeBelow = 256 << 10
+    static let maxRequestsPerClient = 1024
+    private static let keepaliveID: UInt32 = 0xFFFF_FFFF
+
+    private let agent: AgentSession
+    private let listener: Int32
+    private let socketPath: String
+    private let options: Options
+    private let openData: DataOpener
+    private var dataFD: Int32 = -1
+    private var clients: [Client] = []
+    private var routes: [UInt32: Route] = [:]
+    private var nextID: UInt32 = 0
+    private var dataQueue: [Client] = []
+    private var dataHolder: Client?
+    private var lastHeard: UInt64
+    private var pingSent: UInt64 = 0
+    private var idleSince: UInt64
+    /// The socket is gone and no new client can come; serve those left, then end.
+    private var draining = false
+    private let canPause: Bool
+    private let log: (String) -> Void
+
+    /// Takes over `agent` (an authenticated session on the domain's control channel) and the
+    /// bound, listening `listener`, and serves until the end (see the type's description).
+    public init(agent: AgentSession, listener: Int32, socketPath: String, options: Options,
+                openData: @escaping DataOpener, log: @escaping (String) -> Void) {
+        self.agent = agent
+        self.listener = listener
+        self.socketPath = socketPath
+        self.options = options
+        self.openData = openData
+        self.log = log
+        lastHeard = monotonicNanos()
+        idleSince = lastHeard
+        canPause = agent.hello.capabilities.contains(Capability.execFlow)
+    }
+
+    /// The answer to a client's hello: the agent's own, marked as a shared session.
+    private func helloAck(nonce: [UInt8]) -> HelloAck {
+        let h = agent.hello
+        var caps = h.capabilities
+        caps.append(Capability.heldSession)
+        return HelloAck(nonce: nonce, version: h.version, agentVersion: h.agentVersion, capabilities: caps, challenge: [])
+    }
+
+    /// Serves until the end; returns why it ended.
+    public func run() -> String {
+        let control = agent.control
+        while true {
+            var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: control.fd, events: Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
+            for c in clients {
+                fds.append(pollfd(fd: c.conn.fd, events: Int16(POLLIN) | (c.conn.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0))
+            }
+            let rc = poll(&fds, nfds_t(fds.count), 1000)
+            if rc < 0 && errno != EINTR { return "poll failed: \(String(cString: strerror(errno)))" }
+            let now = monotonicNanos()
+
+            if fds[1].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
+                let outcome: ReadOutcome
+                do { outcome = try control.fill() } catch { return "the control channel failed: \(error)" }
+                if outcome == .eof { return "the control channel closed (the domain stopped, or its connection was lost)" }
+                lastHeard = now
+                pingSent = 0
+                while let frame = control.decoder.next() { fromAgent(frame) }
+            }
+            // Clients in the order they were polled; a client dropped on the way is skipped.
+            let polled = clients
+            for (i, c) in polled.enumerated() where clients.contains(where: { $0 === c }) {
+                let re = fds[2 + i].revents
+                if re & Int16(POLLIN | POLLHUP | POLLERR) != 0 { fromClient(c) }
+            }
+            if fds[0].revents & Int16(POLLIN) != 0 { accept() }
+
+            for c in clients where c.conn.pendingOutput > 0 {
+                do { try c.conn.flush() } catch { drop(c, "cannot write to it"); continue }
+                if !c.paused.isEmpty && c.conn.pendingOutput < Self.resumeBelow {
+                    for id in c.paused where routes[id] != nil { control.send(Frame(.execFlow, id: id)) }
+                    c.paused = []
+                }
+            }
+            if control.pendingOutput > 0 {
+                do { try control.flush() } catch { return "the control channel failed: \(error)" }
+            }
+
+            // Keepalive: a guest that rebooted under us (QEMU's socket stays) answers nothing.
+            if now - lastHeard > UInt64(options.keepalive * 1e9) && pingSent == 0 {
+                control.send(Frame(.ping, id: Self.keepaliveID))
+                pingSent = now
+            }
+            if pingSent != 0 && now - pingSent > UInt64(options.silenceLimit * 1e9) {
+                return "the agent stopped answering (did the guest reboot or the agent stop?)"
+            }
+            if let sig = Interruption.pending { return "stopped by signal \(sig)" }
+            if clients.isEmpty {
+                if draining { return "idle for \(formatSeconds(options.persist))" }
+                if now - idleSince >= UInt64(options.persist * 1e9) {
+                    // New clients find no socket (and start a holder of their own once this
+                    // one lets go of its lock); one that connected just before is still served.
+                    unlink(socketPath)
+                    draining = true
+                    accept()
+                    if clients.isEmpty { return "idle for \(formatSeconds(options.persist))" }
+                }
+            } else {
+                idleSince = now
+            }
+        }
+    }
+
+    /// Ends the holder: every client sees its connection close, and the socket goes.
+    public func shutDown(reason: String) {
+        for c in clients {
+            // Requests still open get a reason before the connection closes.
+            for (clientID, _) in c.requests {
+                c.conn.send(ErrorMessage(.failed, errno: 0, "the session holder ended: \(reason)"), id: clientID)
+            }
+            _ = try? c.conn.flush()
+            close(c.conn.fd)
+        }
+        clients = []
+        if !draining { unlink(socketPath) }
+        close(listener)
+        if dataFD >= 0 { close(dataFD) }
+    }
+
+    // MARK: clients
+
+    private func accept() {
+        while true {
+            let fd = Glibc.accept(listener, nil, nil)
+            if fd < 0 { return }
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            setNonBlocking(fd)
+            guard let peer = UnixSocket.peerCredentials(fd), peer.uid == 0 || peer.uid == geteuid() else {
+                log("refused a client of another user")
+                close(fd)
+                continue
+            }
+            clients.append(Client(fd: fd, uid: peer.uid))
+        }
+    }
+
+    private func fromClient(_ c: Client) {
+        let outcome: ReadOutcome
+        do { outcome = try c.conn.fill(limit: 1 << 20) } catch { return drop(c, "read failed") }
+        if outcome == .eof { return drop(c, nil) }
+        while clients.contains(where: { $0 === c }), let frame = c.conn.decoder.next() {
+            switch frame.type {
+            case .hello:
+                guard let hello = try? Hello.decode(frame) else { continue }
+                c.conn.send(helloAck(nonce: hello.nonce), id: frame.id)
+            case .dataPortRequest:
+                guard !c.isData else { continue }
+                c.isData = true
+                dataQueue.append(c)
+                grantData()
+                if dataHolder !== c {
+                    var w = ByteWriter()
+                    w.u32(UInt32(dataQueue.firstIndex(where: { $0 === c }) ?? 0) + 1)
+                    c.conn.send(Frame(.dataPortQueued, id: frame.id, payload: w.bytes))
+                }
+            case .authProof, .helloAck, .dataPortQueued, .dataPortGrant:
+                continue
+            default:
+                relay(frame, from: c)
+            }
+        }
+    }
+
+    /// A client's frame goes to the agent under the holder's id for its request.
+    private func relay(_ frame: Frame, from c: Client) {
+        var out = frame
+        if let id = c.requests[frame.id] {
+            out.id = id
+        } else {
+            switch frame.type {
+            case .ping, .infoRequest, .execStart, .pushRequest, .pullRequest, .statRequest, .mkdir, .symlink, .listTree:
+                guard c.requests.count < Self.maxRequestsPerClient else {
+                    c.conn.send(ErrorMessage(.busy, errno: 0, "too many requests at once on one connection"), id: frame.id)
+                    return
+                }
+                repeat { nextID &+= 1 } while nextID == 0 || nextID == Self.keepaliveID || routes[nextID] != nil
+                c.requests[frame.id] = nextID
+                routes[nextID] = Route(client: c, clientID: frame.id, kind: frame.type)
+                out.id = nextID
+            default:
+                // A follow-up (input, signal, abort) for a request that has ended.
+                return
+            }
+        }
+        agent.control.send(out)
+    }
+
+    /// A client went away: its commands are killed and its transfers aborted, as the agent
+    /// would do for a client of its own that hung up.
+    private func drop(_ c: Client, _ why: String?) {
+        if let why { log("dropped a client: \(why)") }
+        for (_, id) in c.requests {
+            guard let route = routes.removeValue(forKey: id) else { continue }
+            switch route.kind {
+            case .execStart:
+                var w = ByteWriter()
+                w.i32(SIGKILL)
+                agent.control.send(Frame(.execSignal, id: id, payload: w.bytes))
+            case .pushRequest, .pullRequest:
+                agent.control.send(Frame(.abort, id: id))
+            default:
+                break
+            }
+        }
+        c.requests = [:]
+        close(c.conn.fd)
+        clients.removeAll { $0 === c }
+        dataQueue.removeAll { $0 === c }
+        if dataHolder === c {
+            dataHolder = nil
+            grantData()
+        }
+    }
+
+    // MARK: the data channel
+
+    /// Lends the data channel to the first client waiting for it; tells the others their place.
+    private func grantData() {
+        guard dataHolder == nil, !dataQueue.isEmpty else { return }
+        let next = dataQueue.removeFirst()
+        if dataFD < 0 {
+            do {
+                dataFD = try openData()
+            } catch {
+                next.conn.send(ErrorMessage(.failed, errno: 0, "cannot open the data channel: \(error)"), id: 1)
+                return
+            }
+        }
+        // Ahead of the frame: anything still queued for this client must reach it first.
+        _ = try? next.conn.flush()
+        guard HolderLink.send(Frame(.dataPortGrant, id: 1), passing: dataFD, over: next.conn.fd) else {
+            drop(next, "cannot pass the data channel")
+            return
+        }
+        dataHolder = next
+        for (i, waiting) in dataQueue.enumerated() {
+            var w = ByteWriter()
+            w.u32(UInt32(i + 2))
+            waiting.conn.send(Frame(.dataPortQueued, id: 1, payload: w.bytes))
+        }
+    }
+
+    // MARK: the agent
+
+    private func fromAgent(_ frame: Frame) {
+        if frame.id == Self.keepaliveID { return }
+        guard var route = routes[frame.id] else { return }
+        let c = route.client
+        var out = frame
+        out.id = route.clientID
+        if frame.type == .dataReady, var ready = try? DataReady.decode(frame) {
+            // The data port carries the agent's id for the transfer; the client must use it.
+            ready.dataID = frame.id
+            out = ready.frame(id: route.clientID)
+        }
+        c.conn.send(out)
+        if frame.type == .execOutput && canPause && c.conn.pendingOutput > Self.pauseAbove && !c.paused.contains(frame.id) {
+            c.paused.insert(frame.id)
+            agent.control.send(Frame(.execFlow, id: frame.id, flags: execFlowPause))
+        }
+        if c.conn.pendingOutput > Self.clientOutputLimit {
+            return drop(c, "it stopped reading (\(Self.clientOutputLimit >> 20) MiB waiting)")
+        }
+        if frame.type == .execStarted { route.started = true; routes[frame.id] = route }
+        if ends(route, frame) {
+            routes[frame.id] = nil
+            c.requests[route.clientID] = nil
+            c.paused.remove(frame.id)
+        }
+    }
+
+    /// Whether `frame` is the agent's last word on the request.
+    private func ends(_ route: Route, _ frame: Frame) -> Bool {
+        switch route.kind {
+        case .execStart:
+            return frame.type == .execExit || (frame.type == .error && !route.started)
+        case .pushRequest, .pullRequest:
+            return frame.type == .transferDone || frame.type == .error
+        case .listTree:
+            return frame.type == .error || (frame.type == .treeEntries && frame.flags & treeEntriesLast != 0)
+        default:
+            return frame.type != .execOutput
+        }
+    }
+}

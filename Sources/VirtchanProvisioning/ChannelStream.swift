@@ -1,0 +1,214 @@
+import CLibvirt
+import Glibc
+import Foundation
+import Synchronization
+
+/// A domain's virtio channel reached through libvirt (`virDomainOpenChannel`) rather than
+/// through its socket on this host: the way to a domain on another host, over libvirt's own
+/// ssh or TLS transport.
+///
+/// The stream is handed over as one end of a socket pair; libvirt's event loop, on a thread
+/// of its own, moves bytes between the other end and the stream. Everything above sees a
+/// plain socket, as for a local channel. Each direction holds at most `bufferLimit` bytes
+/// before it stops reading its source, so memory stays bounded whichever side is slow.
+///
+/// libvirt's remote driver holds a connection-wide lock while a blocking stream call waits,
+/// so a blocking receive on one thread would stall a send on another: the bridge uses a
+/// non-blocking stream and libvirt's event callbacks instead, all on the event-loop thread.
+public final class ChannelStream: @unchecked Sendable {
+    /// Installs libvirt's default event loop and runs it on a thread of its own. Streams and
+    /// keepalives need it; it must run before the connection that uses them is opened.
+    public static func startEventLoop() throws(ProvisioningError) {
+        try eventLoop.withLock { (started: inout Bool) throws(ProvisioningError) in
+            if started { return }
+            if let reason = vc_virt_load() { throw ProvisioningError(.connection, String(cString: reason)) }
+            guard vc_virEventRegisterDefaultImpl() == 0 else {
+                throw ProvisioningError.fromLibvirt("cannot start libvirt's event loop")
+            }
+            let thread = Thread { while vc_virEventRunDefaultImpl() == 0 {} }
+            thread.name = "libvirt-events"
+            thread.start()
+            started = true
+        }
+    }
+    private static let eventLoop = Mutex(false)
+
+    /// Opens the channel whose target name (or alias) is `channel` and returns the caller's
+    /// end of the socket pair (close-on-exec, non-blocking). Closing it closes the stream.
+    /// Needs ``startEventLoop()`` before the domain's connection was opened.
+    public static func open(_ domain: Domain, channel: String) throws(ProvisioningError) -> Int32 {
+        guard let stream = vc_virStreamNew(domain.connection.pointer, UInt32(VIR_STREAM_NONBLOCK.rawValue)) else {
+            throw ProvisioningError.fromLibvirt("cannot create a libvirt stream")
+        }
+        guard vc_virDomainOpenChannel(domain.pointer, channel, stream, 0) == 0 else {
+            let err = ProvisioningError.fromLibvirt("cannot open channel \(channel) of \(domain.name) on \(domain.connection.uri)",
+                                                    code: .libvirt)
+            vc_virStreamFree(stream)
+            throw err
+        }
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            vc_virStreamAbort(stream)
+            vc_virStreamFree(stream)
+            throw ProvisioningError(.io, "socketpair: \(String(cString: strerror(errno)))")
+        }
+        for fd in pair { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+        let bridge = ChannelStream(domain: domain, stream: stream, fd: pair[1])
+        guard bridge.arm() else {
+            close(pair[0])
+            bridge.tearDown()
+            throw ProvisioningError.fromLibvirt("cannot watch channel \(channel) of \(domain.name)", code: .libvirt)
+        }
+        return pair[0]
+    }
+
+    /// Bridges stay alive until the process ends: a callback that libvirt queued before a
+    /// bridge was torn down may still run, and must find it.
+    private static let live = Mutex<[ChannelStream]>([])
+
+    static let bufferLimit = 1 << 20
+    private static let chunk = 256 << 10
+
+    private let domain: Domain
+    private let stream: virStreamPtr
+    private let fd: Int32
+    private var watch: Int32 = -1
+    private var toGuest: [UInt8] = []
+    private var toHost: [UInt8] = []
+    private var streamEvents: Int32 = 0
+    private var socketEvents: Int32 = 0
+    private var closed = false
+    private var buffer = [UInt8](repeating: 0, count: ChannelStream.chunk)
+    private let lock = Mutex(())
+
+    private init(domain: Domain, stream: virStreamPtr, fd: Int32) {
+        self.domain = domain
+        self.stream = stream
+        self.fd = fd
+    }
+
+    private func arm() -> Bool {
+        Self.live.withLock { $0.append(self) }
+        let opaque = Unmanaged.passUnretained(self).toOpaque()
+        return lock.withLock { _ in
+            streamEvents = Int32(VIR_STREAM_EVENT_READABLE.rawValue)
+            socketEvents = Int32(VIR_EVENT_HANDLE_READABLE.rawValue)
+            guard vc_virStreamEventAddCallback(stream, streamEvents, { _, events, opaque in
+                Unmanaged<ChannelStream>.fromOpaque(opaque!).takeUnretainedValue().streamReady(events)
+            }, opaque, nil) == 0 else { return false }
+            watch = vc_virEventAddHandle(fd, socketEvents, { _, _, events, opaque in
+                Unmanaged<ChannelStream>.fromOpaque(opaque!).takeUnretainedValue().socketReady(events)
+            }, opaque, nil)
+            return watch >= 0
+        }
+    }
+
+    private func streamReady(_ events: Int32) {
+        lock.withLock { _ in
+            guard !closed else { return }
+            if events & Int32(VIR_STREAM_EVENT_WRITABLE.rawValue) != 0 { sendToGuest() }
+            if events & Int32(VIR_STREAM_EVENT_READABLE.rawValue) != 0 { receiveFromGuest() }
+            if !closed, events & Int32(VIR_STREAM_EVENT_ERROR.rawValue | VIR_STREAM_EVENT_HANGUP.rawValue) != 0,
+               events & Int32(VIR_STREAM_EVENT_READABLE.rawValue) == 0 {
+                closeLocked(finished: false)
+            }
+            if !closed { updateEvents() }
+        }
+    }
+
+    private func socketReady(_ events: Int32) {
+        lock.withLock { _ in
+            guard !closed else { return }
+            if events & Int32(VIR_EVENT_HANDLE_WRITABLE.rawValue) != 0 { flushToHost() }
+            if events & Int32(VIR_EVENT_HANDLE_READABLE.rawValue | VIR_EVENT_HANDLE_HANGUP.rawValue | VIR_EVENT_HANDLE_ERROR.rawValue) != 0 {
+                readFromHost()
+            }
+            if !closed { updateEvents() }
+        }
+    }
+
+    /// Guest to host: stream into `toHost`, then into the socket.
+    private func receiveFromGuest() {
+        while toHost.count < Self.bufferLimit {
+            let n = buffer.withUnsafeMutableBytes { raw in
+                vc_virStreamRecv(stream, raw.baseAddress!.assumingMemoryBound(to: CChar.self), raw.count)
+            }
+            if n > 0 {
+                toHost.append(contentsOf: buffer[0..<Int(n)])
+                flushToHost()
+                continue
+            }
+            if n == -2 { return }
+            // 0: the far end finished the stream; -1: it failed (domain stopped, link lost).
+            flushToHost()
+            closeLocked(finished: n == 0)
+            return
+        }
+    }
+
+    private func flushToHost() {
+        while !toHost.isEmpty {
+            let n = toHost.withUnsafeBytes { Glibc.write(fd, $0.baseAddress!, $0.count) }
+            if n > 0 { toHost.removeFirst(n); continue }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
+            closeLocked(finished: false)
+            return
+        }
+    }
+
+    /// Host to guest: socket into the stream; what the stream does not take waits in `toGuest`.
+    private func readFromHost() {
+        while toGuest.count < Self.bufferLimit {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }
+            if n > 0 {
+                toGuest.append(contentsOf: buffer[0..<n])
+                sendToGuest()
+                if closed || !toGuest.isEmpty { return }
+                continue
+            }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
+            // The owner closed its end: the channel is no longer wanted.
+            closeLocked(finished: false)
+            return
+        }
+    }
+
+    private func sendToGuest() {
+        while !toGuest.isEmpty {
+            let n = toGuest.withUnsafeBytes { raw in
+                vc_virStreamSend(stream, raw.baseAddress!.assumingMemoryBound(to: CChar.self), raw.count)
+            }
+            if n > 0 { toGuest.removeFirst(Int(n)); continue }
+            if n == -2 { return }
+            closeLocked(finished: false)
+            return
+        }
+    }
+
+    private func updateEvents() {
+        var s: Int32 = 0
+        if toHost.count < Self.bufferLimit { s |= Int32(VIR_STREAM_EVENT_READABLE.rawValue) }
+        if !toGuest.isEmpty { s |= Int32(VIR_STREAM_EVENT_WRITABLE.rawValue) }
+        var h: Int32 = 0
+        if toGuest.count < Self.bufferLimit { h |= Int32(VIR_EVENT_HANDLE_READABLE.rawValue) }
+        if !toHost.isEmpty { h |= Int32(VIR_EVENT_HANDLE_WRITABLE.rawValue) }
+        if s != streamEvents { streamEvents = s; vc_virStreamEventUpdateCallback(stream, s) }
+        if h != socketEvents { socketEvents = h; vc_virEventUpdateHandle(watch, h) }
+    }
+
+    private func closeLocked(finished: Bool) {
+        guard !closed else { return }
+        closed = true
+        vc_virStreamEventRemoveCallback(stream)
+        if watch >= 0 { vc_virEventRemoveHandle(watch) }
+        if finished { vc_virStreamFinish(stream) } else { vc_virStreamAbort(stream) }
+        vc_virResetLastError()
+        vc_virStreamFree(stream)
+        // The owner's end reads EOF once what was already written is read.
+        close(fd)
+    }
+
+    private func tearDown() { lock.withLock { _ in closeLocked(finished: false) } }
+}

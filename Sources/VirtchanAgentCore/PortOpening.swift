@@ -12,9 +12,14 @@ extension Agent {
             switch options.ports.open(options.controlPort) {
             case .success(let fd):
                 watchHostConnections(fd)
-                control = FramedConnection(fd: fd)
+                let c = FramedConnection(fd: fd)
+                control = c
                 controlHup = false
                 log.info("control port \(options.controlPort) open")
+                // A host that stayed connected while this agent (re)started learns at once that
+                // its session is gone; with no host connected, the frame is dropped unsent.
+                c.send(AgentStarted(agentVersion: agentVersion), id: 0)
+                flushControl(c)
                 return
             case .failure(.failed(let location, let e)):
                 if !announced { log.info("cannot open \(location): \(errnoText(e)); retrying") }

@@ -95,7 +95,7 @@ extension Hypervisor {
         posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 3)
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, holderSocket(for: name) + ".log", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        posix_spawn_file_actions_addopen(&actions, 2, holderSocket(for: name) + ".log", O_WRONLY | O_CREAT | O_APPEND, 0o600)
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
@@ -201,12 +201,18 @@ extension Hypervisor {
         Self.closeInheritedDescriptors(keeping: ready)
         let socket = holderSocket(for: name)
         makePrivateDirectories(Self.holderDirectory)
-        let lockFD = open(socket + ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
-        guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
+        guard let lockFD = Self.lockHolder(socket) else {
             report("held")
             return 0
         }
-        defer { close(lockFD) }
+        // Everything the holder made goes when it ends; the lock file last, while still held,
+        // so a holder starting meanwhile sees the file is not the one it locked and retries.
+        defer {
+            for suffix in ["", ".json", ".log", ".lock"] { unlink(socket + suffix) }
+            close(lockFD)
+        }
+        // Lines of an earlier holder of this domain are of no use any more.
+        _ = ftruncate(2, 0)
         let recordPath = socket + ".json"
         do {
             let (agent, openData, locks) = try openHeldChannels(name, timeout: timeout)
@@ -221,15 +227,32 @@ extension Hypervisor {
                                        openData: openData, log: log)
             let why = holder.run()
             holder.shutDown(reason: why)
-            unlink(recordPath)
             log("ended: \(why)")
             withExtendedLifetime(locks) {}
             return 0
         } catch {
-            unlink(recordPath)
             log("cannot serve: \(error)")
             report(Self.encodeHolderError(error))
             return 1
+        }
+    }
+
+    /// The holder's lock for `socket`, or nil while another holder has it. A lock file that a
+    /// holder ending at the same moment removed is not a lock: then try again.
+    private static func lockHolder(_ socket: String) -> Int32? {
+        while true {
+            let fd = open(socket + ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { return nil }
+            guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+                close(fd)
+                return nil
+            }
+            var held = stat()
+            var named = stat()
+            if fstat(fd, &held) == 0, stat(socket + ".lock", &named) == 0, held.st_ino == named.st_ino, held.st_dev == named.st_dev {
+                return fd
+            }
+            close(fd)
         }
     }
 
@@ -314,8 +337,7 @@ extension Hypervisor {
         guard fd >= 0 else { return false }
         defer { close(fd) }
         if flock(fd, LOCK_EX | LOCK_NB) == 0 {
-            unlink(record.socket)
-            unlink(record.socket + ".json")
+            for suffix in ["", ".json", ".log", ".lock"] { unlink(record.socket + suffix) }
             flock(fd, LOCK_UN)
             return false
         }

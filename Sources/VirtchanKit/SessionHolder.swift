@@ -21,8 +21,9 @@ public final class SessionHolder {
         public var persist: Double = 60
         /// Seconds between keepalive pings while the agent is otherwise silent.
         public var keepalive: Double = 5
-        /// The agent is taken for gone after this long without an answer to a ping.
-        public var silenceLimit: Double = 15
+        /// After this long without an answer to a ping, the session is started anew (an agent
+        /// that restarts says so at once; this catches one that hung or died).
+        public var silenceLimit: Double = 30
         public init() {}
     }
 
@@ -109,7 +110,7 @@ public final class SessionHolder {
             }
             let rc = poll(&fds, nfds_t(fds.count), 1000)
             if rc < 0 && errno != EINTR { return "poll failed: \(String(cString: strerror(errno)))" }
-            let now = monotonicNanos()
+            var now = monotonicNanos()
 
             if fds[1].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 {
                 let outcome: ReadOutcome
@@ -117,7 +118,12 @@ public final class SessionHolder {
                 if outcome == .eof { return "the control channel closed (the domain stopped, or its connection was lost)" }
                 lastHeard = now
                 pingSent = 0
-                while let frame = control.decoder.next() { fromAgent(frame) }
+                var restarted = false
+                while let frame = control.decoder.next() {
+                    if frame.type == .agentStarted { restarted = true; continue }
+                    fromAgent(frame)
+                }
+                if restarted, let end = renewSession("restarted") { return end }
             }
             // Clients in the order they were polled; a client dropped on the way is skipped.
             let polled = clients
@@ -137,14 +143,17 @@ public final class SessionHolder {
             if control.pendingOutput > 0 {
                 do { try control.flush() } catch { return "the control channel failed: \(error)" }
             }
+            // A renewed session may have taken a while.
+            now = max(now, monotonicNanos())
 
             // Keepalive: a guest that rebooted under us (QEMU's socket stays) answers nothing.
             if now - lastHeard > UInt64(options.keepalive * 1e9) && pingSent == 0 {
                 control.send(Frame(.ping, id: Self.keepaliveID))
                 pingSent = now
             }
-            if pingSent != 0 && now - pingSent > UInt64(options.silenceLimit * 1e9) {
-                return "the agent stopped answering (did the guest reboot or the agent stop?)"
+            if pingSent != 0 && now - pingSent > UInt64(options.silenceLimit * 1e9),
+               let end = renewSession("stopped answering for \(formatSeconds(options.silenceLimit))") {
+                return end
             }
             if let sig = Interruption.pending { return "stopped by signal \(sig)" }
             if clients.isEmpty {
@@ -177,6 +186,37 @@ public final class SessionHolder {
         if !draining { unlink(socketPath) }
         close(listener)
         if dataFD >= 0 { close(dataFD) }
+    }
+
+    /// The agent restarted (or went silent): every request in flight ends with an error, and
+    /// a new session begins as soon as the agent answers; clients wait meanwhile, and their
+    /// connections stay. Returns why the holder must end instead, or nil.
+    private func renewSession(_ what: String) -> String? {
+        let domain = agent.endpoint.domain
+        log("the agent \(what); starting a new session")
+        for (_, route) in routes {
+            route.client.conn.send(ErrorMessage(.failed, errno: 0, "the agent in \(domain) \(what) (did the guest reboot?); what this request did is unknown"),
+                                   id: route.clientID)
+            route.client.requests[route.clientID] = nil
+        }
+        routes = [:]
+        for c in clients {
+            c.paused = []
+            _ = try? c.conn.flush()
+        }
+        let giveUp = monotonicNanos() + 300_000_000_000
+        while true {
+            do {
+                try agent.renew(timeout: 5)
+                log("new session (agent \(agent.hello.agentVersion))")
+                lastHeard = monotonicNanos()
+                pingSent = 0
+                return nil
+            } catch {
+                if error.code != .timeout { return "the control channel failed: \(error)" }
+                if monotonicNanos() > giveUp { return "the agent did not come back within 300 s" }
+            }
+        }
     }
 
     // MARK: clients

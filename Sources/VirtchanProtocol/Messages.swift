@@ -9,6 +9,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case info = 0x06
     case error = 0x07
     case authProof = 0x08
+    case agentStarted = 0x09
 
     case execStart = 0x10
     case execStarted = 0x11
@@ -130,6 +131,16 @@ public struct Hello: WireMessage, Equatable {
     public init(from r: inout ByteReader) throws(ProtocolError) {
         nonce = try r.blob(); minVersion = try r.u16(); maxVersion = try r.u16(); client = try r.string()
     }
+}
+
+/// Sent by the agent, unasked, when it opens the control port: any session a host still
+/// thinks it has is gone (the agent or the guest restarted).
+public struct AgentStarted: WireMessage, Equatable {
+    public static let type = MessageType.agentStarted
+    public var agentVersion: String
+    public init(agentVersion: String) { self.agentVersion = agentVersion }
+    public func encode(into w: inout ByteWriter) { w.string(agentVersion) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { agentVersion = try r.string() }
 }
 
 public struct HelloAck: WireMessage, Equatable {

@@ -72,43 +72,57 @@ public final class AgentSession {
             fd = try UnixSocket.connect(endpoint.controlSocket)
         }
         let control = FramedConnection(fd: fd)
+        do throws(TransportError) {
+            let ack = try handshake(endpoint, control, held: held, timeout: timeout)
+            return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: lock)
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    /// Starts a new session on the same channel, as after the agent restarted (whatever ran
+    /// in the old one is gone). The channel stays open when this fails.
+    public func renew(timeout: Double) throws(TransportError) {
+        stash = []
+        hello = try Self.handshake(endpoint, control, held: false, timeout: timeout)
+    }
+
+    /// Hello (resent each second until answered), then the key proof when the agent asks.
+    private static func handshake(_ endpoint: AgentEndpoint, _ control: FramedConnection, held: Bool,
+                                  timeout: Double) throws(TransportError) -> HelloAck {
         var rng = SystemRandomNumberGenerator()
         let nonce = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
         let hello = Hello(nonce: nonce, client: "virtchan")
         let deadline = monotonicNanos() + UInt64(timeout * 1e9)
         var lastSent: UInt64 = 0
-        do throws(TransportError) {
-            while true {
-                let now = monotonicNanos()
-                if now >= deadline {
-                    var msg = "the agent in \(endpoint.domain) did not answer within \(formatSeconds(timeout))"
-                    if let log = endpoint.consoleLog { msg += "; see the guest console log \(log)" }
-                    if control.decoder.skippedBytes > 0 { msg += " (\(control.decoder.skippedBytes) bytes of noise on the channel)" }
-                    throw TransportError(.timeout, msg)
-                }
-                if now - lastSent >= 1_000_000_000 {
-                    control.send(hello, id: 0)
-                    lastSent = now
-                }
-                try pump(control, until: min(deadline, lastSent + 1_000_000_000))
-                while let frame = control.decoder.next() {
-                    // Anything before our own ack is left over from an earlier session.
-                    if frame.type == .helloAck, let ack = try? HelloAck.decode(frame), ack.nonce == nonce {
-                        // A holder proved the key when it opened its own session; only a
-                        // holder's socket is believed when it says so.
-                        if !(held && ack.capabilities.contains(Capability.heldSession)) {
-                            try authenticate(endpoint, control, ack: ack, nonce: nonce, deadline: deadline)
-                        }
-                        return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: lock)
+        while true {
+            let now = monotonicNanos()
+            if now >= deadline {
+                var msg = "the agent in \(endpoint.domain) did not answer within \(formatSeconds(timeout))"
+                if let log = endpoint.consoleLog { msg += "; see the guest console log \(log)" }
+                if control.decoder.skippedBytes > 0 { msg += " (\(control.decoder.skippedBytes) bytes of noise on the channel)" }
+                throw TransportError(.timeout, msg)
+            }
+            if now - lastSent >= 1_000_000_000 {
+                control.send(hello, id: 0)
+                lastSent = now
+            }
+            try pump(control, until: min(deadline, lastSent + 1_000_000_000))
+            while let frame = control.decoder.next() {
+                // Anything before our own ack is left over from an earlier session.
+                if frame.type == .helloAck, let ack = try? HelloAck.decode(frame), ack.nonce == nonce {
+                    // A holder proved the key when it opened its own session; only a
+                    // holder's socket is believed when it says so.
+                    if !(held && ack.capabilities.contains(Capability.heldSession)) {
+                        try authenticate(endpoint, control, ack: ack, nonce: nonce, deadline: deadline)
                     }
-                    if frame.type == .error, let err = try? ErrorMessage.decode(frame), err.remoteCode == .unsupported {
-                        throw TransportError(remote: err)
-                    }
+                    return ack
+                }
+                if frame.type == .error, let err = try? ErrorMessage.decode(frame), err.remoteCode == .unsupported {
+                    throw TransportError(remote: err)
                 }
             }
-        } catch {
-            close(fd)
-            throw error
         }
     }
 

@@ -13,6 +13,7 @@ private func contents(_ path: String) -> [String] {
 
 /// The endpoint of the shared guest as virtchan itself would build it, without the key.
 private func sharedEndpoint() throws -> AgentEndpoint {
+    releaseChannels()
     var endpoint = try Hypervisor().endpoint(of: SharedGuest.name)
     endpoint.key = nil
     return endpoint

@@ -129,10 +129,35 @@ enum VC {
     }
 }
 
+/// Writes `size` random bytes (or `pattern`'s) to `path`.
+func makeFile(_ path: String, size: Int, pattern: ((Int) -> UInt8)? = nil) throws {
+    var data = Data(count: size)
+    if let pattern {
+        data.withUnsafeMutableBytes { (raw: UnsafeMutableRawBufferPointer) in for i in 0..<size { raw[i] = pattern(i) } }
+    } else {
+        var rng = SystemRandomNumberGenerator()
+        data.withUnsafeMutableBytes { (raw: UnsafeMutableRawBufferPointer) in
+            var i = 0
+            while i + 8 <= size { raw.storeBytes(of: rng.next(), toByteOffset: i, as: UInt64.self); i += 8 }
+            while i < size { raw[i] = UInt8.random(in: 0...255, using: &rng); i += 1 }
+        }
+    }
+    try data.write(to: URL(fileURLWithPath: path))
+}
+
+func sameBytes(_ a: String, _ b: String) -> Bool {
+    VC.runProgram("/usr/bin/cmp", ["-s", a, b]).code == 0
+}
+
 /// The permission bits of `path` itself (a link is not followed); -1 when nothing is there.
 func mode(_ path: String) -> Int {
     var st = stat()
     return lstat(path, &st) == 0 ? Int(st.st_mode & 0o7777) : -1
+}
+
+/// Stops a domain's session holder, so that a test can reach the channel sockets itself.
+func releaseChannels(of domain: String = SharedGuest.name) {
+    _ = VC.run(["holder", "stop", domain])
 }
 
 /// Polls `condition` until it holds or `timeout` passes.

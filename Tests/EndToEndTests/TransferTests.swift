@@ -6,25 +6,6 @@ private func sha256(file path: String) throws -> String {
     sha256Hex(try Data(contentsOf: URL(fileURLWithPath: path)))
 }
 
-private func makeFile(_ path: String, size: Int, pattern: ((Int) -> UInt8)? = nil) throws {
-    var data = Data(count: size)
-    if let pattern {
-        data.withUnsafeMutableBytes { (raw: UnsafeMutableRawBufferPointer) in for i in 0..<size { raw[i] = pattern(i) } }
-    } else {
-        var rng = SystemRandomNumberGenerator()
-        data.withUnsafeMutableBytes { (raw: UnsafeMutableRawBufferPointer) in
-            var i = 0
-            while i + 8 <= size { raw.storeBytes(of: rng.next(), toByteOffset: i, as: UInt64.self); i += 8 }
-            while i < size { raw[i] = UInt8.random(in: 0...255, using: &rng); i += 1 }
-        }
-    }
-    try data.write(to: URL(fileURLWithPath: path))
-}
-
-private func sameBytes(_ a: String, _ b: String) -> Bool {
-    VC.runProgram("/usr/bin/cmp", ["-s", a, b]).code == 0
-}
-
 extension EndToEnd {
     /// Issue 5: files over the data channel, opened on demand, in the real guest.
     @Suite struct Transfer {
@@ -257,6 +238,7 @@ extension EndToEnd {
         /// match and a local file that is shorter than announced (as when it shrinks mid-read).
         @Test func checksumMismatchAndShrinkingSource() throws {
             try SharedGuest.require()
+            releaseChannels()
             let endpoint = try Hypervisor().endpoint(of: name)
             let session = try AgentSession.connect(endpoint)
             do {

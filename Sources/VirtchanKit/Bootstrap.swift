@@ -126,7 +126,7 @@ extension Hypervisor {
     }
 
     /// Fails with ``VirtchanError/Code/bootstrapRunning`` while another host process runs the
-    /// domain's bootstrap; call it before waiting for the agent (its channel is exclusive).
+    /// domain's bootstrap; call it before waiting for the agent.
     public func refuseConcurrentBootstrap(_ name: String) throws {
         if let record = try bootstrapStatus(name) { try Self.refuseIfRunning(record, name) }
     }

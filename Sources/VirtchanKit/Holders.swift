@@ -47,7 +47,9 @@ extension Hypervisor {
     /// A session through the holder of `name`, starting one when none runs.
     func heldSession(with name: String, persist: Double, timeout: Double) throws -> AgentSession {
         let socket = holderSocket(for: name)
-        var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil, consoleLog: nil)
+        let console = paths.consoleLog(for: name)
+        var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil,
+                                     consoleLog: Connection.isLocal(uri: uri) && access(console, F_OK) == 0 ? console : nil)
         endpoint.holderSocket = socket
         do {
             return try AgentSession.connect(endpoint, timeout: timeout)

@@ -9,7 +9,8 @@ import Synchronization
 ///
 /// A `Hypervisor` may be shared between threads and tasks. Each `AgentSession` it opens
 /// belongs to one thread at a time: its calls block until the agent answers, each within a
-/// bounded time, and the channel it holds is exclusive.
+/// bounded time. Sessions share the domain's channel through its session holder (see
+/// ``SessionSharing``), so any number may be open at once.
 public final class Hypervisor: Sendable {
     /// The libvirt URI: the one given, else `LIBVIRT_DEFAULT_URI`, else `qemu:///system` for
     /// root and `qemu:///session` for anyone else.

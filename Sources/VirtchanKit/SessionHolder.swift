@@ -73,6 +73,8 @@ public final class SessionHolder {
     private var idleSince: UInt64
     /// The socket is gone and no new client can come; serve those left, then end.
     private var draining = false
+    /// Clients' hellos waiting for the agent to prove it is there (a pong, or a new session).
+    private var pendingHellos: [(client: Client, id: UInt32, nonce: [UInt8])] = []
     private let canPause: Bool
     private let log: (String) -> Void
 
@@ -211,12 +213,20 @@ public final class SessionHolder {
                 log("new session (agent \(agent.hello.agentVersion))")
                 lastHeard = monotonicNanos()
                 pingSent = 0
+                answerHellos()
                 return nil
             } catch {
                 if error.code != .timeout { return "the control channel failed: \(error)" }
                 if monotonicNanos() > giveUp { return "the agent did not come back within 300 s" }
             }
         }
+    }
+
+    private func answerHellos() {
+        for (client, id, nonce) in pendingHellos where clients.contains(where: { $0 === client }) {
+            client.conn.send(helloAck(nonce: nonce), id: id)
+        }
+        pendingHellos = []
     }
 
     // MARK: clients
@@ -243,8 +253,14 @@ public final class SessionHolder {
         while clients.contains(where: { $0 === c }), let frame = c.conn.decoder.next() {
             switch frame.type {
             case .hello:
+                // Answered once the agent has answered a ping: a client must not be told the
+                // agent is there while it restarts or hangs.
                 guard let hello = try? Hello.decode(frame) else { continue }
-                c.conn.send(helloAck(nonce: hello.nonce), id: frame.id)
+                pendingHellos.append((c, frame.id, hello.nonce))
+                if pingSent == 0 {
+                    agent.control.send(Frame(.ping, id: Self.keepaliveID))
+                    pingSent = monotonicNanos()
+                }
             case .dataPortRequest:
                 guard !c.isData else { continue }
                 c.isData = true
@@ -307,6 +323,7 @@ public final class SessionHolder {
         c.requests = [:]
         close(c.conn.fd)
         clients.removeAll { $0 === c }
+        pendingHellos.removeAll { $0.client === c }
         dataQueue.removeAll { $0 === c }
         if dataHolder === c {
             dataHolder = nil
@@ -345,7 +362,10 @@ public final class SessionHolder {
     // MARK: the agent
 
     private func fromAgent(_ frame: Frame) {
-        if frame.id == Self.keepaliveID { return }
+        if frame.id == Self.keepaliveID {
+            if frame.type == .pong { answerHellos() }
+            return
+        }
         guard var route = routes[frame.id] else { return }
         let c = route.client
         var out = frame

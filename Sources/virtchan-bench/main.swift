@@ -11,11 +11,13 @@ func fail(_ message: String) -> Never {
 }
 
 let args = CommandLine.arguments
-guard args.count >= 3 else { fail("usage: virtchan-bench DOMAIN VIRTCHAN_BINARY [FILE_MIB] [QGA_FILE_MIB]") }
+guard args.count >= 3 else { fail("usage: virtchan-bench DOMAIN VIRTCHAN_BINARY [FILE_MIB] [QGA_FILE_MIB] [REMOTE_URI]") }
 let domainName = args[1]
 let virtchanBinary = args[2]
 let fileMiB = args.count > 3 ? Int(args[3]) ?? 128 : 128
 let qgaMiB = args.count > 4 ? Int(args[4]) ?? 16 : 16
+/// The same domain through libvirt's remote transport (qemu+tcp on loopback), for the remote figures.
+let remoteURI = args.count > 5 ? args[5] : nil
 let fileBytes = fileMiB << 20
 let rounds = 15
 
@@ -24,15 +26,22 @@ func now() -> Double { Double(monotonicNanos()) / 1e9 }
 func say(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
 func emit(_ key: String, _ value: Double, _ digits: Int = 2) { say("\(key)=\(String(format: "%.\(digits)f", value))") }
 
-let hypervisor = Hypervisor()
+// In-process sessions and the bare port need the channel to themselves: no session holder.
+let hypervisor = Hypervisor(sharing: .direct)
 let domain: Domain
 do { domain = try hypervisor.domain(domainName) } catch { fail("\(error)") }
 
 /// The domain's endpoint, resolved as every virtchan command resolves it.
 func endpoint() throws -> AgentEndpoint { try hypervisor.endpoint(of: domainName) }
 
+/// Stops every session holder of the domain (local and remote) and waits until they are gone.
+func releaseChannels() {
+    for record in Hypervisor.holders() where record.domain == domainName { Hypervisor.stop(record) }
+}
+
 /// Runs `body` with a session that is closed again afterwards (the channel is exclusive).
 func withSession<T>(_ body: (AgentSession) throws -> T) throws -> T {
+    releaseChannels()
     let session = try AgentSession.connect(endpoint(), timeout: 60)
     return try withExtendedLifetime(session) { try body(session) }
 }
@@ -120,13 +129,24 @@ do {
     }
     emit("qga_ping_ms", median(qgaPings), 3)
 
-    var cli: [Double] = []
+    // The whole CLI: with a warm session holder, and with none (each command starts one that
+    // ends with it, and the next command waits until it is gone, off the clock).
+    var cli: [Double] = [], cold: [Double] = []
+    guard runCLI(["exec", domainName, "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
     for _ in 0..<rounds {
         let t = now()
         guard runCLI(["exec", domainName, "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
         cli.append((now() - t) * 1000)
     }
+    for _ in 0..<rounds {
+        releaseChannels()
+        let t = now()
+        guard runCLI(["exec", domainName, "--persist", "0", "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
+        cold.append((now() - t) * 1000)
+    }
+    releaseChannels()
     emit("exec_ms", median(cli))
+    emit("exec_cold_ms", median(cold))
 
     var qgaExec: [Double] = []
     for _ in 0..<rounds {
@@ -158,17 +178,18 @@ do {
     try clearGuest()
 
     var pushes: [Double] = [], pulls: [Double] = []
-    for _ in 0..<3 {
+    /// One round of virtchan push and pull through a warm session holder.
+    func cliRound(uri: String? = nil, into pushes: inout [Double], _ pulls: inout [Double]) throws {
+        let connect = uri.map { ["--connect", $0] } ?? []
+        guard runCLI(["ping", domainName, "-n", "1"] + connect) == 0 else { fail("virtchan ping failed") }
         let t = now()
-        guard runCLI(["push", domainName, local, guestFile, "--quiet"]) == 0 else { fail("virtchan push failed") }
+        guard runCLI(["push", domainName, local, guestFile, "--quiet"] + connect) == 0 else { fail("virtchan push failed") }
         pushes.append(Double(fileMiB) / (now() - t))
         let u = now()
-        guard runCLI(["pull", domainName, guestFile, back, "--quiet"]) == 0 else { fail("virtchan pull failed") }
+        guard runCLI(["pull", domainName, guestFile, back, "--quiet"] + connect) == 0 else { fail("virtchan pull failed") }
         pulls.append(Double(fileMiB) / (now() - u))
         try clearGuest()
     }
-    emit("push_mib_s", median(pushes), 1)
-    emit("pull_mib_s", median(pulls), 1)
 
     // The bare port: the same bytes through the same socket, dd on the guest side, into the
     // same directory a push lands in.
@@ -178,7 +199,11 @@ do {
     _ = read(src, chunk.baseAddress!, chunk.count)
     close(src)
     var rawPush: [Double] = [], rawPull: [Double] = []
+    // Warm-up: the first writes into a fresh guest's tmpfs pay for its page faults.
+    try cliRound(into: &pushes, &pulls)
+    pushes = []; pulls = []
     for _ in 0..<3 {
+        try cliRound(into: &pushes, &pulls)
         try withSession { s in
             let fd = try UnixSocket.connect(dataSocket)
             let status = StatusBox()
@@ -246,8 +271,43 @@ do {
         }
         try clearGuest()
     }
+    emit("push_mib_s", median(pushes), 1)
+    emit("pull_mib_s", median(pulls), 1)
     emit("raw_push_mib_s", median(rawPush), 1)
     emit("raw_pull_mib_s", median(rawPull), 1)
+
+    // --- over libvirt's remote transport, beside the same jobs done locally -----------------
+    if let remoteURI {
+        var remoteExec: [Double] = [], localExec: [Double] = []
+        var remotePush: [Double] = [], remotePull: [Double] = [], localPush: [Double] = [], localPull: [Double] = []
+        for _ in 0..<3 {
+            for uri in [remoteURI, nil] as [String?] {
+                releaseChannels()
+                let connect = uri.map { ["--connect", $0] } ?? []
+                guard runCLI(["exec", domainName, "-n", "--", "true"] + connect) == 0 else { fail("virtchan exec failed on \(uri ?? "local")") }
+                var times: [Double] = []
+                for _ in 0..<rounds {
+                    let t = now()
+                    guard runCLI(["exec", domainName, "-n", "--", "true"] + connect) == 0 else { fail("virtchan exec failed") }
+                    times.append((now() - t) * 1000)
+                }
+                if uri != nil {
+                    remoteExec.append(median(times))
+                    try cliRound(uri: uri, into: &remotePush, &remotePull)
+                } else {
+                    localExec.append(median(times))
+                    try cliRound(into: &localPush, &localPull)
+                }
+            }
+        }
+        releaseChannels()
+        emit("tcp_exec_ms", median(remoteExec))
+        emit("tcp_local_exec_ms", median(localExec))
+        emit("tcp_push_mib_s", median(remotePush), 1)
+        emit("tcp_pull_mib_s", median(remotePull), 1)
+        emit("tcp_local_push_mib_s", median(localPush), 1)
+        emit("tcp_local_pull_mib_s", median(localPull), 1)
+    }
 
     // qemu-guest-agent: base64 in JSON, 48 KiB chunks, the largest that works reliably.
     let qgaBytes = qgaMiB << 20

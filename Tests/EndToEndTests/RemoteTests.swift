@@ -2,16 +2,15 @@ import Foundation
 import Testing
 import VirtchanKit
 
-/// This machine as a remote hypervisor: libvirtd listening on TCP at 127.0.0.1 (no
-/// authentication: test-only settings), and Debian's sshd on 127.0.0.1:2222 letting root in with
-/// a key made for the run. Both are set up for the Remote suite and undone after it.
+/// This machine as a remote hypervisor of itself, on loopback: `Scripts/remote-host` makes
+/// libvirtd listen on TCP at 127.0.0.1 and starts Debian's sshd on 127.0.0.1:2222 with a key made
+/// for the run, for the Remote suite only, and undoes it after.
 enum RemoteHost {
-    static let dir = "/run/vctest-remote"
+    static let script = VC.packageRoot + "/Scripts/remote-host"
     static let sshPort = 2222
     static let tcp = "qemu+tcp://127.0.0.1/system"
-    static var ssh: String { "qemu+ssh://root@127.0.0.1:\(sshPort)/system?keyfile=\(dir)/id&no_verify=1&no_tty=1" }
+    static let ssh = "qemu+ssh://root@127.0.0.1:\(sshPort)/system?keyfile=/run/virtchan-remote-host/id&no_verify=1&no_tty=1"
     static let uris = [("tcp", tcp), ("ssh", ssh)]
-    static let knownHosts = "/root/.ssh/known_hosts"
 
     struct SetupError: Error, CustomStringConvertible {
         let description: String
@@ -21,73 +20,21 @@ enum RemoteHost {
         VC.runProgram("/bin/sh", ["-c", script], timeout: timeout)
     }
 
-    /// Restarts libvirtd, listening on TCP or not; returns once it answers.
-    static func restartLibvirtd(listening: Bool) throws {
-        let start = listening ? "libvirtd -d --listen -f \(dir)/libvirtd.conf" : "libvirtd -d"
-        let r = shell("pkill -x libvirtd; for i in $(seq 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done; \(start)")
-        guard r.code == 0 else { throw SetupError(description: "cannot restart libvirtd: \(r.stderr)") }
-        let probe = listening ? tcp : "qemu:///system"
-        guard eventually(30, interval: 0.2, { VC.runProgram("/usr/bin/virsh", ["-c", probe, "version"], timeout: 10).code == 0 }) else {
-            throw SetupError(description: "libvirtd did not answer on \(probe)")
-        }
-    }
-
     static func setUp() throws {
         _ = VC.run(["holder", "stop", "--all"])
-        tearDown(restart: false)
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        try """
-        listen_tls = 0
-        listen_tcp = 1
-        listen_addr = "127.0.0.1"
-        auth_tcp = "none"
-
-        """.write(toFile: "\(dir)/libvirtd.conf", atomically: true, encoding: .utf8)
-        try """
-        Port \(sshPort)
-        ListenAddress 127.0.0.1
-        HostKey \(dir)/host
-        AuthorizedKeysFile \(dir)/authorized_keys
-        PermitRootLogin prohibit-password
-        PasswordAuthentication no
-        KbdInteractiveAuthentication no
-        UsePAM no
-        PidFile \(dir)/sshd.pid
-
-        """.write(toFile: "\(dir)/sshd_config", atomically: true, encoding: .utf8)
-        let keys = shell("""
-        set -e
-        ssh-keygen -q -t ed25519 -N '' -f \(dir)/id
-        ssh-keygen -q -t ed25519 -N '' -f \(dir)/host
-        cp \(dir)/id.pub \(dir)/authorized_keys
-        chmod 600 \(dir)/authorized_keys
-        [ -e \(knownHosts) ] && cp \(knownHosts) \(dir)/known_hosts.before || true
-        mkdir -p /run/sshd
-        /usr/sbin/sshd -f \(dir)/sshd_config -E \(dir)/sshd.log
-        """)
-        guard keys.code == 0 else { throw SetupError(description: "sshd setup failed: \(keys.stderr)") }
-        try restartLibvirtd(listening: true)
-        guard eventually(20, { VC.runProgram("/usr/bin/virsh", ["-c", ssh, "version"], timeout: 20).code == 0 }) else {
-            let log = (try? String(contentsOfFile: "\(dir)/sshd.log", encoding: .utf8)) ?? ""
-            throw SetupError(description: "libvirt over ssh does not answer: \(log)")
-        }
+        let r = VC.runProgram(script, ["up"], timeout: 120)
+        guard r.code == 0, r.out.contains("ssh=\(ssh)") else { throw SetupError(description: "Scripts/remote-host up failed: \(r.stderr) \(r.out)") }
     }
 
-    /// Stops the holders, sshd and the listening libvirtd, and removes every file the setup
-    /// wrote, the ssh client's known_hosts line included.
-    static func tearDown(restart: Bool = true) {
+    /// Restarts the listening libvirtd.
+    static func restartLibvirtd() throws {
+        let r = VC.runProgram(script, ["restart"], timeout: 120)
+        guard r.code == 0 else { throw SetupError(description: "Scripts/remote-host restart failed: \(r.stderr)") }
+    }
+
+    static func tearDown() {
         _ = VC.run(["holder", "stop", "--all"])
-        if let pid = try? String(contentsOfFile: "\(dir)/sshd.pid", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
-           let p = Int32(pid) {
-            kill(p, SIGTERM)
-        }
-        if FileManager.default.fileExists(atPath: "\(dir)/known_hosts.before") {
-            _ = shell("cp \(dir)/known_hosts.before \(knownHosts)")
-        } else if FileManager.default.fileExists(atPath: dir) {
-            _ = shell("ssh-keygen -R '[127.0.0.1]:\(sshPort)' -f \(knownHosts) >/dev/null 2>&1; rm -f \(knownHosts).old")
-        }
-        if restart { try? restartLibvirtd(listening: false) }
-        try? FileManager.default.removeItem(atPath: dir)
+        _ = VC.runProgram(script, ["down"], timeout: 120)
     }
 }
 
@@ -172,7 +119,7 @@ extension EndToEnd {
             let push2 = try Background(["push", "-c", uri, name, src, "/tmp/side-2"])
             let ping = VC.run(["ping", "-c", uri, name, "-n", "1"], timeout: 30)
             #expect(ping.code == 0, "\(ping.stderr)")
-            #expect(slow.process.isRunning)
+            #expect(slow.isRunning)
             #expect(slow.wait(30) == 0)
             #expect(push1.wait(60) == 0, "\(push1.seen.map(\.1))")
             #expect(push2.wait(60) == 0, "\(push2.seen.map(\.1))")
@@ -224,7 +171,7 @@ extension EndToEnd {
             try SharedGuest.require()
             let bg = try Background(["exec", "-c", RemoteHost.tcp, name, "-n", "--", "sh", "-c", "echo started; sleep 30"])
             #expect(eventually(30, interval: 0.05) { bg.seen.contains { $0.1 == "started" } })
-            try RemoteHost.restartLibvirtd(listening: true)
+            try RemoteHost.restartLibvirtd()
             let code = bg.wait(30)
             #expect(code == 125, "\(bg.seen.map(\.1))")
             #expect(bg.seen.contains { $0.1.contains("virtchan: error:") })

@@ -38,7 +38,7 @@ extension EndToEnd {
             let ping = VC.run(["ping", name, "-n", "2"], timeout: 30)
             let info = VC.run(["info", name, "--json"], timeout: 30)
             // Both answered while the first command still ran: nobody waited for it.
-            #expect(slow.process.isRunning)
+            #expect(slow.isRunning)
             #expect(ping.code == 0, "\(ping.stderr)")
             #expect(info.code == 0, "\(info.stderr)")
 

@@ -100,20 +100,21 @@ enum VC {
             }
         }
         let deadline = Date().addingTimeInterval(timeout)
-        while p.isRunning && Date() < deadline { usleep(20_000) }
-        if p.isRunning {
-            p.interrupt()
-            usleep(500_000)
-            if p.isRunning { kill(p.processIdentifier, SIGKILL) }
-            p.waitUntilExit()
+        // The child is reaped here rather than through Process, whose SIGCHLD handling has been
+        // seen to miss a child that exited while a daemon it started forked (libvirtd -d).
+        guard let status = reap(p.processIdentifier, until: deadline) else {
+            kill(p.processIdentifier, SIGINT)
+            if reap(p.processIdentifier, until: Date().addingTimeInterval(0.5)) == nil {
+                kill(p.processIdentifier, SIGKILL)
+                _ = reap(p.processIdentifier, until: Date().addingTimeInterval(5))
+            }
             try? outHandle.close(); try? errHandle.close()
             let err = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
             return RunResult(code: -999, stdout: (try? Data(contentsOf: outURL)) ?? Data(),
                              stderr: "TIMED OUT after \(timeout) s\n" + err, seconds: timeout)
         }
-        p.waitUntilExit()
         try? outHandle.close(); try? errHandle.close()
-        return RunResult(code: p.terminationStatus, stdout: (try? Data(contentsOf: outURL)) ?? Data(),
+        return RunResult(code: status, stdout: (try? Data(contentsOf: outURL)) ?? Data(),
                          stderr: (try? String(contentsOf: errURL, encoding: .utf8)) ?? "",
                          seconds: Date().timeIntervalSince(start))
     }
@@ -147,6 +148,18 @@ func makeFile(_ path: String, size: Int, pattern: ((Int) -> UInt8)? = nil) throw
 
 func sameBytes(_ a: String, _ b: String) -> Bool {
     VC.runProgram("/usr/bin/cmp", ["-s", a, b]).code == 0
+}
+
+/// Waits for child `pid` until `deadline`; its exit code (128+N when signal N ended it), or nil.
+func reap(_ pid: pid_t, until deadline: Date) -> Int32? {
+    var status: Int32 = 0
+    while true {
+        let r = waitpid(pid, &status, WNOHANG)
+        if r == pid { return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f) }
+        if r < 0 && errno != EINTR { return -1 }
+        if Date() >= deadline { return nil }
+        usleep(10_000)
+    }
 }
 
 /// The permission bits of `path` itself (a link is not followed); -1 when nothing is there.

@@ -53,7 +53,7 @@ extension EndToEnd {
             #expect(channels(name).first { $0.role == "data" }?.state == "disconnected")
             let bg = try Background(["push", name, src, "/tmp/big", "--json"])
             var sawConnected = false
-            while bg.process.isRunning {
+            while bg.isRunning {
                 if channels(name).first(where: { $0.role == "data" })?.state == "connected" { sawConnected = true }
                 usleep(50_000)
             }

@@ -77,27 +77,62 @@ extension Hypervisor {
 
     private enum LaunchOutcome { case ready, alreadyHeld }
 
-    /// Starts `virtchan holder serve` for `name`, detached (its own session, output to its log),
-    /// and waits for it to say it serves, or why it cannot.
+    /// Starts the holder of `name`, detached (its own session, output to its log), and waits
+    /// for it to say it serves, or why it cannot. This process forks one when it safely can
+    /// (one thread, no libvirt connection of its own: a child must share neither), which saves
+    /// starting a program; otherwise it runs `virtchan holder serve`.
     private func launchHolder(for name: String, persist: Double, timeout: Double) throws -> LaunchOutcome {
-        let executable = try Self.holderExecutable()
         var pipeFDs: [Int32] = [-1, -1]
         guard pipe(&pipeFDs) == 0 else { throw VirtchanError(.io, "pipe: \(String(cString: strerror(errno)))") }
         for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         defer { close(pipeFDs[0]) }
         makePrivateDirectories(Self.holderDirectory)
+        let log = holderSocket(for: name) + ".log"
+        if mayFork {
+            let pid = fork()
+            if pid == 0 {
+                close(pipeFDs[0])
+                setsid()
+                let null = open("/dev/null", O_RDWR)
+                dup2(null, 0)
+                dup2(null, 1)
+                let logFD = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+                if logFD >= 0 { dup2(logFD, 2) }
+                var none = sigset_t()
+                sigemptyset(&none)
+                sigprocmask(SIG_SETMASK, &none, nil)
+                for sig in [SIGINT, SIGTERM, SIGHUP, SIGCHLD] { signal(sig, SIG_DFL) }
+                var options = SessionHolder.Options()
+                options.persist = persist
+                _exit(serveHolder(name, options: options, timeout: timeout, ready: pipeFDs[1]))
+            }
+            close(pipeFDs[1])
+            guard pid > 0 else { throw VirtchanError(.io, "cannot start the session holder: fork: \(String(cString: strerror(errno)))") }
+        } else {
+            try spawnHolder(for: name, persist: persist, timeout: timeout, ready: pipeFDs[1], log: log)
+        }
+        let line = readLine(pipeFDs[0], timeout: timeout + 5)
+        if line == "ready" { return .ready }
+        if line == "held" { return .alreadyHeld }
+        if let line, line.hasPrefix("error ") { throw Self.decodeHolderError(String(line.dropFirst(6))) }
+        throw TransportError(.agentGone, "the session holder of \(name) ended before it served (see \(holderSocket(for: name)).log)")
+    }
+
+    /// Runs `virtchan holder serve` for `name` in a session of its own, `ready` as its fd 3.
+    private func spawnHolder(for name: String, persist: Double, timeout: Double, ready: Int32, log: String) throws {
+        defer { close(ready) }
+        let executable = try Self.holderExecutable()
         var args = [executable, "holder", "serve", "--connect", uri, "--persist", String(persist),
                     "--timeout", String(timeout), "--ready-fd", "3"]
         if allowsUnkeyedAgents { args.append("--insecure-agent") }
         args += ["--", name]
-
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 3)
+        posix_spawn_file_actions_adddup2(&actions, ready, 3)
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, holderSocket(for: name) + ".log", O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_addopen(&actions, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
@@ -114,15 +149,17 @@ extension Hypervisor {
         let cargs = args.map { strdup($0) } + [nil]
         defer { for a in cargs { free(a) } }
         let rc = posix_spawn(&pid, executable, &actions, &attr, cargs, environ)
-        close(pipeFDs[1])
         guard rc == 0 else {
             throw VirtchanError(.io, "cannot start the session holder \(executable): \(String(cString: strerror(rc)))")
         }
-        let line = readLine(pipeFDs[0], timeout: timeout + 5)
-        if line == "ready" { return .ready }
-        if line == "held" { return .alreadyHeld }
-        if let line, line.hasPrefix("error ") { throw Self.decodeHolderError(String(line.dropFirst(6))) }
-        throw TransportError(.agentGone, "the session holder of \(name) ended before it served (see \(holderSocket(for: name)).log)")
+    }
+
+    /// Whether a holder may be forked from this process: one thread, and no libvirt
+    /// connection opened here.
+    private var mayFork: Bool {
+        guard !hasOpenConnection else { return false }
+        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        return status.split(separator: "\n").contains { $0.hasPrefix("Threads:") && $0.split(separator: "\t").last == "1" }
     }
 
     /// The virtchan executable that runs holders: `VIRTCHAN_EXECUTABLE`, this program when it

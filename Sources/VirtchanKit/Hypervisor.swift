@@ -43,6 +43,9 @@ public final class Hypervisor: Sendable {
         }
     }
 
+    /// Whether ``connection()`` has been opened.
+    var hasOpenConnection: Bool { openConnection.withLock { $0 != nil } }
+
     public func domain(_ name: String) throws(ProvisioningError) -> Domain {
         try connection().requireDomain(name)
     }

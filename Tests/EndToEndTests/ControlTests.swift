@@ -36,7 +36,7 @@ final class Background: @unchecked Sendable {
     /// The exit code (128+N for signal N), or nil while it still runs after `timeout`.
     func wait(_ timeout: Double) -> Int32? {
         if let status { return status }
-        guard let code = reap(process.processIdentifier, until: Date().addingTimeInterval(timeout)) else { return nil }
+        guard let code = reap(process, until: Date().addingTimeInterval(timeout)) else { return nil }
         status = code
         // Whatever it printed last is still in the pipe: let the reader take it.
         usleep(100_000)
@@ -49,7 +49,7 @@ final class Background: @unchecked Sendable {
     deinit {
         if status == nil {
             kill(process.processIdentifier, SIGKILL)
-            _ = reap(process.processIdentifier, until: Date().addingTimeInterval(5))
+            _ = reap(process, until: Date().addingTimeInterval(5))
         }
     }
 }

@@ -102,11 +102,11 @@ enum VC {
         let deadline = Date().addingTimeInterval(timeout)
         // The child is reaped here rather than through Process, whose SIGCHLD handling has been
         // seen to miss a child that exited while a daemon it started forked (libvirtd -d).
-        guard let status = reap(p.processIdentifier, until: deadline) else {
+        guard let status = reap(p, until: deadline) else {
             kill(p.processIdentifier, SIGINT)
-            if reap(p.processIdentifier, until: Date().addingTimeInterval(0.5)) == nil {
+            if reap(p, until: Date().addingTimeInterval(0.5)) == nil {
                 kill(p.processIdentifier, SIGKILL)
-                _ = reap(p.processIdentifier, until: Date().addingTimeInterval(5))
+                _ = reap(p, until: Date().addingTimeInterval(5))
             }
             try? outHandle.close(); try? errHandle.close()
             let err = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
@@ -150,13 +150,23 @@ func sameBytes(_ a: String, _ b: String) -> Bool {
     VC.runProgram("/usr/bin/cmp", ["-s", a, b]).code == 0
 }
 
-/// Waits for child `pid` until `deadline`; its exit code (128+N when signal N ended it), or nil.
-func reap(_ pid: pid_t, until deadline: Date) -> Int32? {
+/// Waits for `process` until `deadline`; its exit code (128+N when signal N ended it), or nil.
+/// Whichever reaps the child first, this or Process's own SIGCHLD handler, the code is the same;
+/// reaping here as well covers a child that Process was seen to miss (one that exited while a
+/// daemon it started forked, as `libvirtd -d` does), which left its waitUntilExit hanging.
+func reap(_ process: Process, until deadline: Date) -> Int32? {
+    let pid = process.processIdentifier
     var status: Int32 = 0
     while true {
         let r = waitpid(pid, &status, WNOHANG)
         if r == pid { return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f) }
-        if r < 0 && errno != EINTR { return -1 }
+        if r < 0 && errno == ECHILD {
+            // Process reaped it: its status arrives there in a moment.
+            let until = Date().addingTimeInterval(5)
+            while process.isRunning && Date() < until { usleep(5_000) }
+            if process.isRunning { return -1 }
+            return process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
+        }
         if Date() >= deadline { return nil }
         usleep(10_000)
     }

@@ -68,6 +68,8 @@ extension Agent {
 
     func finishExecIfDone(_ exec: ExecProcess) {
         guard let status = exec.exit else { return }
+        // Output the host paused is still wanted: it goes before the exit, once resumed.
+        if exec.outputPaused && exec.outputOpen { return }
         // Output still open after the process ended belongs to something it left behind;
         // give it a moment, then stop waiting.
         if exec.outputOpen {

@@ -270,6 +270,13 @@ extension Hypervisor {
             withExtendedLifetime(locks) {}
             return 0
         } catch {
+            var error = error
+            // A channel takes one client: another URI's holder of a domain of this name (this
+            // machine reached as qemu:///system and as qemu+tcp://localhost, say) keeps it.
+            if let timeout = error as? TransportError, timeout.code == .timeout,
+               let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) {
+                error = timeout.appending("; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
+            }
             log("cannot serve: \(error)")
             report(Self.encodeHolderError(error))
             return 1

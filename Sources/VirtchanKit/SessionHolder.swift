@@ -314,6 +314,8 @@ public final class SessionHolder {
                 var w = ByteWriter()
                 w.i32(SIGKILL)
                 agent.control.send(Frame(.execSignal, id: id, payload: w.bytes))
+                // Paused output would keep the finished command in the agent: let it drain.
+                if c.paused.contains(id) { agent.control.send(Frame(.execFlow, id: id)) }
             case .pushRequest, .pullRequest:
                 agent.control.send(Frame(.abort, id: id))
             default:

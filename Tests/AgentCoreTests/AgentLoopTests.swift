@@ -175,3 +175,62 @@ struct RelayedPorts: PortOpener {
         }
     }
 }
+
+extension AgentLoopTests {
+    /// Frames for the requests in `ids` until each has its execExit, in arrival order.
+    private func collectExecs(_ session: AgentSession, _ ids: Set<UInt32>, within seconds: Double) throws -> [Frame] {
+        var frames: [Frame] = []
+        var open = ids
+        let deadline = monotonicNanos() + UInt64(seconds * 1e9)
+        while !open.isEmpty, let f = try session.receive(id: nil, deadline: deadline) {
+            guard ids.contains(f.id) else { continue }
+            frames.append(f)
+            if f.type == .execExit || f.type == .error { open.remove(f.id) }
+        }
+        return frames
+    }
+
+    private func output(_ frames: [Frame], _ id: UInt32) -> String {
+        String(decoding: frames.filter { $0.id == id && $0.type == .execOutput }.flatMap(\.payload), as: UTF8.self)
+    }
+
+    /// One session runs several commands side by side, each under its own id: a short one
+    /// started after a long one ends first, and each keeps its own output.
+    @Test func oneSessionRunsSeveralCommandsAtOnce() throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, _ in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            #expect(session.hello.capabilities.contains(Capability.execConcurrent))
+            session.send(ExecStart(argv: ["/bin/sh", "-c", "sleep 0.5; echo slow"], env: [], cwd: "/", tty: false, rows: 0, cols: 0), id: 100)
+            session.send(ExecStart(argv: ["/bin/sh", "-c", "echo fast; exit 4"], env: [], cwd: "/", tty: false, rows: 0, cols: 0), id: 101)
+            let frames = try collectExecs(session, [100, 101], within: 10)
+            let exits = frames.filter { $0.type == .execExit }.map(\.id)
+            #expect(exits == [101, 100])
+            #expect(output(frames, 100) == "slow\n")
+            #expect(output(frames, 101) == "fast\n")
+            let fastExit = try #require(frames.first { $0.id == 101 && $0.type == .execExit })
+            #expect(try ExecExit.decode(fastExit).code == 4)
+        }
+    }
+
+    /// execFlow pauses one command's output and nothing else; on resume, all of it arrives
+    /// before its exit, even when the command ended meanwhile.
+    @Test func aPausedCommandKeepsItsOutputUntilResumed() throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, _ in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            session.send(ExecStart(argv: ["/bin/sh", "-c", "sleep 0.3; echo one; echo two"], env: [], cwd: "/", tty: false, rows: 0, cols: 0), id: 200)
+            session.send(Frame(.execFlow, id: 200, flags: execFlowPause))
+            session.send(ExecStart(argv: ["/bin/sh", "-c", "echo other"], env: [], cwd: "/", tty: false, rows: 0, cols: 0), id: 201)
+            let other = try collectExecs(session, [201], within: 10)
+            #expect(output(other, 201) == "other\n")
+            // Long after the paused command ended, nothing of it has come.
+            usleep(800_000)
+            var early: [Frame] = []
+            while let f = try session.receive(id: 200, deadline: monotonicNanos() + 100_000_000) { early.append(f) }
+            #expect(!early.contains { $0.type == .execOutput || $0.type == .execExit }, "\(early.map(\.type))")
+            session.send(Frame(.execFlow, id: 200))
+            let rest = try collectExecs(session, [200], within: 10)
+            #expect(output(rest, 200) == "one\ntwo\n")
+            #expect(rest.last?.type == .execExit)
+        }
+    }
+}

@@ -60,14 +60,24 @@ extension EndToEnd {
         init() throws {
             try? FileManager.default.removeItem(atPath: work)
             try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
-            // A local holder would keep the channel sockets that libvirt opens for the remote side.
+        }
+
+        /// The shared guest is up, and no holder (of this machine's other URIs) keeps its
+        /// channel: a channel takes one client, and here every URI reaches the same QEMU.
+        func ready() throws {
+            try SharedGuest.require()
             _ = VC.run(["holder", "stop", "--all"])
+        }
+
+        /// A shell command in the shared guest, over `uri`.
+        @discardableResult
+        func guest(_ shell: String, over uri: String) -> RunResult {
+            VC.run(["exec", "-c", uri, name, "-n", "--", "/bin/sh", "-c", shell], timeout: 120)
         }
 
         @Test(arguments: RemoteHost.uris)
         func execStreamsStdinAndExitCodes(transport: String, uri: String) throws {
-            try SharedGuest.require()
-            _ = VC.run(["holder", "stop", "--all"])
+            try ready()
             let r = VC.run(["exec", "-c", uri, name, "--", "sh", "-c", "cat; echo to-stderr >&2; exit 5"],
                            stdin: Data("through \(transport)\n".utf8), timeout: 60)
             #expect(r.code == 5, "\(r.stderr)")
@@ -84,7 +94,7 @@ extension EndToEnd {
 
         @Test(arguments: RemoteHost.uris)
         func ctrlCReachesTheGuestProcess(transport: String, uri: String) throws {
-            try SharedGuest.require()
+            try ready()
             let bg = try Background(["exec", "-c", uri, name, "-n", "--", "sh", "-c",
                                      "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.2; done"])
             #expect(eventually(30) { bg.seen.contains { $0.1 == "ready" } })
@@ -95,7 +105,7 @@ extension EndToEnd {
 
         @Test(arguments: RemoteHost.uris)
         func pushAndPullAreByteExactAtAwkwardSizes(transport: String, uri: String) throws {
-            try SharedGuest.require()
+            try ready()
             for size in [0, 1, 262_143, 262_145, (3 << 20) + 7] {
                 let src = "\(work)/\(transport)-\(size)"
                 try makeFile(src, size: size)
@@ -105,12 +115,12 @@ extension EndToEnd {
                 #expect(pull.code == 0, "\(pull.stderr)")
                 #expect(sameBytes(src, src + ".back"), "\(size) bytes over \(transport)")
             }
-            VC.guest("rm -f /tmp/remote-*")
+            guest("rm -f /tmp/remote-*", over: uri)
         }
 
         @Test(arguments: RemoteHost.uris)
         func commandsRunSideBySide(transport: String, uri: String) throws {
-            try SharedGuest.require()
+            try ready()
             let src = "\(work)/side-\(transport)"
             try makeFile(src, size: 16 << 20)
             let slow = try Background(["exec", "-c", uri, name, "-n", "--", "sh", "-c", "for i in 1 2 3 4; do echo s$i; sleep 0.5; done"])
@@ -125,17 +135,16 @@ extension EndToEnd {
             #expect(push2.wait(60) == 0, "\(push2.seen.map(\.1))")
             #expect(slow.seen.map(\.1) == ["s1", "s2", "s3", "s4"])
             let want = sha256Hex(try Data(contentsOf: URL(fileURLWithPath: src)))
-            let sums = VC.guest("sha256sum /tmp/side-1 /tmp/side-2").out.split(separator: "\n").map { String($0.prefix(64)) }
+            let sums = guest("sha256sum /tmp/side-1 /tmp/side-2", over: uri).out.split(separator: "\n").map { String($0.prefix(64)) }
             #expect(sums == [want, want])
-            VC.guest("rm -f /tmp/side-1 /tmp/side-2")
+            guest("rm -f /tmp/side-1 /tmp/side-2", over: uri)
         }
 
         /// A remote command never uses the local endpoint cache, and never writes it.
         @Test func theLocalEndpointCacheIsLeftAlone() throws {
-            try SharedGuest.require()
+            try ready()
             let entry = "/run/virtchan/endpoints/\(name)"
             try? FileManager.default.removeItem(atPath: entry)
-            _ = VC.run(["holder", "stop", "--all"])
             #expect(VC.run(["exec", "-c", RemoteHost.tcp, name, "--", "true"]).code == 0)
             #expect(!FileManager.default.fileExists(atPath: entry))
         }
@@ -143,10 +152,9 @@ extension EndToEnd {
         /// The ssh connection dies mid-transfer: the pull fails with a clear error within its
         /// bound and leaves no partial file; the next command opens a new connection.
         @Test func sshDyingMidPullLeavesNothing() throws {
-            try SharedGuest.require()
-            VC.guest("head -c 134217728 /dev/zero > /tmp/remote-big")
+            try ready()
+            guest("head -c 134217728 /dev/zero > /tmp/remote-big", over: RemoteHost.ssh)
             let dest = "\(work)/big-pulled"
-            _ = VC.run(["ping", "-c", RemoteHost.ssh, name, "-n", "1"])
             let bg = try Background(["pull", "-c", RemoteHost.ssh, name, "/tmp/remote-big", dest])
             #expect(eventually(30, interval: 0.02) {
                 ((try? FileManager.default.contentsOfDirectory(atPath: work)) ?? []).contains { $0.contains("big-pulled") }
@@ -162,13 +170,13 @@ extension EndToEnd {
             let again = VC.run(["exec", "-c", RemoteHost.ssh, name, "--", "echo", "back"], timeout: 60)
             #expect(again.code == 0, "\(again.stderr)")
             #expect(again.out == "back\n")
-            VC.guest("rm -f /tmp/remote-big")
+            guest("rm -f /tmp/remote-big", over: RemoteHost.ssh)
         }
 
         /// libvirtd restarts under a holder: its command ends with a clear error, and the next
         /// command works once libvirtd is back.
         @Test func libvirtdRestartingUnderAHolder() throws {
-            try SharedGuest.require()
+            try ready()
             let bg = try Background(["exec", "-c", RemoteHost.tcp, name, "-n", "--", "sh", "-c", "echo started; sleep 30"])
             #expect(eventually(30, interval: 0.05) { bg.seen.contains { $0.1 == "started" } })
             try RemoteHost.restartLibvirtd()
@@ -200,6 +208,19 @@ extension EndToEnd {
                 _ = VC.run(["holder", "stop", "--all"])
             }
             #expect(VC.run(["destroy", domain]).code == 0)
+        }
+
+        /// This machine as qemu:///system and as qemu+tcp://127.0.0.1 reaches one QEMU, whose
+        /// channel takes one client: the second holder fails within its bound and names the first.
+        @Test func aHolderOfAnotherURIIsNamedWhenItKeepsTheChannel() throws {
+            try ready()
+            #expect(VC.run(["ping", name, "-n", "1"]).code == 0)
+            let r = VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"], timeout: 60)
+            #expect(r.code == 1)
+            #expect(r.stderr.contains("virtchan holder stop --connect qemu:///system \(name)"), "\(r.stderr)")
+            #expect(r.seconds < 30)
+            _ = VC.run(["holder", "stop", "--all"])
+            #expect(VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"]).code == 0)
         }
 
         @Test func createOverARemoteURIIsRefusedWithTheReason() throws {

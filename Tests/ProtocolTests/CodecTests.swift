@@ -66,6 +66,17 @@ import Testing
         #expect(try ExecStart.decode(exec.frame(id: 1)) == exec)
         let resize = ExecResize(rows: 40, cols: 120)
         #expect(try ExecResize.decode(resize.frame(id: 1)) == resize)
+        #expect(try AgentStarted.decode(AgentStarted(agentVersion: "0.1.0").frame(id: 0)).agentVersion == "0.1.0")
+    }
+
+    /// A session holder appends the agent's id for the transfer to dataReady; the agent's own
+    /// dataReady has none, and both decode.
+    @Test func dataReadyCarriesTheDataPortIDOnlyWhenAHolderAddsIt() throws {
+        let plain = DataReady(size: 5, mode: 0o600)
+        #expect(plain.payload().count == 12)
+        #expect(try DataReady.decode(plain.frame(id: 3)).dataID == nil)
+        let held = DataReady(size: 5, mode: 0o600, dataID: 77)
+        #expect(try DataReady.decode(held.frame(id: 3)) == held)
     }
 
     @Test func shellStatusFollowsShellConventions() {

@@ -275,7 +275,7 @@ extension Hypervisor {
             // machine reached as qemu:///system and as qemu+tcp://localhost, say) keeps it.
             if let timeout = error as? TransportError, timeout.code == .timeout,
                let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) {
-                error = timeout.appending("; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
+                error = TransportError(.busy, timeout.message + "; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
             }
             log("cannot serve: \(error)")
             report(Self.encodeHolderError(error))

@@ -27,7 +27,7 @@ public final class SessionHolder {
         public init() {}
     }
 
-    /// Opens the data channel (its local socket, or a libvirt stream) on first use.
+    /// Opens the data channel (its local socket, or a libvirt stream) for each transfer's turn.
     public typealias DataOpener = () throws -> Int32
 
     private final class Client {
@@ -52,6 +52,8 @@ public final class SessionHolder {
     }
 
     static let clientOutputLimit = 64 << 20
+    /// Bytes queued for the agent beyond which no client's input is read.
+    static let agentBacklogLimit = 4 << 20
     static let pauseAbove = 1 << 20
     static let resumeBelow = 256 << 10
     static let maxRequestsPerClient = 1024
@@ -107,8 +109,10 @@ public final class SessionHolder {
         while true {
             var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: control.fd, events: Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
+            // While the agent is not taking what is queued for it, clients wait for it to.
+            let takeInput = control.pendingOutput < Self.agentBacklogLimit
             for c in clients {
-                fds.append(pollfd(fd: c.conn.fd, events: Int16(POLLIN) | (c.conn.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0))
+                fds.append(pollfd(fd: c.conn.fd, events: (takeInput ? Int16(POLLIN) : 0) | (c.conn.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0))
             }
             let rc = poll(&fds, nfds_t(fds.count), 1000)
             if rc < 0 && errno != EINTR { return "poll failed: \(String(cString: strerror(errno)))" }
@@ -329,6 +333,8 @@ public final class SessionHolder {
         dataQueue.removeAll { $0 === c }
         if dataHolder === c {
             dataHolder = nil
+            close(dataFD)
+            dataFD = -1
             grantData()
         }
     }
@@ -339,13 +345,17 @@ public final class SessionHolder {
     private func grantData() {
         guard dataHolder == nil, !dataQueue.isEmpty else { return }
         let next = dataQueue.removeFirst()
-        if dataFD < 0 {
-            do {
-                dataFD = try openData()
-            } catch {
-                next.conn.send(ErrorMessage(.failed, errno: 0, "cannot open the data channel: \(error)"), id: 1)
-                return
-            }
+        // A fresh connection for each turn, as a command of its own would make: bytes of an
+        // earlier transfer that was cut off (QEMU may still hold some) go with the old one.
+        if dataFD >= 0 {
+            close(dataFD)
+            dataFD = -1
+        }
+        do {
+            dataFD = try openData()
+        } catch {
+            next.conn.send(ErrorMessage(.failed, errno: 0, "cannot open the data channel: \(error)"), id: 1)
+            return
         }
         // Ahead of the frame: anything still queued for this client must reach it first.
         _ = try? next.conn.flush()

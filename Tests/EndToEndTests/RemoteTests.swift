@@ -65,6 +65,7 @@ extension EndToEnd {
         /// The shared guest is up, and no holder (of this machine's other URIs) keeps its
         /// channel: a channel takes one client, and here every URI reaches the same QEMU.
         func ready() throws {
+            _ = VC.run(["holder", "stop", "--all"])
             try SharedGuest.require()
             _ = VC.run(["holder", "stop", "--all"])
         }

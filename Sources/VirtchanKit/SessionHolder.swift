@@ -14,7 +14,7 @@ import VirtchanTransport
 ///
 /// Everything runs on one thread in one poll loop; no client can stall another: a client that
 /// stops reading has its own commands' output paused in the agent (`execFlow`), and one that
-/// lets more than ``clientOutputLimit`` pile up is dropped.
+/// lets 64 MiB pile up is dropped.
 public final class SessionHolder {
     public struct Options: Sendable {
         /// Seconds to stay after the last client left; 0 ends with the last client.
@@ -27,7 +27,8 @@ public final class SessionHolder {
         public init() {}
     }
 
-    /// Opens the data channel (its local socket, or a libvirt stream) for each transfer's turn.
+    /// Opens the data channel (its local socket, or a libvirt stream): on first use, and after a
+    /// transfer was cut off.
     public typealias DataOpener = () throws -> Int32
 
     private final class Client {
@@ -65,6 +66,8 @@ public final class SessionHolder {
     private let options: Options
     private let openData: DataOpener
     private var dataFD: Int32 = -1
+    /// A transfer on the data channel ended before its end: reconnect before the next.
+    private var dataDirty = false
     private var clients: [Client] = []
     private var routes: [UInt32: Route] = [:]
     private var nextID: UInt32 = 0
@@ -206,6 +209,7 @@ public final class SessionHolder {
             route.client.requests[route.clientID] = nil
         }
         routes = [:]
+        dataDirty = true
         for c in clients {
             c.paused = []
             _ = try? c.conn.flush()
@@ -322,6 +326,7 @@ public final class SessionHolder {
                 if c.paused.contains(id) { agent.control.send(Frame(.execFlow, id: id)) }
             case .pushRequest, .pullRequest:
                 agent.control.send(Frame(.abort, id: id))
+                dataDirty = true
             default:
                 break
             }
@@ -333,8 +338,14 @@ public final class SessionHolder {
         dataQueue.removeAll { $0 === c }
         if dataHolder === c {
             dataHolder = nil
-            close(dataFD)
-            dataFD = -1
+            if dataDirty {
+                // A transfer was cut off: QEMU may still hold some of its bytes, and a port the
+                // guest closed mid-stream is not reliably served again on that connection. The
+                // next turn gets a fresh one, as a command of its own would make.
+                close(dataFD)
+                dataFD = -1
+                dataDirty = false
+            }
             grantData()
         }
     }
@@ -345,17 +356,13 @@ public final class SessionHolder {
     private func grantData() {
         guard dataHolder == nil, !dataQueue.isEmpty else { return }
         let next = dataQueue.removeFirst()
-        // A fresh connection for each turn, as a command of its own would make: bytes of an
-        // earlier transfer that was cut off (QEMU may still hold some) go with the old one.
-        if dataFD >= 0 {
-            close(dataFD)
-            dataFD = -1
-        }
-        do {
-            dataFD = try openData()
-        } catch {
-            next.conn.send(ErrorMessage(.failed, errno: 0, "cannot open the data channel: \(error)"), id: 1)
-            return
+        if dataFD < 0 {
+            do {
+                dataFD = try openData()
+            } catch {
+                next.conn.send(ErrorMessage(.failed, errno: 0, "cannot open the data channel: \(error)"), id: 1)
+                return
+            }
         }
         // Ahead of the frame: anything still queued for this client must reach it first.
         _ = try? next.conn.flush()
@@ -397,6 +404,7 @@ public final class SessionHolder {
         }
         if frame.type == .execStarted { route.started = true; routes[frame.id] = route }
         if ends(route, frame) {
+            if frame.type == .error && (route.kind == .pushRequest || route.kind == .pullRequest) { dataDirty = true }
             routes[frame.id] = nil
             c.requests[route.clientID] = nil
             c.paused.remove(frame.id)

@@ -12,7 +12,7 @@ struct Holder: ParsableCommand {
         serves every later command on that domain (any number at once), as an ssh ControlMaster \
         does. It stays --persist seconds (default 60) after the last command, and ends at once \
         when the domain stops. Transfers take turns on the data channel; one that waits says so. \
-        Only the holder's user (or root) can use it. Its log is the socket's path plus .log.
+        Only the holder's user (or root) can use it. While it runs, its log is its socket's path plus .log.
         """,
         subcommands: [HolderList.self, HolderStop.self, HolderServe.self])
 }

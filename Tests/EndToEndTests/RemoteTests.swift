@@ -161,7 +161,7 @@ extension EndToEnd {
                 ((try? FileManager.default.contentsOfDirectory(atPath: work)) ?? []).contains { $0.contains("big-pulled") }
             })
             // The ssh client the holder runs for its libvirt connection.
-            let killed = RemoteHost.shell("pkill -KILL -f 'ssh .*-p \(RemoteHost.sshPort)|ssh .*\(RemoteHost.sshPort).*127.0.0.1'")
+            let killed = RemoteHost.shell("n=0; for p in $(pgrep -x ssh); do if tr '\\0' ' ' < /proc/$p/cmdline | grep -q '\(RemoteHost.sshPort)'; then kill -9 $p && n=$((n + 1)); fi; done; [ $n -gt 0 ]")
             #expect(killed.code == 0, "no ssh client found to kill")
             let code = bg.wait(60)
             #expect(code == 1, "the pull should fail within its bound: \(bg.seen.map(\.1))")

@@ -183,6 +183,7 @@ extension EndToEnd {
 
             // Raw frames: a hello, then an exec without the proof.
             VC.guest("rm -f /tmp/pwned")
+            releaseChannels()
             let fd = try UnixSocket.connect(noKey.controlSocket)
             defer { close(fd) }
             let conn = FramedConnection(fd: fd)

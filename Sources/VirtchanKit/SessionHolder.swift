@@ -344,7 +344,6 @@ public final class SessionHolder {
                 // next turn gets a fresh one, as a command of its own would make.
                 close(dataFD)
                 dataFD = -1
-                dataDirty = false
             }
             grantData()
         }
@@ -363,6 +362,10 @@ public final class SessionHolder {
                 next.conn.send(ErrorMessage(.failed, errno: 0, "cannot open the data channel: \(error)"), id: 1)
                 return
             }
+            if dataDirty {
+                discardStaleBytes(dataFD)
+                dataDirty = false
+            }
         }
         // Ahead of the frame: anything still queued for this client must reach it first.
         _ = try? next.conn.flush()
@@ -376,6 +379,23 @@ public final class SessionHolder {
             w.u32(UInt32(i + 2))
             waiting.conn.send(Frame(.dataPortQueued, id: 1, payload: w.bytes))
         }
+    }
+
+    /// What QEMU still held of a cut-off transfer arrives as soon as a new connection opens:
+    /// read it off until the channel has been quiet for 100 ms (1 s at most), so that no
+    /// partial frame of it precedes the next transfer's frames.
+    private func discardStaleBytes(_ fd: Int32) {
+        var buffer = [UInt8](repeating: 0, count: 64 << 10)
+        let giveUp = monotonicNanos() + 1_000_000_000
+        var discarded = 0
+        while monotonicNanos() < giveUp {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 100) > 0 else { break }
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            if n <= 0 && !(n < 0 && (errno == EINTR || errno == EAGAIN)) { break }
+            discarded += max(n, 0)
+        }
+        if discarded > 0 { log("discarded \(discarded) bytes of a cut-off transfer") }
     }
 
     // MARK: the agent

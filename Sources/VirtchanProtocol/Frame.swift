@@ -150,6 +150,15 @@ public final class FrameDecoder {
 
     public func feed(_ bytes: [UInt8]) { bytes.withUnsafeBytes { feed($0) } }
 
+    /// Gives up on the partial frame at the head of the buffer: drops its first byte, so the
+    /// next call looks for a header after it. For a reader whose channel went quiet mid-frame
+    /// (the rest of a cut-off frame will never come, and a whole frame may wait behind it).
+    public func skipStalledFrame() {
+        guard buffer.count > 0 else { return }
+        buffer.consume(1)
+        skippedBytes += 1
+    }
+
     /// Drops everything buffered (a new session starts).
     public func reset() {
         buffer.removeAll()
@@ -197,9 +206,13 @@ public final class FrameDecoder {
             let payload = UnsafeRawBufferPointer(rebasing: r[FrameLimits.headerSize..<total])
             let hash = XXH64.hash(payload)
             guard low32(hash) == UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 16, as: UInt32.self)) else {
-                // The header was sound but the payload is damaged: drop the whole frame.
+                // The header was sound but the payload is not: most likely the head of a frame
+                // cut off mid-payload (what QEMU still held of an aborted transfer), and the
+                // frames after it sit inside what was taken for its payload. Look again from
+                // the next byte.
                 corruptFrames += 1
-                buffer.consume(total)
+                buffer.consume(1)
+                skippedBytes += 1
                 continue
             }
             guard let type = MessageType(rawValue: r[5]) else {

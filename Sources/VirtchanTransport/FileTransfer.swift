@@ -199,6 +199,7 @@ public final class FileTransfer {
         var sha = Crypto.SHA256()
         var received: UInt64 = 0
         var lastHeard = monotonicNanos()
+        var lastDataByte = lastHeard
         var lastPing = lastHeard
         do throws(TransportError) {
             try checkSpace(for: ready.size, in: fd, remote: remote)
@@ -251,6 +252,12 @@ public final class FileTransfer {
                     }
                     if outcome == .eof { throw TransportError(.agentGone, "the data channel closed mid-transfer") }
                     lastHeard = monotonicNanos()
+                    lastDataByte = lastHeard
+                } else if data.decoder.bufferedBytes > 0 && monotonicNanos() - lastDataByte > 1_000_000_000 {
+                    // Quiet for a second in the middle of a frame: the head of a frame cut off
+                    // in an earlier transfer, which waits for a payload that will never come.
+                    data.decoder.skipStalledFrame()
+                    lastDataByte = monotonicNanos()
                 }
                 if fds[1].revents != 0 {
                     try AgentSession.pump(session.control, until: 0)

@@ -1,5 +1,6 @@
 import CLibvirt
 import Glibc
+import VirtchanProtocol
 import Foundation
 import Synchronization
 
@@ -52,7 +53,13 @@ public final class ChannelStream: @unchecked Sendable {
             vc_virStreamFree(stream)
             throw ProvisioningError(.io, "socketpair: \(String(cString: strerror(errno)))")
         }
-        for fd in pair { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+        var size: Int32 = 1 << 20
+        for fd in pair {
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            // Room for a few data frames in flight each way.
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+            _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        }
         let bridge = ChannelStream(domain: domain, stream: stream, fd: pair[1])
         guard bridge.arm() else {
             close(pair[0])
@@ -73,12 +80,11 @@ public final class ChannelStream: @unchecked Sendable {
     private let stream: virStreamPtr
     private let fd: Int32
     private var watch: Int32 = -1
-    private var toGuest: [UInt8] = []
-    private var toHost: [UInt8] = []
+    private let toGuest = ByteBuffer(capacity: 256 << 10)
+    private let toHost = ByteBuffer(capacity: 256 << 10)
     private var streamEvents: Int32 = 0
     private var socketEvents: Int32 = 0
     private var closed = false
-    private var buffer = [UInt8](repeating: 0, count: ChannelStream.chunk)
     private let lock = Mutex(())
 
     private init(domain: Domain, stream: virStreamPtr, fd: Int32) {
@@ -130,11 +136,10 @@ public final class ChannelStream: @unchecked Sendable {
     /// Guest to host: stream into `toHost`, then into the socket.
     private func receiveFromGuest() {
         while toHost.count < Self.bufferLimit {
-            let n = buffer.withUnsafeMutableBytes { raw in
-                vc_virStreamRecv(stream, raw.baseAddress!.assumingMemoryBound(to: CChar.self), raw.count)
-            }
+            let room = toHost.reserve(Self.chunk)
+            let n = vc_virStreamRecv(stream, room.baseAddress!.assumingMemoryBound(to: CChar.self), room.count)
             if n > 0 {
-                toHost.append(contentsOf: buffer[0..<Int(n)])
+                toHost.commit(Int(n))
                 flushToHost()
                 continue
             }
@@ -148,8 +153,9 @@ public final class ChannelStream: @unchecked Sendable {
 
     private func flushToHost() {
         while !toHost.isEmpty {
-            let n = toHost.withUnsafeBytes { Glibc.write(fd, $0.baseAddress!, $0.count) }
-            if n > 0 { toHost.removeFirst(n); continue }
+            let r = toHost.readable
+            let n = Glibc.write(fd, r.baseAddress!, r.count)
+            if n > 0 { toHost.consume(n); continue }
             if n < 0 && errno == EINTR { continue }
             if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
             closeLocked(finished: false)
@@ -160,9 +166,10 @@ public final class ChannelStream: @unchecked Sendable {
     /// Host to guest: socket into the stream; what the stream does not take waits in `toGuest`.
     private func readFromHost() {
         while toGuest.count < Self.bufferLimit {
-            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }
+            let room = toGuest.reserve(Self.chunk)
+            let n = Glibc.read(fd, room.baseAddress!, room.count)
             if n > 0 {
-                toGuest.append(contentsOf: buffer[0..<n])
+                toGuest.commit(n)
                 sendToGuest()
                 if closed || !toGuest.isEmpty { return }
                 continue
@@ -177,10 +184,9 @@ public final class ChannelStream: @unchecked Sendable {
 
     private func sendToGuest() {
         while !toGuest.isEmpty {
-            let n = toGuest.withUnsafeBytes { raw in
-                vc_virStreamSend(stream, raw.baseAddress!.assumingMemoryBound(to: CChar.self), raw.count)
-            }
-            if n > 0 { toGuest.removeFirst(Int(n)); continue }
+            let r = toGuest.readable
+            let n = vc_virStreamSend(stream, r.baseAddress!.assumingMemoryBound(to: CChar.self), r.count)
+            if n > 0 { toGuest.consume(Int(n)); continue }
             if n == -2 { return }
             closeLocked(finished: false)
             return

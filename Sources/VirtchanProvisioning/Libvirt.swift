@@ -84,10 +84,17 @@ public final class Connection: @unchecked Sendable {
     public var isLocal: Bool { Self.isLocal(uri: uri) }
 
     public static func isLocal(uri: String) -> Bool {
-        guard let components = URLComponents(string: uri) else { return true }
-        let scheme = components.scheme ?? ""
-        if let plus = scheme.firstIndex(of: "+"), scheme[scheme.index(after: plus)...] != "unix" { return false }
-        return (components.host ?? "").isEmpty
+        // scheme[+transport]://[user@]host[:port]/path?query, read byte by byte: every command
+        // asks, and Foundation's URL parser costs more than the rest of this put together.
+        let bytes = Array(uri.utf8)
+        guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")),
+              bytes.count >= colon + 3, bytes[colon + 1] == UInt8(ascii: "/"), bytes[colon + 2] == UInt8(ascii: "/") else {
+            return true
+        }
+        let scheme = bytes[..<colon]
+        if let plus = scheme.firstIndex(of: UInt8(ascii: "+")), !scheme[(plus + 1)...].elementsEqual("unix".utf8) { return false }
+        let authority = bytes[(colon + 3)...].prefix { $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: "?") }
+        return authority.isEmpty
     }
 
     /// Has libvirt probe the far end every `interval` seconds and drop the connection after

@@ -221,3 +221,14 @@ private func standardSpec(_ name: String = "t1") -> DomainSpec {
         }
     }
 }
+
+/// Which URIs reach a domain's channels as sockets on this machine, and which through libvirt
+/// streams: any host or network transport is remote, even one naming this machine.
+@Test(arguments: [
+    ("qemu:///system", true), ("qemu:///session", true), ("qemu+unix:///system", true), ("test:///default", true),
+    ("qemu+tcp://127.0.0.1/system", false), ("qemu+ssh://root@hv2:2222/system?keyfile=/k&no_verify=1", false),
+    ("qemu+tls://hv3/system", false), ("qemu://hv4/system", false), ("qemu+tcp:///system", false),
+])
+func urisAreLocalOnlyWithoutHostOrNetworkTransport(uri: String, local: Bool) {
+    #expect(Connection.isLocal(uri: uri) == local)
+}

@@ -53,6 +53,8 @@ extension Hypervisor {
         var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil,
                                      consoleLog: Connection.isLocal(uri: uri) && access(console, F_OK) == 0 ? console : nil)
         endpoint.holderSocket = socket
+        // Whether this command accepts an agent without a key, whoever started the holder.
+        loadCredentials(&endpoint)
         do {
             return try AgentSession.connect(endpoint, timeout: timeout)
         } catch {

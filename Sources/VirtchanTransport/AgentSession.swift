@@ -114,7 +114,13 @@ public final class AgentSession {
                 if frame.type == .helloAck, let ack = try? HelloAck.decode(frame), ack.nonce == nonce {
                     // A holder proved the key when it opened its own session; only a
                     // holder's socket is believed when it says so.
-                    if !(held && ack.capabilities.contains(Capability.heldSession)) {
+                    if held && ack.capabilities.contains(Capability.heldSession) {
+                        // The holder's agent may hold no key (a holder started with
+                        // --insecure-agent): the same rule as for a direct session applies.
+                        if !ack.capabilities.contains(Capability.auth) && !endpoint.allowsUnkeyedAgent {
+                            throw unkeyedRefusal(endpoint.domain)
+                        }
+                    } else {
                         try authenticate(endpoint, control, ack: ack, nonce: nonce, deadline: deadline)
                     }
                     return ack
@@ -133,7 +139,7 @@ public final class AgentSession {
         let domain = endpoint.domain
         guard !ack.challenge.isEmpty else {
             if endpoint.allowsUnkeyedAgent { return }
-            throw TransportError(.unauthenticated, "the agent in \(domain) has no key, so anything that reaches its channel can drive it; recreate the domain with virtchan create to give it one, or pass --insecure-agent to use it anyway")
+            throw unkeyedRefusal(domain)
         }
         guard let key = endpoint.key else {
             throw TransportError(.unauthenticated, "the agent in \(domain) serves only the holder of the domain's key, and this host has none for it (virtchan keeps it in the domain's state directory on the host that created it)")
@@ -155,6 +161,10 @@ public final class AgentSession {
             }
             try pump(control, until: authDeadline)
         }
+    }
+
+    private static func unkeyedRefusal(_ domain: String) -> TransportError {
+        TransportError(.unauthenticated, "the agent in \(domain) has no key, so anything that reaches its channel can drive it; recreate the domain with virtchan create to give it one, or pass --insecure-agent to use it anyway")
     }
 
     private init(endpoint: AgentEndpoint, control: FramedConnection, hello: HelloAck, lock: ChannelLock?) {
@@ -188,7 +198,11 @@ public final class AgentSession {
 
     /// Whether the agent holds a key and this session proved it. Without one, anything that
     /// reaches the agent's channel can drive it.
-    public var agentHoldsKey: Bool { hello.capabilities.contains(Capability.auth) }
+    public var agentHoldsKey: Bool {
+        // Through a holder, the holder vouches for the agent's capabilities; directly, only
+        // the challenge the agent sent counts.
+        isHeld ? hello.capabilities.contains(Capability.auth) : !hello.challenge.isEmpty
+    }
 
     /// Whether the session goes through a session holder shared with other processes.
     public var isHeld: Bool { hello.capabilities.contains(Capability.heldSession) && endpoint.holderSocket != nil }

@@ -58,12 +58,12 @@ extension Hypervisor {
     /// state directory, no initramfs. It returns once libvirt has started the domain; wait for
     /// the agent with ``waitForAgent(_:timeout:)``.
     public func create(_ request: MachineRequest) throws -> CreatedMachine {
+        let prepared = try prepare(request)
         guard Connection.isLocal(uri: uri) else {
             // The domain's kernel, its own initramfs (which carries its key) and any --disk are
             // files that QEMU opens on the host that runs it.
             throw VirtchanError(.invalidRequest, "create over \(uri) is not supported: the kernel, the domain's initramfs and --disk are paths on the host that runs QEMU, and virtchan does not upload them; run 'virtchan create' on that host, then drive the domain from here with --connect \(uri) (the agent's key stays in that host's state directory: copy it to this one's)")
         }
-        let prepared = try prepare(request)
         let name = request.name
         let domainType = AcceleratorProbe.domainType(for: request.accelerator, imageDirectory: paths.imageDirectory,
                                                      cacheDirectory: paths.cacheDirectory)

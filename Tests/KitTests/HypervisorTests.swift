@@ -4,7 +4,9 @@ import VirtchanKit
 
 /// VirtchanKit against libvirt's test driver (`test:///default`) and scratch directories:
 /// what a program using the library sees before any guest boots.
-@Suite struct HypervisorTests {
+// One at a time: every test's Hypervisor reaches the same in-process test driver, so a domain
+// one test defines would show in another's listing.
+@Suite(.serialized) struct HypervisorTests {
     /// Scratch directories, with a stand-in for the built-in guest's kernel and initramfs.
     private func scratchPaths() throws -> HostPaths {
         let base = NSTemporaryDirectory() + "vc-kit-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"

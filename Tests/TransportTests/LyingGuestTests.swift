@@ -129,8 +129,10 @@ private func eventually(_ timeout: Double, _ condition: () -> Bool) -> Bool {
         }
         liar.start()
         defer { stop.set(true) }
-        defer { ChannelLock.removeLocks(of: "endless") }
-        let session = try AgentSession.connect(AgentEndpoint(domain: "endless", controlSocket: dir + "/c.sock", dataSocket: nil,
+        // A name per case: the lock of one case's session may outlive it for a moment.
+        let domain = "endless-\(kind.count)-\(getpid())"
+        defer { ChannelLock.removeLocks(of: domain) }
+        let session = try AgentSession.connect(AgentEndpoint(domain: domain, controlSocket: dir + "/c.sock", dataSocket: nil,
                                                              consoleLog: nil, allowsUnkeyedAgent: true), timeout: 10)
         let start = Date()
         do {

@@ -395,20 +395,20 @@ extension Hypervisor {
     }
 
     /// Stops the holder of `name` on this hypervisor, if one runs; its clients' commands end
-    /// with an error. Returns whether there was one.
+    /// with an error. Returns the holder that was asked to stop, and whether it did in time.
     @discardableResult
-    public func stopHolder(of name: String, timeout: Double = 5) -> Bool {
+    public func stopHolder(of name: String, timeout: Double = 5) -> (record: HolderRecord, stopped: Bool)? {
         let socket = holderSocket(for: name)
-        guard let record = Self.holders().first(where: { $0.socket == socket }) else { return false }
-        return Self.stop(record, timeout: timeout)
+        guard let record = Self.holders().first(where: { $0.socket == socket }) else { return nil }
+        return (record, Self.stop(record, timeout: timeout))
     }
 
-    /// Sends SIGTERM and waits for the holder to let go of its lock.
+    /// Sends SIGTERM and waits for the holder to let go of its lock; whether it did in time.
     @discardableResult
     public static func stop(_ record: HolderRecord, timeout: Double = 5) -> Bool {
         kill(record.pid, SIGTERM)
         let deadline = Date().addingTimeInterval(timeout)
         while isLive(record) && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
-        return true
+        return !isLive(record)
     }
 }

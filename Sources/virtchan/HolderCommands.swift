@@ -41,16 +41,24 @@ struct HolderStop: ParsableCommand {
     }
 
     func run() throws {
+        var stuck: [HolderRecord] = []
         if all {
             for record in Hypervisor.holders() {
-                Hypervisor.stop(record)
-                say("Stopped the holder of \(record.domain) on \(record.uri)")
+                if Hypervisor.stop(record) { say("Stopped the holder of \(record.domain) on \(record.uri)") } else { stuck.append(record) }
             }
-            return
+        } else {
+            let hypervisor = global.hypervisor()
+            for name in names {
+                guard let (record, stopped) = hypervisor.stopHolder(of: name) else {
+                    say("No holder runs for \(name) on \(hypervisor.uri)")
+                    continue
+                }
+                if stopped { say("Stopped the holder of \(name)") } else { stuck.append(record) }
+            }
         }
-        let hypervisor = global.hypervisor()
-        for name in names {
-            say(hypervisor.stopHolder(of: name) ? "Stopped the holder of \(name)" : "No holder runs for \(name) on \(hypervisor.uri)")
+        guard stuck.isEmpty else {
+            throw CLIError(stuck.map { "the holder of \($0.domain) on \($0.uri) (pid \($0.pid)) did not end within 5 s; kill -9 \($0.pid) ends it" }
+                .joined(separator: "; "))
         }
     }
 }

@@ -356,7 +356,9 @@ extension Hypervisor {
         guard channels.contains(where: { $0.name == controlName }) else {
             throw VirtchanError(.noChannel, "domain \(name) on \(uri) has no \(controlName) channel; create it with virtchan create, or add the channel to its XML")
         }
-        var endpoint = AgentEndpoint(domain: name, controlSocket: "\(uri) channel \(controlName)", dataSocket: nil, consoleLog: nil)
+        // No socket path here: the channel is the descriptor below, and the endpoint serves for
+        // the domain's name and key.
+        var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil, consoleLog: nil)
         loadCredentials(&endpoint)
         let fd = try ChannelStream.open(domain, channel: controlName)
         let session = try AgentSession.connect(endpoint, over: fd, timeout: timeout)

@@ -162,7 +162,7 @@ extension Hypervisor {
     /// connection opened here.
     private var mayFork: Bool {
         guard !hasOpenConnection else { return false }
-        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        let status = readSmallFile("/proc/self/status") ?? ""
         return status.split(separator: "\n").contains { $0.hasPrefix("Threads:") && $0.split(separator: "\t").last == "1" }
     }
 
@@ -262,9 +262,10 @@ extension Hypervisor {
             let listener = try UnixSocket.listen(socket, backlog: 128)
             chmod(socket, 0o600)
             setNonBlocking(listener)
+            // The command that started this holder waits for nothing but the socket.
+            report("ready")
             let record = HolderRecord(domain: name, uri: uri, pid: getpid(), socket: socket, persistSeconds: options.persist)
             try? writePrivateFile(recordPath, JSONEncoder().encode(record))
-            report("ready")
             log("serving (pid \(getpid()), agent \(agent.hello.agentVersion))")
             let holder = SessionHolder(agent: agent, listener: listener, socketPath: socket, options: options,
                                        openData: openData, log: log)
@@ -309,10 +310,15 @@ extension Hypervisor {
     /// A holder outlives the command that started it: a descriptor it inherited by accident
     /// (a pipe a test harness reads to its end) must not stay open with it.
     private static func closeInheritedDescriptors(keeping kept: Int32?) {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-        for fd in names.compactMap({ Int32($0) }) where fd > 2 && fd != kept {
-            close(fd)
+        guard let dir = opendir("/proc/self/fd") else { return }
+        let own = dirfd(dir)
+        var found: [Int32] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if let fd = Int32(name), fd > 2, fd != kept, fd != own { found.append(fd) }
         }
+        closedir(dir)
+        for fd in found { close(fd) }
     }
 
     /// The agent session and the data channel's opener: the channel sockets on this host, or

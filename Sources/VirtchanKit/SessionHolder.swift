@@ -33,16 +33,12 @@ public final class SessionHolder {
 
     private final class Client {
         let conn: FramedConnection
-        let uid: uid_t
         var isData = false
         /// The client's request ids and the holder's id for each.
         var requests: [UInt32: UInt32] = [:]
         /// Holder ids of this client's commands whose output the agent was asked to pause.
         var paused: Set<UInt32> = []
-        init(fd: Int32, uid: uid_t) {
-            conn = FramedConnection(fd: fd)
-            self.uid = uid
-        }
+        init(fd: Int32) { conn = FramedConnection(fd: fd) }
     }
 
     private struct Route {
@@ -156,10 +152,7 @@ public final class SessionHolder {
             now = max(now, monotonicNanos())
 
             // Keepalive: a guest that rebooted under us (QEMU's socket stays) answers nothing.
-            if now - lastHeard > UInt64(options.keepalive * 1e9) && pingSent == 0 {
-                control.send(Frame(.ping, id: Self.keepaliveID))
-                pingSent = now
-            }
+            if now - lastHeard > UInt64(options.keepalive * 1e9) { pingAgent() }
             if pingSent != 0 && now - pingSent > UInt64(options.silenceLimit * 1e9),
                let end = renewSession("stopped answering for \(formatSeconds(options.silenceLimit))") {
                 return end
@@ -230,6 +223,13 @@ public final class SessionHolder {
         }
     }
 
+    /// Asks the agent for a sign of life, unless a question is already out.
+    private func pingAgent() {
+        guard pingSent == 0 else { return }
+        agent.control.send(Frame(.ping, id: Self.keepaliveID))
+        pingSent = monotonicNanos()
+    }
+
     private func answerHellos() {
         for (client, id, nonce) in pendingHellos where clients.contains(where: { $0 === client }) {
             client.conn.send(helloAck(nonce: nonce), id: id)
@@ -250,7 +250,7 @@ public final class SessionHolder {
                 close(fd)
                 continue
             }
-            clients.append(Client(fd: fd, uid: peer.uid))
+            clients.append(Client(fd: fd))
         }
     }
 
@@ -265,10 +265,7 @@ public final class SessionHolder {
                 // agent is there while it restarts or hangs.
                 guard let hello = try? Hello.decode(frame) else { continue }
                 pendingHellos.append((c, frame.id, hello.nonce))
-                if pingSent == 0 {
-                    agent.control.send(Frame(.ping, id: Self.keepaliveID))
-                    pingSent = monotonicNanos()
-                }
+                pingAgent()
             case .dataPortRequest:
                 guard !c.isData else { continue }
                 c.isData = true

@@ -104,10 +104,6 @@ public final class Connection: @unchecked Sendable {
     public func setKeepAlive(interval: Int32, count: UInt32) {
         if vc_virConnectSetKeepAlive(pointer, interval, count) < 0 { vc_virResetLastError() }
     }
-
-    /// Whether libvirt still answers on this connection. The corresponding C function is
-    /// `virConnectIsAlive`.
-    public var isAlive: Bool { vc_virConnectIsAlive(pointer) == 1 }
 }
 
 public enum DomainState: String, Sendable, Codable {
@@ -154,16 +150,6 @@ public final class Domain: @unchecked Sendable {
     }
 
     public var isActive: Bool { vc_virDomainIsActive(pointer) == 1 }
-
-    /// The corresponding C function is `virDomainGetUUIDString`.
-    public var uuid: String {
-        var buf = [CChar](repeating: 0, count: Int(VIR_UUID_STRING_BUFLEN))
-        guard vc_virDomainGetUUIDString(pointer, &buf) == 0 else {
-            vc_virResetLastError()
-            return ""
-        }
-        return String(decoding: buf.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
 
     /// The live XML (or the persistent one when stopped). The corresponding C function is
     /// `virDomainGetXMLDesc`.

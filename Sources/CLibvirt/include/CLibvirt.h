@@ -44,8 +44,6 @@ void vc_virt_silence_errors(void);
     X(int, -1, virDomainFree, (virDomainPtr domain), (domain)) \
     X(int, -1, virDomainSetMetadata, (virDomainPtr domain, int type, const char *metadata, const char *key, const char *uri, unsigned int flags), (domain, type, metadata, key, uri, flags)) \
     X(char *, NULL, virDomainGetMetadata, (virDomainPtr domain, int type, const char *uri, unsigned int flags), (domain, type, uri, flags)) \
-    X(int, -1, virDomainGetUUIDString, (virDomainPtr domain, char *buf), (domain, buf)) \
-    X(int, -1, virConnectIsAlive, (virConnectPtr conn), (conn)) \
     X(virStreamPtr, NULL, virStreamNew, (virConnectPtr conn, unsigned int flags), (conn, flags)) \
     X(int, -1, virDomainOpenChannel, (virDomainPtr domain, const char *name, virStreamPtr st, unsigned int flags), (domain, name, st, flags)) \
     X(int, -1, virStreamSend, (virStreamPtr st, const char *data, size_t nbytes), (st, data, nbytes)) \

@@ -152,15 +152,17 @@ public final class SessionHolder {
             now = max(now, monotonicNanos())
 
             // Keepalive: a guest that rebooted under us (QEMU's socket stays) answers nothing.
-            if now - lastHeard > UInt64(options.keepalive * 1e9) { pingAgent() }
-            if pingSent != 0 && now - pingSent > UInt64(options.silenceLimit * 1e9),
+            // Stamps taken later in this pass (a ping just sent) count as no time at all.
+            func since(_ t: UInt64) -> UInt64 { now > t ? now - t : 0 }
+            if since(lastHeard) > UInt64(options.keepalive * 1e9) { pingAgent() }
+            if pingSent != 0 && since(pingSent) > UInt64(options.silenceLimit * 1e9),
                let end = renewSession("stopped answering for \(formatSeconds(options.silenceLimit))") {
                 return end
             }
             if let sig = Interruption.pending { return "stopped by signal \(sig)" }
             if clients.isEmpty {
                 if draining { return "idle for \(formatSeconds(options.persist))" }
-                if now - idleSince >= UInt64(options.persist * 1e9) {
+                if since(idleSince) >= UInt64(options.persist * 1e9) {
                     // New clients find no socket (and start a holder of their own once this
                     // one lets go of its lock); one that connected just before is still served.
                     unlink(socketPath)

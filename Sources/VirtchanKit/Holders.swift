@@ -169,12 +169,12 @@ extension Hypervisor {
     /// The virtchan executable that runs holders: `VIRTCHAN_EXECUTABLE`, this program when it
     /// is virtchan, a virtchan beside it, or one on PATH.
     static func holderExecutable() throws -> String {
-        if let env = ProcessInfo.processInfo.environment["VIRTCHAN_EXECUTABLE"], !env.isEmpty { return env }
+        if let env = getenv("VIRTCHAN_EXECUTABLE").map({ String(cString: $0) }), !env.isEmpty { return env }
         let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
         if (me as NSString).lastPathComponent == "virtchan" { return me }
         let sibling = ((me as NSString).deletingLastPathComponent as NSString).appendingPathComponent("virtchan")
         if !me.isEmpty, access(sibling, X_OK) == 0 { return sibling }
-        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":") {
+        for dir in (getenv("PATH").map { String(cString: $0) } ?? "").split(separator: ":") {
             let candidate = String(dir) + "/virtchan"
             if access(candidate, X_OK) == 0 { return candidate }
         }

@@ -21,8 +21,9 @@ public struct HostPaths: Sendable {
     /// The directories for this process: `VIRTCHAN_STATE_DIR`, `VIRTCHAN_IMAGE_DIR`,
     /// `VIRTCHAN_CACHE_DIR` and `VIRTCHAN_BOOT_DIR` when set, else the defaults for its user.
     public static var current: HostPaths {
-        let env = ProcessInfo.processInfo.environment
-        func value(_ key: String) -> String? { env[key].flatMap { $0.isEmpty ? nil : $0 } }
+        // getenv, not ProcessInfo's environment: that copies all of it into a dictionary, a
+        // noticeable part of a short command's start.
+        func value(_ key: String) -> String? { getenv(key).map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 } }
         let isRoot = geteuid() == 0
         let home = value("HOME") ?? "/tmp"
         func userState(_ name: String) -> String? {

@@ -13,7 +13,7 @@ public final class Connection: @unchecked Sendable {
 
     /// The URI virsh would use: `LIBVIRT_DEFAULT_URI`, else qemu:///system.
     public static var defaultURI: String {
-        if let env = ProcessInfo.processInfo.environment["LIBVIRT_DEFAULT_URI"], !env.isEmpty { return env }
+        if let env = getenv("LIBVIRT_DEFAULT_URI").map({ String(cString: $0) }), !env.isEmpty { return env }
         // As virsh: root drives the system instance, anyone else their own session.
         return geteuid() == 0 ? "qemu:///system" : "qemu:///session"
     }

@@ -64,7 +64,7 @@ public enum ExecClient {
         guard pipe(&pipeFDs) == 0 else { throw TransportError.system("pipe") }
         setNonBlocking(pipeFDs[0]); setNonBlocking(pipeFDs[1])
         execSignalPipe = pipeFDs[1]
-        var saved: [Int32: sigaction] = [:]
+        var saved: [(Int32, sigaction)] = []
         // A parent may have started us with these blocked; forwarding needs them delivered.
         var unblock = sigset_t()
         sigemptyset(&unblock)
@@ -83,7 +83,7 @@ public enum ExecClient {
             sigemptyset(&action.sa_mask)
             var old = sigaction()
             sigaction(sig, &action, &old)
-            saved[sig] = old
+            saved.append((sig, old))
         }
         var rawMode: termios?
         if options.tty && isatty(stdin) == 1 { rawMode = enterRawMode(stdin) }

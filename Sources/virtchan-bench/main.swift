@@ -139,6 +139,20 @@ do {
     }
     emit("qga_ping_ms", median(qgaPings), 3)
 
+    // The same through a session holder, in process: what the holder's hop adds.
+    do {
+        let held = try Hypervisor(sharing: .holder(persist: 30)).session(with: domainName, timeout: 60)
+        var times: [Double] = []
+        for _ in 0..<rounds {
+            let t = now()
+            var o = ExecOptions(argv: ["true"])
+            o.forwardStdin = false
+            _ = try ExecClient.run(held, o)
+            times.append((now() - t) * 1000)
+        }
+        emit("exec_held_session_ms", median(times))
+    }
+
     // The whole CLI: with a warm session holder, and with none (each command starts one that
     // ends with it, and the next command waits until it is gone, off the clock).
     var cli: [Double] = [], cold: [Double] = []
@@ -161,15 +175,19 @@ do {
     var qgaExec: [Double] = []
     for _ in 0..<rounds {
         let t = now()
-        let started = try qga("{\"execute\":\"guest-exec\",\"arguments\":{\"path\":\"/bin/true\"}}") as? [String: Any]
+        let started = try qga("{\"execute\":\"guest-exec\",\"arguments\":{\"path\":\"/bin/true\",\"capture-output\":true}}") as? [String: Any]
         guard let pid = started?["pid"] as? Int else { fail("guest-exec gave no pid") }
         while true {
             let st = try qga("{\"execute\":\"guest-exec-status\",\"arguments\":{\"pid\":\(pid)}}") as? [String: Any]
             if st?["exited"] as? Bool == true { break }
+            usleep(2000)
         }
         qgaExec.append((now() - t) * 1000)
     }
     emit("qga_exec_ms", median(qgaExec))
+
+    // VIRTCHAN_BENCH_ONLY=control stops here (for quick rounds on the control path).
+    if ProcessInfo.processInfo.environment["VIRTCHAN_BENCH_ONLY"] == "control" { exit(0) }
 
     // --- data path ----------------------------------------------------------------------
     let local = "/tmp/virtchan-bench-\(getpid())"

@@ -23,13 +23,18 @@ struct Virtchan: ParsableCommand {
                       Bootstrap.self, Holder.self])
 
     static func main() {
-        var command: ParsableCommand
         do {
-            command = try parseAsRoot()
-        } catch {
-            exitForUsage(error)
-        }
-        do {
+            // The commonest short command skips building the parser (see Exec.QuickForm).
+            if let quick = Exec.QuickForm(CommandLine.arguments.dropFirst()) {
+                try quick.run()
+                return
+            }
+            var command: ParsableCommand
+            do {
+                command = try parseAsRoot()
+            } catch {
+                exitForUsage(error)
+            }
             try command.run()
         } catch let code as ExitCode {
             // exec passing the guest's code through: nothing to print.
@@ -92,6 +97,21 @@ struct GlobalOptions: ParsableArguments {
     func validate() throws {
         guard persist >= 0, persist.isFinite else { throw ValidationError("--persist takes 0 or more seconds") }
     }
+
+    /// The options as a plain value, which commands pass on.
+    var target: Target { Target(connect: connect, insecureAgent: insecureAgent, persist: persist) }
+
+    func hypervisor() -> Hypervisor { target.hypervisor() }
+    func session(_ name: String, timeout: Double = 10) throws -> AgentSession { try target.session(name, timeout: timeout) }
+    func waitForAgent(_ name: String, timeout: Double) throws -> AgentSession { try target.waitForAgent(name, timeout: timeout) }
+    func transfer(_ name: String) throws -> FileTransfer { try target.transfer(name) }
+}
+
+/// Where a command goes (the libvirt URI) and how it reaches agents there.
+struct Target {
+    var connect: String?
+    var insecureAgent = false
+    var persist: Double = 60
 
     func hypervisor() -> Hypervisor {
         Hypervisor(uri: connect, allowsUnkeyedAgents: insecureAgent, sharing: .holder(persist: persist))

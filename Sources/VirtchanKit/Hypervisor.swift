@@ -100,7 +100,17 @@ public final class Hypervisor: Sendable {
         endpointCache?.remove(name)
         ChannelLock.removeLocks(of: name)
         unlink(paths.keyedInitrd(for: name))
-        if !keepDefinition { try domain.undefine() }
+        if !keepDefinition {
+            let bootedInitrd = (try? domain.xml(inactive: true))
+                .flatMap { try? LibXMLDocument(parsing: $0, name: "the domain XML").string("string(/domain/os/initrd)") }
+            try domain.undefine()
+            // The initramfs a remote create uploaded for this domain alone, whichever URI
+            // destroys it (the shared kernels stay).
+            if let bootedInitrd, let pool = StoragePool.lookup(Self.storagePoolName, on: domain.connection),
+               let volume = pool.volume(name + ".initrd"), (try? volume.path()) == bootedInitrd {
+                try volume.delete()
+            }
+        }
         // Only virtchan's own directory for this name goes, never a path read from the domain's
         // metadata (anyone who may edit the XML could point that anywhere), and only when its
         // marker names this domain.

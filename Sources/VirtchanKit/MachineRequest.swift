@@ -1,4 +1,6 @@
+import Crypto
 import Foundation
+import VirtchanProvisioning
 
 /// What ``Hypervisor/create(_:)`` defines and starts: a domain with virtchan's control and
 /// data channels wired, its agent key, and optionally a first-boot script.
@@ -51,46 +53,60 @@ extension Hypervisor {
     /// The domain XML `create` would define, with the accelerator not yet probed; nothing is
     /// touched.
     public func domainXML(for request: MachineRequest) throws -> String {
-        try prepare(request).document.serialize()
+        try DomainXML.build(prepare(request, remote: false).spec, domainType: request.accelerator == .kvm ? "kvm" : "qemu").serialize()
     }
 
     /// Defines and starts a domain. On any failure nothing is left behind: no definition, no
-    /// state directory, no initramfs. It returns once libvirt has started the domain; wait for
-    /// the agent with ``waitForAgent(_:timeout:)``.
-    public func create(_ request: MachineRequest) throws -> CreatedMachine {
-        let prepared = try prepare(request)
-        guard Connection.isLocal(uri: uri) else {
-            // The domain's kernel, its own initramfs (which carries its key) and any --disk are
-            // files that QEMU opens on the host that runs it.
-            throw VirtchanError(.invalidRequest, "create over \(uri) is not supported: the kernel, the domain's initramfs and --disk are paths on the host that runs QEMU, and virtchan does not upload them; run 'virtchan create' on that host, then drive the domain from here with --connect \(uri) (the agent's key stays in that host's state directory: copy it to this one's)")
-        }
+    /// state directory, no initramfs, no volume. It returns once libvirt has started the
+    /// domain; wait for the agent with ``waitForAgent(_:timeout:)``.
+    ///
+    /// Over a remote URI the kernel and the domain's initramfs reach the other host as volumes
+    /// of the storage pool ``storagePoolName`` there, uploaded through the connection; the
+    /// agent's key stays in this host's state directory. `progress` hears what takes time.
+    public func create(_ request: MachineRequest, progress: ((String) -> Void)? = nil) throws -> CreatedMachine {
+        let remote = !Connection.isLocal(uri: uri)
+        var prepared = try prepare(request, remote: remote)
         let name = request.name
-        let domainType = AcceleratorProbe.domainType(for: request.accelerator, imageDirectory: paths.imageDirectory,
-                                                     cacheDirectory: paths.cacheDirectory)
-        prepared.document.root.setAttribute("type", domainType)
-        let xml = prepared.document.serialize()
-
         let conn = try connection()
+        let domainType: String
+        if remote {
+            domainType = request.accelerator == .tcg ? "qemu" : request.accelerator == .kvm || conn.offersKVM ? "kvm" : "qemu"
+        } else {
+            domainType = AcceleratorProbe.domainType(for: request.accelerator, imageDirectory: paths.imageDirectory,
+                                                     cacheDirectory: paths.cacheDirectory)
+        }
         if conn.domain(named: name) != nil {
             throw VirtchanError(.alreadyExists, "a domain named \(name) already exists (remove it with: virtchan destroy \(name), or pick another name)")
         }
         let stateDir = paths.stateDirectory(for: name)
         let keyedInitrd = paths.keyedInitrd(for: name)
+        var initrdVolume: StorageVolume?
         let fm = FileManager.default
         func removeFiles() {
             try? fm.removeItem(atPath: stateDir)
             unlink(keyedInitrd)
+            try? initrdVolume?.delete()
         }
         try? fm.removeItem(atPath: stateDir)
-        do {
-            try writeStateDirectory(stateDir, for: request, initrdBase: prepared.initrdBase, keyedInitrd: keyedInitrd)
-        } catch {
-            removeFiles()
-            throw error
-        }
         let domain: Domain
         do {
-            domain = try conn.define(xml: xml)
+            try writeStateDirectory(stateDir, for: request, initrdBase: prepared.initrdBase, keyedInitrd: keyedInitrd)
+            if remote, case let .kernel(kernel, initrd, cmdline) = prepared.spec.boot {
+                let pool = try StoragePool.directory(Self.storagePoolName, path: Self.storagePoolPath, on: conn)
+                let kernelPath = try sharedVolume(for: kernel, in: pool, progress: progress)
+                var initrdPath: String?
+                if initrd != nil {
+                    try? pool.volume(name + ".initrd")?.delete()
+                    progress?("uploading the initramfs of \(name) to the storage pool \(pool.name) on \(uri)")
+                    initrdVolume = try pool.upload(keyedInitrd, as: name + ".initrd")
+                    initrdPath = try initrdVolume?.path()
+                    // The volume is the copy QEMU reads; this one held the key for nothing.
+                    unlink(keyedInitrd)
+                }
+                prepared.spec.boot = .kernel(kernel: kernelPath, initrd: initrdPath, cmdline: cmdline)
+            }
+            let document = try DomainXML.build(prepared.spec, domainType: domainType)
+            domain = try conn.define(xml: document.serialize())
         } catch {
             removeFiles()
             throw error
@@ -103,19 +119,49 @@ extension Hypervisor {
             throw error
         }
         // QEMU has read the initramfs into memory; nobody but its owner may read the key again.
-        if prepared.initrdBase != nil { KeyedInitrd.reclaim(keyedInitrd) }
-        return CreatedMachine(name: name, domainType: domainType, consoleLog: prepared.consoleLog, startedAt: Date())
+        if prepared.initrdBase != nil && !remote { KeyedInitrd.reclaim(keyedInitrd) }
+        return CreatedMachine(name: name, domainType: domainType, consoleLog: prepared.spec.consoleLog, startedAt: Date())
+    }
+
+    /// The storage pool that holds what remote domains boot: the shared kernels and each
+    /// domain's initramfs (`NAME.initrd`, deleted by ``destroy(_:keepDefinition:force:)``).
+    public static let storagePoolName = "virtchan"
+    /// Where ``storagePoolName`` keeps its files on its host, when virtchan defines it.
+    public static let storagePoolPath = "/var/lib/virtchan/pool"
+
+    /// The path on the pool's host of a volume with the bytes of the local file `path`, named
+    /// by their SHA-256 so that every domain booting them shares one upload. An empty volume
+    /// named `….complete` says the upload finished: a volume without one (an upload cut off,
+    /// or one under way elsewhere) is never booted, but replaced.
+    private func sharedVolume(for path: String, in pool: StoragePool, progress: ((String) -> Void)?) throws -> String {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw VirtchanError(.io, "cannot read \(path)")
+        }
+        let digest = SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+        let volumeName = "boot-" + digest.prefix(24)
+        let marker = volumeName + ".complete"
+        if let existing = pool.volume(volumeName), pool.volume(marker) != nil,
+           (try? existing.capacity()) == UInt64(data.count) {
+            return try existing.path()
+        }
+        try? pool.volume(marker)?.delete()
+        try? pool.volume(volumeName)?.delete()
+        progress?("uploading \(path) (\(data.count >> 20) MiB) to the storage pool \(pool.name) on \(uri)")
+        let volume = try pool.upload(path, as: volumeName, mode: 0o644)
+        _ = try pool.makeVolume(marker, bytes: 0, mode: 0o644)
+        return try volume.path()
     }
 
     private struct Prepared {
-        let document: LibXMLDocument
+        var spec: DomainSpec
         /// The initramfs the agent key is added to; nil when the boot has none.
         let initrdBase: String?
-        let consoleLog: String?
     }
 
-    /// Checks everything that can be checked without libvirt and builds the domain XML.
-    private func prepare(_ request: MachineRequest) throws -> Prepared {
+    /// Checks everything that can be checked without libvirt and builds the domain's spec.
+    /// A `remote` domain gets its socket paths from libvirt and its console on a pseudo-terminal
+    /// (`virsh console`): this host's directories mean nothing on the other one.
+    private func prepare(_ request: MachineRequest, remote: Bool) throws -> Prepared {
         let name = request.name
         do {
             try DomainSpec.validateName(name)
@@ -130,9 +176,9 @@ extension Hypervisor {
         spec.controllerPorts = request.controllerPorts
         spec.templateXML = request.templateXML
         let stateDir = paths.stateDirectory(for: name)
-        spec.channels = DomainSpec.standardChannels(socketDirectory: request.libvirtChoosesSocketPaths ? nil : stateDir,
+        spec.channels = DomainSpec.standardChannels(socketDirectory: request.libvirtChoosesSocketPaths || remote ? nil : stateDir,
                                                     qemuGuestAgent: request.qemuGuestAgent)
-        spec.consoleLog = paths.consoleLog(for: name)
+        spec.consoleLog = remote ? nil : paths.consoleLog(for: name)
         spec.metadata = VirtchanMetadata(stateDirectory: stateDir, version: virtchanVersion,
                                          bootstrap: request.bootstrap.map { BootstrapRecord(script: $0.scriptName, sha256: $0.sha256, state: .pending) })
         // The agent's key reaches the guest in the domain's own copy of the initramfs; a boot
@@ -148,6 +194,9 @@ extension Hypervisor {
             spec.boot = .kernel(kernel: absolute(kernel), initrd: initrd == nil ? nil : keyedInitrd, cmdline: cmdline ?? "console=ttyS0")
             unkeyable = initrd == nil ? "--kernel without --initrd" : nil
         case let .disk(disk):
+            if remote {
+                throw VirtchanError(.invalidRequest, "--disk \(disk) would have to be a file on the host behind \(uri), and virtchan uploads only kernels and initramfs images there; boot the built-in guest or --kernel/--initrd instead, or run 'virtchan create --disk' on that host")
+            }
             try requireFile(disk, "disk image")
             spec.boot = .disk(absolute(disk))
             unkeyable = "--disk"
@@ -172,8 +221,9 @@ extension Hypervisor {
             throw VirtchanError(.invalidRequest, "this boot (\(unkeyable)) gives virtchan no way to hand the agent its key, and an agent without one serves anything that reaches its channel; pass --insecure-agent to create it anyway")
         }
         try spec.validate()
-        let doc = try DomainXML.build(spec, domainType: request.accelerator == .kvm ? "kvm" : "qemu")
-        return Prepared(document: doc, initrdBase: initrdBase, consoleLog: spec.consoleLog)
+        // A template libvirt would refuse is refused here, before anything is written.
+        _ = try DomainXML.build(spec, domainType: "qemu")
+        return Prepared(spec: spec, initrdBase: initrdBase)
     }
 
     /// The domain's state directory, closed to everyone but its owner: the agent's sockets,

@@ -44,6 +44,7 @@ public struct DomainSpec: Sendable {
     public var vcpus: Int?
     public var accelerator: Accelerator = .auto
     public var boot: BootSource?
+    /// The file the serial console writes to; nil puts the console on a pseudo-terminal.
     public var consoleLog: String?
     public var controllerIndex = 0
     public var controllerPorts = 16

@@ -69,12 +69,15 @@ public enum DomainXML {
                 "type": "virtio-serial", "controller": String(spec.controllerIndex), "bus": "0", "port": String(ch.port),
             ])
         }
-        if let log = spec.consoleLog, doc.select("/domain/devices/serial").isEmpty {
-            let serial = devices.addChild("serial", attributes: ["type": "file"])
-            serial.addChild("source", attributes: ["path": log])
+        if doc.select("/domain/devices/serial").isEmpty {
+            // The console goes to the log file, or without one to a pseudo-terminal that
+            // `virsh console` reaches from anywhere.
+            let type = spec.consoleLog == nil ? "pty" : "file"
+            let serial = devices.addChild("serial", attributes: ["type": type])
+            if let log = spec.consoleLog { serial.addChild("source", attributes: ["path": log]) }
             serial.addChild("target", attributes: ["port": "0"])
-            let console = devices.addChild("console", attributes: ["type": "file"])
-            console.addChild("source", attributes: ["path": log])
+            let console = devices.addChild("console", attributes: ["type": type])
+            if let log = spec.consoleLog { console.addChild("source", attributes: ["path": log]) }
             console.addChild("target", attributes: ["type": "serial", "port": "0"])
         }
         if spec.templateXML == nil {

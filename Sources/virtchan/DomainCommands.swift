@@ -10,6 +10,11 @@ struct Create: ParsableCommand {
         With no boot source the built-in tiny guest boots (build it with Scripts/build-guest). \
         Sockets and the console log live in $VIRTCHAN_STATE_DIR/NAME (default \
         /var/lib/virtchan/domains/NAME) unless --libvirt-socket-paths lets libvirt choose.
+
+        With --connect naming another host, the kernel and the domain's initramfs are uploaded \
+        through the libvirt connection into the storage pool 'virtchan' there (defined on first \
+        use, at /var/lib/virtchan/pool); the agent's key stays in this host's state directory. \
+        --disk, a file QEMU would open on that host, is refused there.
         """)
 
     @OptionGroup var global: GlobalOptions
@@ -74,8 +79,10 @@ struct Create: ParsableCommand {
             print(try hypervisor.domainXML(for: request), terminator: "")
             return
         }
-        let machine = try hypervisor.create(request)
-        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console log \(machine.consoleLog ?? "-"))")
+        let machine = try hypervisor.create(request) { step in
+            FileHandle.standardError.write(Data("virtchan: \(step)\n".utf8))
+        }
+        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: virsh -c '\(hypervisor.uri)' console \(name)"))")
         if noWait {
             if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }
             return

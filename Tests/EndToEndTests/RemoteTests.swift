@@ -224,12 +224,52 @@ extension EndToEnd {
             #expect(VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"]).code == 0)
         }
 
-        @Test func createOverARemoteURIIsRefusedWithTheReason() throws {
-            let domain = "vctest-remote-create"
-            let r = VC.run(["create", "-c", RemoteHost.tcp, domain, "--accel", "tcg"])
+        /// create over each transport: the kernel and the domain's initramfs go up as volumes of
+        /// the pool 'virtchan', the key stays here, the first-boot script runs, and destroy takes
+        /// the domain's volume and state away but leaves the shared kernel.
+        @Test(arguments: RemoteHost.uris)
+        func createUploadsWhatTheDomainBoots(transport: String, uri: String) throws {
+            let domain = "vctest-remote-create-\(transport)"
+            removeAtExit(domain)
+            _ = VC.run(["destroy", domain, "--force"])
+            let script = "\(work)/first-\(transport).sh"
+            try "#!/bin/sh\necho \"first boot of $(hostname) over \(transport)\"\n".write(toFile: script, atomically: true, encoding: .utf8)
+            let created = VC.run(["create", "-c", uri, domain, "--accel", "tcg", "--bootstrap", script], timeout: 240)
+            #expect(created.code == 0, "\(created.stderr)")
+            #expect(created.out.contains("first boot of virtchan-guest over \(transport)"), "\(created.out)")
+            #expect(created.stderr.contains("uploading the initramfs of \(domain) to the storage pool virtchan"), "\(created.stderr)")
+            let volumes = VC.virsh(["vol-list", "virtchan"]).out
+            #expect(volumes.contains("/var/lib/virtchan/pool/\(domain).initrd"), "\(volumes)")
+            let xml = VC.virsh(["dumpxml", domain]).out
+            #expect(xml.contains("<initrd>/var/lib/virtchan/pool/\(domain).initrd</initrd>"))
+            #expect(xml.contains("<serial type='pty'>"), "the console is reachable with virsh console")
+            #expect(FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(domain)/agent.key"), "the key stays on this host")
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/boot/\(domain).initrd"), "no local copy of the keyed initramfs")
+
+            let r = VC.run(["exec", "-c", uri, domain, "--", "sh", "-c", "cat; exit 5"], stdin: Data("through \(transport)\n".utf8), timeout: 60)
+            #expect(r.code == 5, "\(r.stderr)")
+            #expect(r.out == "through \(transport)\n")
+
+            let destroyed = VC.run(["destroy", "-c", uri, domain], timeout: 60)
+            #expect(destroyed.code == 0, "\(destroyed.stderr)")
+            #expect(VC.virsh(["dominfo", domain]).code != 0, "the domain is gone")
+            let left = VC.virsh(["vol-list", "virtchan"]).out
+            #expect(!left.contains("\(domain).initrd"), "\(left)")
+            #expect(left.contains("/var/lib/virtchan/pool/boot-"), "the shared kernel stays for the next create")
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(domain)"))
+            #expect(VC.run(["holder", "list"]).out.contains(domain) == false)
+        }
+
+        @Test func aDiskCannotBeCreatedRemotelyAndNothingIsLeft() throws {
+            let domain = "vctest-remote-disk"
+            let disk = "\(work)/disk.img"
+            try Data(count: 1 << 20).write(to: URL(fileURLWithPath: disk))
+            let r = VC.run(["create", "-c", RemoteHost.tcp, domain, "--disk", disk, "--insecure-agent", "--accel", "tcg"])
             #expect(r.code == 64)
-            #expect(r.stderr.contains("create over \(RemoteHost.tcp) is not supported"))
+            #expect(r.stderr.contains("--disk \(disk) would have to be a file on the host behind \(RemoteHost.tcp)"), "\(r.stderr)")
             #expect(VC.virsh(["dominfo", domain]).code != 0, "nothing is defined")
+            #expect(!VC.virsh(["vol-list", "virtchan"]).out.contains(domain))
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(domain)"))
         }
     }
 }

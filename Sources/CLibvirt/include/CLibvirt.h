@@ -59,7 +59,23 @@ void vc_virt_silence_errors(void);
     X(int, -1, virEventAddHandle, (int fd, int events, virEventHandleCallback cb, void *opaque, virFreeCallback ff), (fd, events, cb, opaque, ff)) \
     X(int, -1, virEventRemoveHandle, (int watch), (watch)) \
     X(int, -1, virConnectSetKeepAlive, (virConnectPtr conn, int interval, unsigned int count), (conn, interval, count)) \
-    X(char *, NULL, virDomainQemuAgentCommand, (virDomainPtr domain, const char *cmd, int timeout, unsigned int flags), (domain, cmd, timeout, flags))
+    X(char *, NULL, virDomainQemuAgentCommand, (virDomainPtr domain, const char *cmd, int timeout, unsigned int flags), (domain, cmd, timeout, flags)) \
+    X(char *, NULL, virConnectGetDomainCapabilities, (virConnectPtr conn, const char *emulatorbin, const char *arch, const char *machine, const char *virttype, unsigned int flags), (conn, emulatorbin, arch, machine, virttype, flags)) \
+    X(virStoragePoolPtr, NULL, virStoragePoolLookupByName, (virConnectPtr conn, const char *name), (conn, name)) \
+    X(virStoragePoolPtr, NULL, virStoragePoolDefineXML, (virConnectPtr conn, const char *xml, unsigned int flags), (conn, xml, flags)) \
+    X(int, -1, virStoragePoolBuild, (virStoragePoolPtr pool, unsigned int flags), (pool, flags)) \
+    X(int, -1, virStoragePoolCreate, (virStoragePoolPtr pool, unsigned int flags), (pool, flags)) \
+    X(int, -1, virStoragePoolIsActive, (virStoragePoolPtr pool), (pool)) \
+    X(int, -1, virStoragePoolSetAutostart, (virStoragePoolPtr pool, int autostart), (pool, autostart)) \
+    X(int, -1, virStoragePoolRefresh, (virStoragePoolPtr pool, unsigned int flags), (pool, flags)) \
+    X(int, -1, virStoragePoolFree, (virStoragePoolPtr pool), (pool)) \
+    X(virStorageVolPtr, NULL, virStorageVolLookupByName, (virStoragePoolPtr pool, const char *name), (pool, name)) \
+    X(virStorageVolPtr, NULL, virStorageVolCreateXML, (virStoragePoolPtr pool, const char *xml, unsigned int flags), (pool, xml, flags)) \
+    X(int, -1, virStorageVolUpload, (virStorageVolPtr vol, virStreamPtr stream, unsigned long long offset, unsigned long long length, unsigned int flags), (vol, stream, offset, length, flags)) \
+    X(char *, NULL, virStorageVolGetPath, (virStorageVolPtr vol), (vol)) \
+    X(int, -1, virStorageVolGetInfo, (virStorageVolPtr vol, virStorageVolInfoPtr info), (vol, info)) \
+    X(int, -1, virStorageVolDelete, (virStorageVolPtr vol, unsigned int flags), (vol, flags)) \
+    X(int, -1, virStorageVolFree, (virStorageVolPtr vol), (vol))
 
 #define VC_VIRT_DECLARE(ret, fail, name, params, args) ret vc_##name params;
 VC_VIRT_FUNCTIONS(VC_VIRT_DECLARE)

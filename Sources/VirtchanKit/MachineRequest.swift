@@ -2,7 +2,7 @@ import Crypto
 import Foundation
 import VirtchanProvisioning
 
-/// What ``Hypervisor/create(_:)`` defines and starts: a domain with virtchan's control and
+/// What ``Hypervisor/create(_:progress:)`` defines and starts: a domain with virtchan's control and
 /// data channels wired, its agent key, and optionally a first-boot script.
 public struct MachineRequest: Sendable {
     /// What the domain boots.
@@ -40,7 +40,7 @@ public struct MachineRequest: Sendable {
     public init(name: String) { self.name = name }
 }
 
-/// A domain that ``Hypervisor/create(_:)`` started.
+/// A domain that ``Hypervisor/create(_:progress:)`` started.
 public struct CreatedMachine: Sendable {
     public let name: String
     /// `kvm` or `qemu` (TCG), as the accelerator probe chose.

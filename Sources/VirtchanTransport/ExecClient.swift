@@ -10,6 +10,9 @@ public struct ExecOptions: Sendable {
     public var timeout: Double?
     /// Forward the host's stdin until EOF; off, the guest process gets EOF at once.
     public var forwardStdin = true
+    /// Forward this process's SIGINT, SIGTERM, SIGHUP and SIGQUIT (and SIGWINCH with `tty`) to
+    /// the guest process. Process-wide: off for commands that run side by side in one process.
+    public var forwardSignals = true
     /// With no frame for this long the host pings the agent...
     public var keepalive: Double = 2
     /// ...and gives up when nothing at all has come back for this long.
@@ -63,13 +66,14 @@ public enum ExecClient {
         var pipeFDs: [Int32] = [0, 0]
         guard pipe(&pipeFDs) == 0 else { throw TransportError.system("pipe") }
         setNonBlocking(pipeFDs[0]); setNonBlocking(pipeFDs[1])
-        execSignalPipe = pipeFDs[1]
         var saved: [(Int32, sigaction)] = []
         // A parent may have started us with these blocked; forwarding needs them delivered.
         var unblock = sigset_t()
         sigemptyset(&unblock)
         // SIGWINCH only matters with --tty: the new size goes to the guest's pseudo-terminal.
-        let forwarded = options.tty ? [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH] : [SIGINT, SIGTERM, SIGHUP, SIGQUIT]
+        let forwarded = !options.forwardSignals ? []
+            : options.tty ? [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH] : [SIGINT, SIGTERM, SIGHUP, SIGQUIT]
+        if !forwarded.isEmpty { execSignalPipe = pipeFDs[1] }
         for sig in forwarded { sigaddset(&unblock, sig) }
         var previousMask = sigset_t()
         sigprocmask(SIG_UNBLOCK, &unblock, &previousMask)

@@ -5,31 +5,61 @@ import VirtchanKit
 struct Wait: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "wait",
-        abstract: "Wait until the agent in a domain says hello (and deliver a pending bootstrap).")
+        abstract: "Wait until the agent in a domain says hello (and deliver a pending bootstrap).",
+        discussion: FleetOptions.exitDiscussion)
 
     @OptionGroup var global: GlobalOptions
-    @Argument(help: "Domain name.") var name: String
+    @Argument(help: "Domain name (several for a fleet command).") var names: [String] = []
     @Option(help: "Give up after this many seconds.") var timeout: Double = 90
+    @OptionGroup var fleet: FleetOptions
+    @Flag(help: "On several domains: one JSON record per domain.") var json = false
 
     func validate() throws {
         if !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        try requireDomains(names, fleet)
     }
 
     func run() throws {
-        let start = Date()
-        let session = try global.waitForAgent(name, timeout: timeout)
-        say(String(format: "Agent %@ in %@ is ready (%.1f s)", displaySafe(session.hello.agentVersion, limit: 64), name, Date().timeIntervalSince(start)))
-        if let code = try global.hypervisor().runPendingBootstrap(name, session: session, options: .printing(timeout: nil)), code != 0 {
-            throw ExitCode(code)
+        guard fleet.isFleet(names, global) else {
+            let start = Date()
+            let session = try global.waitForAgent(names[0], timeout: timeout)
+            say(Self.ready(session, names[0], since: start))
+            if let code = try global.hypervisor().runPendingBootstrap(names[0], session: session, options: .printing(timeout: nil)), code != 0 {
+                throw ExitCode(code)
+            }
+            return
         }
+        let timeout = self.timeout
+        try runFleet(names, global, fleet, json: json) { member, output, target in
+            let start = Date()
+            let session = try target.waitForAgent(member.name, timeout: timeout)
+            output.say(Self.ready(session, member.name, since: start))
+            var options = BootstrapRunOptions()
+            options.progress = { output.say($0) }
+            options.output = { stream, bytes in output.write(stream, bytes); return true }
+            return try target.hypervisor().runPendingBootstrap(member.name, session: session, options: options) ?? 0
+        }
+    }
+
+    static func ready(_ session: AgentSession, _ name: String, since start: Date) -> String {
+        String(format: "Agent %@ in %@ is ready (%.1f s)", displaySafe(session.hello.agentVersion, limit: 64), name, Date().timeIntervalSince(start))
+    }
+}
+
+/// A command on domains needs at least one name, --all or --match.
+func requireDomains(_ names: [String], _ fleet: FleetOptions) throws {
+    guard !names.isEmpty || fleet.all || !fleet.match.isEmpty else {
+        throw ValidationError("name a domain (or several, or use --all or --match)")
     }
 }
 
 struct Ping: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "ping", abstract: "Measure round trips to the agent.")
+    static let configuration = CommandConfiguration(commandName: "ping", abstract: "Measure round trips to the agent.",
+                                                    discussion: FleetOptions.exitDiscussion)
 
     @OptionGroup var global: GlobalOptions
-    @Argument(help: "Domain name.") var name: String
+    @Argument(help: "Domain name (several for a fleet command).") var names: [String] = []
+    @OptionGroup var fleet: FleetOptions
     @Option(name: [.customShort("n"), .long], help: "Number of pings.") var count: Int = 4
     @Option(help: "Seconds between pings.") var interval: Double = 0
     @Flag(help: "Print JSON.") var json = false
@@ -45,9 +75,22 @@ struct Ping: ParsableCommand {
     func validate() throws {
         guard count >= 1 else { throw ValidationError("--count must be at least 1") }
         guard interval >= 0 else { throw ValidationError("--interval cannot be negative") }
+        try requireDomains(names, fleet)
     }
 
     func run() throws {
+        guard !fleet.isFleet(names, global) else {
+            let (count, interval) = (self.count, self.interval)
+            try runFleet(names, global, fleet, json: json) { member, output, target in
+                let session = try target.session(member.name) { output.say($0, to: .stderr) }
+                for i in 0..<count {
+                    if i > 0 && interval > 0 { Thread.sleep(forTimeInterval: interval) }
+                    output.say(String(format: "seq=%d time=%.3f ms", i + 1, try session.ping() * 1000))
+                }
+                return 0
+            }
+        }
+        let name = names[0]
         let session = try global.session(name)
         var times: [Double] = []
         for i in 0..<count {

@@ -69,12 +69,31 @@ struct Bootstrap: ParsableCommand {
     }
 
     struct BootstrapStatus: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "status", abstract: "Show the bootstrap's state.")
+        static let configuration = CommandConfiguration(
+            commandName: "status", abstract: "Show the bootstrap's state.",
+            discussion: "On several domains, one line each; a domain counts as succeeded when its bootstrap has. " + FleetOptions.exitDiscussion)
         @OptionGroup var global: GlobalOptions
-        @Argument(help: "Domain name.") var name: String
+        @Argument(help: "Domain name (several for a fleet command).") var names: [String] = []
+        @OptionGroup var fleet: FleetOptions
         @Flag(help: "Print JSON.") var json = false
 
+        func validate() throws { try requireDomains(names, fleet) }
+
         func run() throws {
+            guard !fleet.isFleet(names, global) else {
+                try runFleet(names, global, fleet, json: json) { member, output, target in
+                    guard let b = try target.hypervisor().bootstrapStatus(member.name) else {
+                        output.say("no bootstrap")
+                        return 1
+                    }
+                    var line = "\(b.state.rawValue) \(b.script)"
+                    if let c = b.exitCode { line += " (exit \(c))" }
+                    if let r = b.reason { line += ": \(r)" }
+                    output.say(line)
+                    return b.state == .succeeded ? 0 : 1
+                }
+            }
+            let name = names[0]
             guard let b = try global.hypervisor().bootstrapStatus(name) else {
                 throw CLIError("domain \(name) has no bootstrap")
             }

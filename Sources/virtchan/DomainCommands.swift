@@ -18,7 +18,8 @@ struct Create: ParsableCommand {
         """)
 
     @OptionGroup var global: GlobalOptions
-    @Argument(help: "Name of the new domain.") var name: String
+    @Argument(help: "Name of the new domain (several boot side by side).") var names: [String] = []
+    @OptionGroup var fleet: FleetOptions
     @Option(help: "Memory in MiB (default 512, or the template's).") var memory: Int?
     @Option(help: "Virtual CPUs (default 1, or the template's).") var vcpus: Int?
     @Option(help: "auto, kvm or tcg. auto takes KVM only where a guest really boots under it.") var accel: Accelerator = .auto
@@ -39,8 +40,13 @@ struct Create: ParsableCommand {
         if kernel != nil && disk != nil { throw ValidationError("give --kernel or --disk, not both") }
         if (initrd != nil || cmdline != nil) && kernel == nil { throw ValidationError("--initrd and --cmdline go with --kernel") }
         if waitTimeout <= 0 { throw ValidationError("--wait-timeout must be positive") }
+        guard !names.isEmpty else { throw ValidationError("name the new domain, e.g. virtchan create vm1") }
+        if fleet.all || !fleet.match.isEmpty { throw ValidationError("--all and --match pick existing domains; create takes the new names") }
+        if global.connect.count > 1 { throw ValidationError("create makes its domains on one --connect URI") }
+        if names.count > 1 && dryRun { throw ValidationError("--dry-run prints one domain's XML; name one") }
+        if Set(names).count != names.count { throw ValidationError("a name is given twice") }
         do {
-            try DomainSpec.validateName(name)
+            for name in names { try DomainSpec.validateName(name) }
             try DomainSpec.validateSize(memoryMiB: memory, vcpus: vcpus)
         } catch {
             throw ValidationError(error.message)
@@ -54,51 +60,82 @@ struct Create: ParsableCommand {
     }
 
     func run() throws {
-        var request = MachineRequest(name: name)
-        request.bootstrap = try bootstrap.plan()
-        request.memoryMiB = memory
-        request.vcpus = vcpus
-        request.accelerator = accel
-        request.controllerPorts = ports
-        request.libvirtChoosesSocketPaths = libvirtSocketPaths
-        request.qemuGuestAgent = qemuGA
-        request.allowUnkeyedAgent = global.insecureAgent
-        if let kernel {
-            request.boot = .kernel(kernel, initrd: initrd, cmdline: cmdline)
-        } else if let disk {
-            request.boot = .disk(disk)
-        }
-        if let template {
-            guard let text = try? String(contentsOfFile: template, encoding: .utf8) else {
-                throw CLIError("cannot read the template \(template)")
+        var template: String?
+        if let path = self.template {
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+                throw CLIError("cannot read the template \(path)")
             }
-            request.templateXML = text
+            template = text
         }
-        let hypervisor = global.hypervisor()
+        let plan = try bootstrap.plan()
+        func request(_ name: String) -> MachineRequest {
+            var request = MachineRequest(name: name)
+            request.bootstrap = plan
+            request.memoryMiB = memory
+            request.vcpus = vcpus
+            request.accelerator = accel
+            request.controllerPorts = ports
+            request.libvirtChoosesSocketPaths = libvirtSocketPaths
+            request.qemuGuestAgent = qemuGA
+            request.allowUnkeyedAgent = global.insecureAgent
+            if let kernel {
+                request.boot = .kernel(kernel, initrd: initrd, cmdline: cmdline)
+            } else if let disk {
+                request.boot = .disk(disk)
+            }
+            request.templateXML = template
+            return request
+        }
         if dryRun {
-            print(try hypervisor.domainXML(for: request), terminator: "")
+            print(try global.hypervisor().domainXML(for: request(names[0])), terminator: "")
             return
         }
-        let machine = try hypervisor.create(request) { step in
-            FileHandle.standardError.write(Data("virtchan: \(step)\n".utf8))
+        if names.count == 1 {
+            let code = try Self.create(request(names[0]), through: global.target, waitTimeout: noWait ? nil : waitTimeout,
+                                       bootstrap: bootstrap, say: say, note: Target.warnOnStderr,
+                                       output: { stream, bytes in writeFully(stream == .stderr ? 2 : 1, bytes) })
+            if code != 0 { throw ExitCode(code) }
+            return
         }
+        let requests = Dictionary(uniqueKeysWithValues: names.map { ($0, request($0)) })
+        let (wait, bootstrap) = (noWait ? nil : waitTimeout, self.bootstrap)
+        try runFleet(names, global, fleet, json: false) { member, output, target in
+            try Self.create(requests[member.name]!, through: target, waitTimeout: wait, bootstrap: bootstrap,
+                            say: { output.say($0) }, note: { output.say($0, to: .stderr) },
+                            output: { stream, bytes in output.write(stream, bytes); return true })
+        }
+    }
+
+    /// Creates one domain, waits for its agent (unless `waitTimeout` is nil) and runs its
+    /// bootstrap; returns the bootstrap's exit code (0 without one). Steps go to `say`, what
+    /// takes long or went wrong to `note`, the script's output to `output`.
+    static func create(_ request: MachineRequest, through target: Target, waitTimeout: Double?, bootstrap: BootstrapOptions,
+                       say: @escaping (String) -> Void, note: @escaping (String) -> Void,
+                       output: @escaping ExecClient.OutputSink) throws -> Int32 {
+        let name = request.name
+        let hypervisor = target.hypervisor()
+        let machine = try hypervisor.create(request, progress: note)
         say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: virsh -c '\(hypervisor.uri)' console \(name)"))")
-        if noWait {
+        guard let waitTimeout else {
             if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }
-            return
+            return 0
         }
-        let session = try global.waitForAgent(name, timeout: waitTimeout)
+        let session = try target.waitForAgent(name, timeout: waitTimeout)
         say(String(format: "Agent %@ answered after %.1f s", displaySafe(session.hello.agentVersion, limit: 64), Date().timeIntervalSince(machine.startedAt)))
-        guard request.bootstrap != nil else { return }
-        let code = try hypervisor.runBootstrap(name, session: session, options: .printing(timeout: bootstrap.bootstrapTimeout))
-        guard code != 0 else { return }
+        guard request.bootstrap != nil else { return 0 }
+        var options = BootstrapRunOptions()
+        options.timeout = bootstrap.bootstrapTimeout
+        options.progress = say
+        options.output = output
+        let code = try hypervisor.runBootstrap(name, session: session, options: options)
+        guard code != 0 else { return 0 }
         if bootstrap.destroyOnFailure {
             try? hypervisor.destroy(name, force: true)
-            FileHandle.standardError.write(Data("virtchan: bootstrap failed with exit code \(code); domain \(name) destroyed\n".utf8))
+            note("bootstrap failed with exit code \(code); domain \(name) destroyed")
         } else {
-            FileHandle.standardError.write(Data("virtchan: bootstrap failed with exit code \(code); domain \(name) is left running (see: virtchan bootstrap log \(name))\n".utf8))
+            note("bootstrap failed with exit code \(code); domain \(name) is left running (see: virtchan bootstrap log \(name))")
         }
-        throw ExitCode(code)
+        return code
     }
 }
 

@@ -17,19 +17,35 @@ struct Exec: ParsableCommand {
         follows this terminal's size.
 
         Example: printf 'a\\nb\\n' | virtchan exec vm -- sort -r
+
+        On several domains (virtchan exec vm1 vm2 -- uptime, --all, --match 'web-*'), stdin is \
+        not forwarded, -t is refused, and Ctrl-C ends every command. \(FleetOptions.exitDiscussion)
         """)
 
     @OptionGroup var global: GlobalOptions
-    @Argument(help: "Domain name.") var name: String
+    @OptionGroup var fleet: FleetOptions
+    @Flag(help: "On several domains: print one JSON record per domain (with its output) instead of lines.") var json = false
     @Option(help: "Kill the command after this many seconds and exit 124.") var timeout: Double?
     @Option(name: .customLong("env"), help: "Set KEY=VALUE in the command's environment (repeatable).") var env: [String] = []
     @Option(help: "Working directory in the guest.") var cwd: String?
     @Flag(name: [.customShort("t"), .long], help: "Run the command on a pseudo-terminal.") var tty = false
     @Flag(name: [.customShort("n"), .customLong("no-stdin")], help: "Do not forward stdin.") var noStdin = false
-    @Argument(parsing: .postTerminator, help: "The command and its arguments, after --.") var command: [String] = []
+    // ArgumentParser takes no positional list before the one after --: both are one list here,
+    // split at the first --.
+    @Argument(parsing: .allUnrecognized,
+              help: ArgumentHelp("The domain (several for a fleet command), then -- and the command with its arguments.",
+                                 valueName: "name> ... -- <command"))
+    var words: [String] = []
+
+    var names: [String] { Array(words.prefix { $0 != "--" }) }
+    var command: [String] { words.firstIndex(of: "--").map { Array(words[(words.index(after: $0))...]) } ?? [] }
 
     func validate() throws {
-        guard !command.isEmpty else { throw ValidationError("give the command after --, e.g. virtchan exec \(name) -- uname -a") }
+        if let unknown = names.first(where: { $0.hasPrefix("-") }) { throw ValidationError("Unknown option '\(unknown)'") }
+        try requireDomains(names, fleet)
+        guard !command.isEmpty else { throw ValidationError("give the command after --, e.g. virtchan exec \(names.first ?? "vm") -- uname -a") }
+        if fleet.isFleet(names, global) && tty { throw ValidationError("-t runs one command on one terminal; it does not go with several domains") }
+        if !fleet.isFleet(names, global) && json { throw ValidationError("--json goes with several domains; on one, the command's own output is the output") }
         if let t = timeout, t <= 0 { throw ValidationError("--timeout must be positive") }
         for e in env where !e.contains("=") || e.hasPrefix("=") { throw ValidationError("--env takes KEY=VALUE, not '\(e)'") }
     }
@@ -41,7 +57,21 @@ struct Exec: ParsableCommand {
         options.tty = tty
         options.timeout = timeout
         options.forwardStdin = !noStdin
-        try Self.run(options, in: name, through: global.target)
+        guard fleet.isFleet(names, global) else {
+            return try Self.run(options, in: names[0], through: global.target)
+        }
+        options.forwardStdin = false
+        options.forwardSignals = false
+        let fleetOptions = options
+        try runFleet(names, global, fleet, json: json) { member, output, target in
+            let session = try target.session(member.name) { output.say($0, to: .stderr) }
+            let result = try ExecClient.run(session, fleetOptions, stdin: -1, terminal: 1) { stream, bytes in
+                output.write(stream, bytes)
+                return true
+            }
+            if result.timedOut { output.say("\(fleetOptions.argv[0]) timed out and was killed", to: .stderr) }
+            return result.status
+        }
     }
 
     /// Runs the command; always ends by throwing, ExitCode with the guest's status or an error.
@@ -92,7 +122,8 @@ struct Exec: ParsableCommand {
                 case "-t", "--tty": options.tty = true
                 case "--insecure-agent": target.insecureAgent = true
                 case "-c", "--connect":
-                    guard let uri = rest.next() else { return nil }
+                    // A second URI makes it a fleet command.
+                    guard target.connect == nil, let uri = rest.next() else { return nil }
                     target.connect = uri
                 case "--persist":
                     guard let text = rest.next(), let seconds = Double(text), seconds >= 0, seconds.isFinite else { return nil }

@@ -18,18 +18,30 @@ struct Push: ParsableCommand {
         receives the file under its own name); the file lands there atomically (temporary file \
         + rename) after its checksum verifies. With -r, LOCAL's contents go into the directory \
         REMOTE, which is created if missing.
+
+        With several domains (virtchan push vm1 vm2 ./f /opt/f, --all, --match) the file goes to \
+        each, --parallel at a time; stdin cannot be LOCAL then. \(FleetOptions.exitDiscussion)
         """)
 
     @OptionGroup var global: GlobalOptions
-    @Argument(help: "Domain name.") var name: String
-    @Argument(help: "Local file, or - for stdin.") var local: String
-    @Argument(help: "Absolute destination path in the guest.") var remote: String
+    @Argument(help: ArgumentHelp("The domain (or several), the local file (- for stdin), and the absolute destination path in the guest.",
+                                 valueName: "name> ... <local> <remote"))
+    var items: [String] = []
+    @OptionGroup var fleet: FleetOptions
     @Option(help: "File mode in octal (default: the local file's, 0644 for stdin).") var mode: String?
     @Flag(name: [.customShort("p"), .long], help: "Create missing parent directories in the guest.") var parents = false
     @OptionGroup var options: TransferOptions
 
+    var names: [String] { Array(items.dropLast(2)) }
+    var local: String { items[items.count - 2] }
+    var remote: String { items[items.count - 1] }
+
     func validate() throws {
+        guard items.count >= (fleet.all || !fleet.match.isEmpty ? 2 : 3) else {
+            throw ValidationError("give the domain, the local file and the guest path, e.g. virtchan push vm ./app.tar /opt/app.tar")
+        }
         guard remote.hasPrefix("/") else { throw ValidationError("REMOTE must be an absolute path in the guest, not '\(remote)'") }
+        if fleet.isFleet(names, global) && local == "-" { throw ValidationError("stdin goes to one domain; push a file to several") }
         if let mode, UInt32(mode, radix: 8).map({ $0 <= 0o7777 }) != true {
             throw ValidationError("--mode takes an octal mode such as 0644, not '\(mode)'")
         }
@@ -45,6 +57,8 @@ struct Push: ParsableCommand {
             if isDir && !options.recursive { throw CLIError("\(local) is a directory (use -r to copy a tree)") }
             if !isDir && options.recursive { throw CLIError("\(local) is not a directory; drop -r to copy one file") }
         }
+        if fleet.isFleet(names, global) { try pushToFleet(explicitMode) }
+        let name = names[0]
         let transfer = try global.transfer(name)
         if options.recursive {
             let summary = try transfer.pushTree(local, to: remote, mode: explicitMode, parents: parents,
@@ -55,12 +69,7 @@ struct Push: ParsableCommand {
             print("\(summary.files) files, \(summary.directories) directories, \(summary.symlinks) symlinks (\(bytes(summary.bytes))) pushed to \(remote)")
             return
         }
-        // Onto a directory, the file goes in under its own name, as with cp and scp.
-        var dest = remote
-        if try transfer.stat(remote).kind == .directory {
-            guard local != "-" else { throw CLIError("\(remote) is a directory in the guest; name the file stdin should become") }
-            dest = (remote.hasSuffix("/") ? remote : remote + "/") + (local as NSString).lastPathComponent
-        }
+        let dest = try Self.destination(of: local, at: remote, over: transfer)
         let bar = ProgressBar(label: "push", enabled: !options.quiet && isatty(2) == 1)
         let summary: TransferSummary
         if local == "-" {
@@ -77,6 +86,34 @@ struct Push: ParsableCommand {
         if !options.quiet {
             FileHandle.standardError.write(Data(String(format: "%@ -> %@:%@: %@ in %.2f s (%.1f MiB/s)\n", local, name, dest,
                                                        bytes(summary.bytes), summary.seconds, summary.mibPerSecond).utf8))
+        }
+    }
+
+    /// Onto a directory, the file goes in under its own name, as with cp and scp.
+    static func destination(of local: String, at remote: String, over transfer: FileTransfer) throws -> String {
+        guard try transfer.stat(remote).kind == .directory else { return remote }
+        guard local != "-" else { throw CLIError("\(remote) is a directory in the guest; name the file stdin should become") }
+        return (remote.hasSuffix("/") ? remote : remote + "/") + (local as NSString).lastPathComponent
+    }
+
+    /// The same file (or tree) to every domain of the fleet, one line each.
+    private func pushToFleet(_ explicitMode: UInt32?) throws -> Never {
+        let (local, remote, recursive, parents, sha256) = (self.local, self.remote, options.recursive, self.parents, options.sha256)
+        try runFleet(names, global, fleet, json: options.json) { member, output, target in
+            let session = try target.session(member.name) { output.say($0, to: .stderr) }
+            let transfer = FileTransfer(session: session)
+            transfer.onQueued = { ahead in output.say("waiting for the data channel: \(ahead) transfer\(ahead == 1 ? "" : "s") ahead", to: .stderr) }
+            if recursive {
+                let s = try transfer.pushTree(local, to: remote, mode: explicitMode, parents: parents, guestSHA256: sha256) { path in
+                    output.say("skipping \(path): not a file, directory or symlink", to: .stderr)
+                }
+                output.say("\(s.files) files, \(s.directories) directories, \(s.symlinks) symlinks (\(bytes(s.bytes))) pushed to \(remote)")
+            } else {
+                let dest = try Self.destination(of: local, at: remote, over: transfer)
+                let s = try transfer.push(file: local, to: dest, mode: explicitMode, parents: parents, guestSHA256: sha256, progress: nil)
+                output.say(String(format: "%@ -> %@: %@ in %.2f s (%.1f MiB/s)", local, dest, bytes(s.bytes), s.seconds, s.mibPerSecond))
+            }
+            return 0
         }
     }
 

@@ -85,8 +85,8 @@ struct CLIError: Error, CustomStringConvertible {
 }
 
 struct GlobalOptions: ParsableArguments {
-    @Option(name: [.customShort("c"), .long], help: "libvirt URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system).")
-    var connect: String?
+    @Option(name: [.customShort("c"), .long], help: "libvirt URI (default: $LIBVIRT_DEFAULT_URI or qemu:///system). Fleet commands take it more than once.")
+    var connect: [String] = []
     @Flag(help: "Use an agent that holds no key (anything that reaches its channel can drive it).")
     var insecureAgent = false
     @Option(help: ArgumentHelp("Seconds the domain's session holder stays after the last command (0: it ends with the last one).",
@@ -98,8 +98,9 @@ struct GlobalOptions: ParsableArguments {
         guard persist >= 0, persist.isFinite else { throw ValidationError("--persist takes 0 or more seconds") }
     }
 
-    /// The options as a plain value, which commands pass on.
-    var target: Target { Target(connect: connect, insecureAgent: insecureAgent, persist: persist) }
+    /// The options as a plain value, which commands pass on. A command on one domain takes
+    /// the last --connect.
+    var target: Target { Target(connect: connect.last, insecureAgent: insecureAgent, persist: persist) }
 
     func hypervisor() -> Hypervisor { target.hypervisor() }
     func session(_ name: String, timeout: Double = 10) throws -> AgentSession { try target.session(name, timeout: timeout) }
@@ -117,9 +118,9 @@ struct Target {
         Hypervisor(uri: connect, allowsUnkeyedAgents: insecureAgent, sharing: .holder(persist: persist))
     }
 
-    /// A session with the agent in `name`.
-    func session(_ name: String, timeout: Double = 10) throws -> AgentSession {
-        warnIfUnkeyed(try hypervisor().session(with: name, timeout: timeout))
+    /// A session with the agent in `name`; a warning about a keyless agent goes to `warn`.
+    func session(_ name: String, timeout: Double = 10, warn: (String) -> Void = Target.warnOnStderr) throws -> AgentSession {
+        warnIfUnkeyed(try hypervisor().session(with: name, timeout: timeout), warn: warn)
     }
 
     /// A session once the agent in `name` says hello, waiting up to `timeout` for it.
@@ -137,9 +138,13 @@ struct Target {
         return transfer
     }
 
-    private func warnIfUnkeyed(_ session: AgentSession) -> AgentSession {
+    static func warnOnStderr(_ text: String) {
+        FileHandle.standardError.write(Data("virtchan: \(text)\n".utf8))
+    }
+
+    private func warnIfUnkeyed(_ session: AgentSession, warn: (String) -> Void = Target.warnOnStderr) -> AgentSession {
         if !session.agentHoldsKey {
-            FileHandle.standardError.write(Data("virtchan: warning: the agent in \(session.endpoint.domain) holds no key; anything that reaches its channel can drive it\n".utf8))
+            warn("warning: the agent in \(session.endpoint.domain) holds no key; anything that reaches its channel can drive it")
         }
         return session
     }

@@ -63,34 +63,35 @@ public enum Fleet {
         var members: [FleetMember] = []
         var unreachable: [(uri: String, reason: String)] = []
         let uris = selection.uris.isEmpty ? [nil] : selection.uris
-        var listed: [(uri: String, domains: [Hypervisor.DomainSummary])] = []
+        // Per URI: every domain's name, and which of them virtchan manages.
+        var listed: [(uri: String, all: [String], managed: Set<String>)] = []
         let needsListing = selection.all || !selection.patterns.isEmpty || uris.count > 1
         for uri in uris {
             let hypervisor = Hypervisor(uri: uri, allowsUnkeyedAgents: allowsUnkeyedAgents)
             guard needsListing else {
-                listed.append((hypervisor.uri, []))
+                listed.append((hypervisor.uri, [], []))
                 continue
             }
             do {
-                listed.append((hypervisor.uri, try hypervisor.domains(includeUnmanaged: !selection.names.isEmpty)))
+                let all = selection.names.isEmpty ? [] : try hypervisor.domainNames(includeUnmanaged: true)
+                let managed = selection.all || !selection.patterns.isEmpty ? try hypervisor.domainNames() : []
+                listed.append((hypervisor.uri, all, Set(managed)))
             } catch {
                 unreachable.append((hypervisor.uri, "\(error)"))
             }
         }
         func add(_ member: FleetMember) { if !members.contains(member) { members.append(member) } }
         for name in selection.names {
-            let holders = listed.filter { $0.domains.contains { $0.name == name } }
+            let holders = listed.filter { $0.all.contains(name) }
             if holders.isEmpty || !needsListing {
                 add(FleetMember(name: name, uri: listed.first?.uri ?? unreachable.first?.uri ?? Connection.defaultURI))
             } else {
                 for h in holders { add(FleetMember(name: name, uri: h.uri)) }
             }
         }
-        for (uri, domains) in listed {
-            for d in domains where d.managed {
-                if selection.all || selection.patterns.contains(where: { fnmatch($0, d.name, 0) == 0 }) {
-                    add(FleetMember(name: d.name, uri: uri))
-                }
+        for (uri, _, managed) in listed {
+            for name in managed.sorted() where selection.all || selection.patterns.contains(where: { fnmatch($0, name, 0) == 0 }) {
+                add(FleetMember(name: name, uri: uri))
             }
         }
         return (members, unreachable)

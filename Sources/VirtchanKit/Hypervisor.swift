@@ -76,6 +76,14 @@ public final class Hypervisor: Sendable {
         return rows.sorted { $0.name < $1.name }
     }
 
+    /// The names of the domains virtchan manages (with `includeUnmanaged`, of every domain),
+    /// by name: ``domains(includeUnmanaged:)`` without reading each domain's XML.
+    public func domainNames(includeUnmanaged: Bool = false) throws(ProvisioningError) -> [String] {
+        try connection().allDomains()
+            .filter { includeUnmanaged || $0.metadata(namespace: VirtchanMetadata.namespace) != nil }
+            .map(\.name).sorted()
+    }
+
     /// Every virtio channel of a domain, from its live XML.
     public func channels(of name: String) throws(ProvisioningError) -> [ChannelInfo] {
         try ChannelResolver.channels(inDomainXML: domain(name).xml())

@@ -46,6 +46,16 @@ func runFleet(_ names: [String], _ global: GlobalOptions, _ fleet: FleetOptions,
     if picked.members.isEmpty && picked.unreachable.isEmpty {
         throw CLIError("no domain matches \(fleet.match.isEmpty ? "--all" : fleet.match.map { "'\($0)'" }.joined(separator: ", ")) on \(global.connect.isEmpty ? Connection.defaultURI : global.connect.joined(separator: ", ")) (see: virtchan list)")
     }
+    // Ctrl-C (or SIGTERM, SIGHUP) ends the whole command at once, even where the parent started
+    // it with them ignored or blocked; each holder then kills the guest processes it ran for it.
+    // (The job threads inherit the mask.)
+    var endingSignals = sigset_t()
+    sigemptyset(&endingSignals)
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        sigaddset(&endingSignals, sig)
+        signal(sig) { _exit(128 + $0) }
+    }
+    pthread_sigmask(SIG_UNBLOCK, &endingSignals, nil)
     let printer = FleetPrinter(picked.members, prefixed: !fleet.noPrefix, collecting: json)
     var outcomes = Fleet.run(picked.members, parallel: fleet.parallel ?? Fleet.defaultParallelism,
                              lines: { printer.line($0, $1, $2) }) { member, output in

@@ -128,6 +128,17 @@ extension EndToEnd {
             for n in names { #expect(status.out.contains("\(n) | no bootstrap")) }
         }
 
+        @Test func ctrlCEndsTheFleetAndTheGuestCommands() throws {
+            _ = try FleetGuests.require()
+            let bg = try Background(["exec", "--match", FleetGuests.glob, "--", "sh", "-c", "echo up; sleep 300"])
+            #expect(eventually(30) { bg.seen.filter { $0.1.hasSuffix("| up") }.count == 4 })
+            kill(bg.process.processIdentifier, SIGINT)
+            #expect(bg.wait(10) == 130)
+            for n in names {
+                #expect(eventually(10) { !VC.run(["exec", n, "-n", "--", "ps"]).out.contains("sleep 300") }, "\(n)")
+            }
+        }
+
         @Test func badFleetUsageIsRefused() {
             let none = VC.run(["exec", "--match", "vctest-no-such-*", "--", "true"])
             #expect(none.code == 1)

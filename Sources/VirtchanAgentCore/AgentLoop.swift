@@ -41,13 +41,17 @@ public final class Agent: @unchecked Sendable {
     /// The session's running processes by request id; each streams on its own.
     var execs: [UInt32: ExecProcess] = [:]
     var transfer: Transfer?
+    /// Forwarded connections and guest listeners of the session, by id (TcpForwarding.swift).
+    var tcpLinks: [UInt32: TcpLink] = [:]
+    var tcpListeners: [UInt32: Int32] = [:]
+    var nextTcpID: UInt32 = 0
     var signalFD: Int32 = -1
     var stopping = false
 
     static let capabilities = [Capability.ping, Capability.info, Capability.exec, Capability.execStdin,
                                Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.execResize,
                                Capability.execConcurrent, Capability.execFlow, Capability.filePush,
-                               Capability.filePull, Capability.tree, Capability.sha256]
+                               Capability.filePull, Capability.tree, Capability.sha256, Capability.tcpForward]
     /// While this much control output is queued, the agent stops reading child output.
     let outputHighWater = 1 << 20
     let stdinHighWater = 4 << 20
@@ -116,6 +120,21 @@ public final class Agent: @unchecked Sendable {
             }
             execSlots.append(slots)
         }
+        var tcpSlots: [(link: TcpLink, slot: Int)] = []
+        for link in tcpLinks.values {
+            let events = link.events(outputRoom: outputRoom)
+            if events != 0 {
+                tcpSlots.append((link, fds.count))
+                fds.append(pollfd(fd: link.fd, events: events, revents: 0))
+            }
+        }
+        var listenSlots: [(id: UInt32, fd: Int32, slot: Int)] = []
+        if outputRoom {
+            for (id, fd) in tcpListeners {
+                listenSlots.append((id, fd, fds.count))
+                fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0))
+            }
+        }
         var dataSlot = -1
         if let t = transfer, !t.dataHup {
             dataSlot = fds.count
@@ -161,6 +180,14 @@ public final class Agent: @unchecked Sendable {
             if slots.stderr >= 0 && fds[slots.stderr].revents != 0 { pumpOutput(exec, .stderr) }
             if slots.stdin >= 0 && fds[slots.stdin].revents != 0 { pumpStdin(exec) }
             finishExecIfDone(exec)
+        }
+        if let c = self.control {
+            for (link, slot) in tcpSlots where tcpLinks[link.id] === link && fds[slot].revents != 0 {
+                serviceTcp(link, fds[slot].revents, over: c)
+            }
+            for (id, fd, slot) in listenSlots where tcpListeners[id] == fd && fds[slot].revents != 0 {
+                acceptTcp(on: id, fd, over: c)
+            }
         }
         if let t = transfer {
             serviceTransfer(t, revents: dataSlot >= 0 ? fds[dataSlot].revents : 0)
@@ -227,6 +254,7 @@ public final class Agent: @unchecked Sendable {
             exec.closeAll()
         }
         execs = [:]
+        closeAllTcp()
         if let t = transfer {
             log.info("abandoning transfer of \(t.path): \(reason)")
             t.close(completed: false)

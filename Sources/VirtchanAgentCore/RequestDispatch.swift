@@ -88,6 +88,12 @@ extension Agent {
                     transfer = nil
                     fail(frame.id, .aborted, "transfer aborted by the host")
                 }
+            case .tcpConnect:
+                startTcpConnect(try TcpConnect.decode(frame), id: frame.id)
+            case .tcpListen:
+                startTcpListen(try TcpListen.decode(frame), id: frame.id)
+            case .tcpData, .tcpWindow, .tcpShutdown, .tcpClose:
+                tcpFrame(frame, on: control)
             case .statRequest:
                 reply(FileOps.statReply(try StatRequest.decode(frame).path), id: frame.id)
             case .mkdir:

@@ -301,12 +301,14 @@ public final class SessionHolder {
             out.id = id
         } else {
             switch frame.type {
-            case .ping, .infoRequest, .execStart, .pushRequest, .pullRequest, .statRequest, .mkdir, .symlink, .listTree:
+            case .ping, .infoRequest, .execStart, .pushRequest, .pullRequest, .statRequest, .mkdir, .symlink, .listTree,
+                 .tcpConnect, .tcpListen:
                 guard c.requests.count < Self.maxRequestsPerClient else {
                     c.conn.send(ErrorMessage(.busy, errno: 0, "too many requests at once on one connection"), id: frame.id)
                     return
                 }
-                repeat { nextID &+= 1 } while nextID == 0 || nextID == Self.keepaliveID || routes[nextID] != nil
+                // The holder's ids stay clear of those the agent gives accepted connections.
+                repeat { nextID = (nextID &+ 1) & ~TcpLimits.agentIDBit } while nextID == 0 || routes[nextID] != nil
                 c.requests[frame.id] = nextID
                 routes[nextID] = Route(client: c, clientID: frame.id, kind: frame.type)
                 out.id = nextID
@@ -316,6 +318,11 @@ public final class SessionHolder {
             }
         }
         agent.control.send(out)
+        // The agent does not answer a tcpClose: the connection (or listener) ends here.
+        if frame.type == .tcpClose {
+            routes[out.id] = nil
+            c.requests[frame.id] = nil
+        }
     }
 
     /// A client went away: its commands are killed and its transfers aborted, as the agent
@@ -334,6 +341,8 @@ public final class SessionHolder {
             case .pushRequest, .pullRequest:
                 agent.control.send(Frame(.abort, id: id))
                 dataDirty = true
+            case .tcpConnect, .tcpListen, .tcpAccepted:
+                agent.control.send(Frame(.tcpClose, id: id, flags: tcpCloseReset))
             default:
                 break
             }
@@ -414,6 +423,20 @@ public final class SessionHolder {
         }
         guard var route = routes[frame.id] else { return }
         let c = route.client
+        if frame.type == .tcpAccepted {
+            // A connection a guest listener accepted joins the listener's client, under the id
+            // the agent gave it, which must be one of the agent's own and new.
+            guard route.kind == .tcpListen, let accepted = try? TcpAccepted.decode(frame),
+                  accepted.connection & TcpLimits.agentIDBit != 0, routes[accepted.connection] == nil,
+                  c.requests[accepted.connection] == nil else {
+                if let accepted = try? TcpAccepted.decode(frame), routes[accepted.connection] == nil {
+                    agent.control.send(Frame(.tcpClose, id: accepted.connection, flags: tcpCloseReset))
+                }
+                return
+            }
+            routes[accepted.connection] = Route(client: c, clientID: accepted.connection, kind: .tcpAccepted)
+            c.requests[accepted.connection] = accepted.connection
+        }
         var out = frame
         out.id = route.clientID
         if frame.type == .dataReady, var ready = try? DataReady.decode(frame) {
@@ -447,6 +470,8 @@ public final class SessionHolder {
             return frame.type == .transferDone || frame.type == .error
         case .listTree:
             return frame.type == .error || (frame.type == .treeEntries && frame.flags & treeEntriesLast != 0)
+        case .tcpConnect, .tcpAccepted, .tcpListen:
+            return frame.type == .tcpClose || frame.type == .error
         default:
             return frame.type != .execOutput
         }

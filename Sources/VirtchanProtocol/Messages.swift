@@ -36,6 +36,17 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case listTree = 0x2C
     case treeEntries = 0x2D
 
+    // Forwarded TCP connections (see TcpConnect).
+    case tcpConnect = 0x30
+    case tcpConnected = 0x31
+    case tcpData = 0x32
+    case tcpWindow = 0x33
+    case tcpShutdown = 0x34
+    case tcpClose = 0x35
+    case tcpListen = 0x36
+    case tcpListening = 0x37
+    case tcpAccepted = 0x38
+
     // Between virtchan processes on one host and a session holder; never on a channel.
     case dataPortRequest = 0x40
     case dataPortQueued = 0x41
@@ -67,6 +78,8 @@ public enum Capability {
     public static let filePull = "file-pull"
     public static let tree = "tree"
     public static let sha256 = "sha256"
+    /// The agent forwards TCP connections (tcpConnect, tcpListen and what follows them).
+    public static let tcpForward = "tcp-forward"
     /// Announced by a session holder in its own hello answer: the session is shared, and
     /// the holder has already proven the domain's key to the agent.
     public static let heldSession = "held-session"
@@ -509,3 +522,80 @@ public struct TreeEntries: WireMessage, Equatable {
 }
 
 public let treeEntriesLast: UInt16 = 1
+
+// MARK: forwarded TCP connections
+//
+// A connection has an id: the request id of its tcpConnect (chosen by the host), or for one
+// a guest listener accepted, the id the agent gives in tcpAccepted (high bit set, so it never
+// meets a host's ids). Both sides then send tcpData, each at most `TcpLimits.window` bytes
+// ahead of what the other side has acknowledged with tcpWindow; tcpShutdown says the sender
+// will send no more (its socket read EOF), tcpClose ends the connection (flag: reset).
+
+public enum TcpLimits {
+    /// Bytes one side may send on one connection before the other acknowledges them.
+    public static let window = 1 << 20
+    /// Largest payload of one tcpData frame.
+    public static let chunk = 64 * 1024
+    /// Connections the agent keeps open for one session.
+    public static let maxConnections = 1024
+    /// Guest listeners for one session.
+    public static let maxListeners = 64
+    /// Ids the agent gives the connections its listeners accept.
+    public static let agentIDBit: UInt32 = 0x8000_0000
+}
+
+/// tcpClose flag: the connection failed or was reset, rather than closed in order.
+public let tcpCloseReset: UInt16 = 1
+
+/// Open a TCP connection from the guest to `host:port` (an IPv4 or IPv6 address, or
+/// `localhost`); answered by tcpConnected or an error.
+public struct TcpConnect: WireMessage, Equatable {
+    public static let type = MessageType.tcpConnect
+    public var host: String
+    public var port: UInt16
+    public init(host: String, port: UInt16) { self.host = host; self.port = port }
+    public func encode(into w: inout ByteWriter) { w.string(host); w.u16(port) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { host = try r.string(); port = try r.u16() }
+}
+
+/// Listen on a guest address and port (0: any free port); connections it accepts come as
+/// tcpAccepted under this request's id. tcpClose under that id stops listening.
+public struct TcpListen: WireMessage, Equatable {
+    public static let type = MessageType.tcpListen
+    public var host: String
+    public var port: UInt16
+    public init(host: String, port: UInt16) { self.host = host; self.port = port }
+    public func encode(into w: inout ByteWriter) { w.string(host); w.u16(port) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { host = try r.string(); port = try r.u16() }
+}
+
+/// The agent's answer to tcpListen: the port it listens on (the one asked for, or the one the
+/// kernel chose for port 0).
+public struct TcpListening: WireMessage, Equatable {
+    public static let type = MessageType.tcpListening
+    public var port: UInt16
+    public init(port: UInt16) { self.port = port }
+    public func encode(into w: inout ByteWriter) { w.u16(port) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { port = try r.u16() }
+}
+
+/// A guest listener accepted a connection: sent under the listener's id, naming the new
+/// connection's id and its peer.
+public struct TcpAccepted: WireMessage, Equatable {
+    public static let type = MessageType.tcpAccepted
+    public var connection: UInt32
+    public var peer: String
+    public init(connection: UInt32, peer: String) { self.connection = connection; self.peer = peer }
+    public func encode(into w: inout ByteWriter) { w.u32(connection); w.string(peer) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { connection = try r.u32(); peer = try r.string() }
+}
+
+/// Bytes of a connection the receiver has passed on to its socket: the sender may send that
+/// many more.
+public struct TcpWindow: WireMessage, Equatable {
+    public static let type = MessageType.tcpWindow
+    public var bytes: UInt32
+    public init(bytes: UInt32) { self.bytes = bytes }
+    public func encode(into w: inout ByteWriter) { w.u32(bytes) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { bytes = try r.u32() }
+}

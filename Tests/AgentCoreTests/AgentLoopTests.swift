@@ -96,7 +96,7 @@ struct RelayedPorts: PortOpener {
 /// socketpairs: the same requests the end-to-end tests send through QEMU, with no guest.
 @Suite(.serialized) struct AgentLoopTests {
     /// Runs an agent with `key` while `body` talks to it as domain `name`.
-    private func withAgent(key: AgentKey?, _ body: (_ endpoint: AgentEndpoint, _ dir: String) throws -> Void) throws {
+    func withAgent(key: AgentKey?, _ body: (_ endpoint: AgentEndpoint, _ dir: String) throws -> Void) throws {
         let dir = NSTemporaryDirectory() + "vc-agentloop-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }

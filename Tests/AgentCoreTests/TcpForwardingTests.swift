@@ -1,0 +1,171 @@
+import Foundation
+import Testing
+import VirtchanAgentCore
+import VirtchanProtocol
+import VirtchanTransport
+
+/// A TCP server on 127.0.0.1 that runs `handle` on a thread per connection.
+final class TestServer: @unchecked Sendable {
+    let fd: Int32
+    let port: UInt16
+
+    init(_ handle: @escaping @Sendable (Int32) -> Void) throws {
+        let (fd, port) = try TcpSocket.listen(host: "127.0.0.1", port: 0)
+        self.fd = fd
+        self.port = port
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+        Thread {
+            while true {
+                let c = accept(fd, nil, nil)
+                if c < 0 { return }
+                Thread { handle(c); close(c) }.start()
+            }
+        }.start()
+    }
+
+    deinit { shutdown(fd, Int32(SHUT_RDWR)); close(fd) }
+}
+
+enum Sock {
+    static func connect(_ port: UInt16) throws -> Int32 {
+        let (fd, inProgress) = try TcpSocket.connect(host: "127.0.0.1", port: port)
+        if inProgress {
+            var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            _ = poll(&p, 1, 5000)
+        }
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
+        var tv = timeval(tv_sec: 20, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        return fd
+    }
+
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        bytes.withUnsafeBytes { writeFully(fd, $0) }
+    }
+
+    /// Everything until EOF; nil on an error (errno says which).
+    static func readAll(_ fd: Int32) -> [UInt8]? {
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &buf, buf.count)
+            if n == 0 { return out }
+            if n < 0 { return nil }
+            out += buf[0..<n]
+        }
+    }
+
+    static func pattern(_ n: Int, seed: Int) -> [UInt8] {
+        (0..<n).map { UInt8(truncatingIfNeeded: ($0 &* 31) ^ seed ^ ($0 >> 9)) }
+    }
+}
+
+extension AgentLoopTests {
+    /// Runs a forwarder for `specs` over a session with the in-process agent while `body` runs.
+    func withForwarder(_ specs: [ForwardSpec], _ body: ([PortForwarder.Bound]) throws -> Void) throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, _ in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            let forwarder = PortForwarder(session: session, specs: specs)
+            try forwarder.start()
+            let done = Flag()
+            nonisolated(unsafe) let f = forwarder
+            Thread {
+                try? f.run()
+                done.set()
+            }.start()
+            defer {
+                forwarder.stop()
+                while !done.isSet { usleep(10_000) }
+            }
+            try body(forwarder.bound)
+        }
+    }
+
+    @Test func forwardedConnectionsAreByteExactAndHalfClose() throws {
+        // The "guest" service reads until its client shuts down its side, then answers with
+        // what it got, reversed: only a working half-close gets the answer through.
+        let server = try TestServer { c in
+            guard let got = Sock.readAll(c) else { return }
+            _ = Sock.writeAll(c, got.reversed())
+        }
+        try withForwarder([ForwardSpec(direction: .local, bindPort: 0, targetHost: "127.0.0.1", targetPort: server.port)]) { bound in
+            let port = bound[0].port
+            let results = Results()
+            let threads = (0..<20).map { i in
+                Thread {
+                    let payload = Sock.pattern(300_000 + i * 7_919, seed: i)
+                    guard let fd = try? Sock.connect(port) else { return }
+                    defer { close(fd) }
+                    _ = Sock.writeAll(fd, payload)
+                    shutdown(fd, Int32(SHUT_WR))
+                    results.add(Sock.readAll(fd) == payload.reversed())
+                }
+            }
+            for t in threads { t.start() }
+            #expect(results.wait(for: 20, seconds: 60))
+            #expect(results.all { $0 })
+        }
+    }
+
+    @Test func aReaderThatStopsHoldsUpNoOtherConnection() throws {
+        let size = 8 << 20
+        let server = try TestServer { c in _ = Sock.writeAll(c, Sock.pattern(size, seed: 5)) }
+        try withForwarder([ForwardSpec(direction: .local, bindPort: 0, targetHost: "127.0.0.1", targetPort: server.port)]) { bound in
+            let stalled = try Sock.connect(bound[0].port)
+            defer { close(stalled) }
+            // It reads nothing; the others read everything.
+            for _ in 0..<3 {
+                let fd = try Sock.connect(bound[0].port)
+                defer { close(fd) }
+                #expect(Sock.readAll(fd) == Sock.pattern(size, seed: 5))
+            }
+        }
+    }
+
+    @Test func aServiceThatIsNotThereResetsTheClient() throws {
+        // A port nobody listens on: bind one, note it, close it.
+        let (probe, free) = try TcpSocket.listen(host: "127.0.0.1", port: 0)
+        close(probe)
+        try withForwarder([ForwardSpec(direction: .local, bindPort: 0, targetHost: "127.0.0.1", targetPort: free)]) { bound in
+            let fd = try Sock.connect(bound[0].port)
+            defer { close(fd) }
+            var b: UInt8 = 0
+            let n = read(fd, &b, 1)
+            #expect(n == -1 && errno == ECONNRESET, "read gave \(n), errno \(errno)")
+        }
+    }
+
+    @Test func aGuestPortReachesAHostServiceBackwards() throws {
+        let server = try TestServer { c in _ = Sock.writeAll(c, Array("served from the host\n".utf8)) }
+        try withForwarder([ForwardSpec(direction: .remote, bindPort: 0, targetHost: "127.0.0.1", targetPort: server.port)]) { bound in
+            #expect(bound[0].port != 0)
+            let fd = try Sock.connect(bound[0].port)
+            defer { close(fd) }
+            #expect(Sock.readAll(fd).map { String(decoding: $0, as: UTF8.self) } == "served from the host\n")
+        }
+    }
+
+    @Test func forwardSpecsReadAsSSHWritesThem() {
+        #expect(ForwardSpec("8080:127.0.0.1:80", direction: .local) == ForwardSpec(direction: .local, bindPort: 8080, targetHost: "127.0.0.1", targetPort: 80))
+        #expect(ForwardSpec("0.0.0.0:8080:localhost:80", direction: .local)?.bindHost == "0.0.0.0")
+        #expect(ForwardSpec("[::1]:8080:[::1]:80", direction: .remote)?.targetHost == "[::1]")
+        #expect(ForwardSpec("8080:80", direction: .local) == nil)
+        #expect(ForwardSpec("x:127.0.0.1:80", direction: .local) == nil)
+        #expect(ForwardSpec("8080:127.0.0.1:0", direction: .local) == nil)
+    }
+}
+
+/// Outcomes that threads report, and a wait for all of them.
+final class Results: @unchecked Sendable {
+    private let lock = NSCondition()
+    private var values: [Bool] = []
+    func add(_ v: Bool) { lock.lock(); values.append(v); lock.broadcast(); lock.unlock() }
+    func wait(for n: Int, seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        lock.lock()
+        defer { lock.unlock() }
+        while values.count < n { if !lock.wait(until: deadline) { return false } }
+        return true
+    }
+    func all(_ p: (Bool) -> Bool) -> Bool { lock.lock(); defer { lock.unlock() }; return values.allSatisfy(p) }
+}

@@ -129,7 +129,8 @@ public final class Agent: @unchecked Sendable {
             }
         }
         var listenSlots: [(id: UInt32, fd: Int32, slot: Int)] = []
-        if outputRoom {
+        // A listener is not polled while nothing could be accepted anyway.
+        if outputRoom && tcpLinks.count < TcpLimits.maxConnections {
             for (id, fd) in tcpListeners {
                 listenSlots.append((id, fd, fds.count))
                 fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0))

@@ -51,8 +51,6 @@ public final class SessionHolder {
     static let clientOutputLimit = 64 << 20
     /// Bytes queued for the agent beyond which no client's input is read.
     static let agentBacklogLimit = 4 << 20
-    /// A hello is answered at once when the agent sent something this recently (ns).
-    static let recentlyHeard: UInt64 = 1_000_000_000
     static let pauseAbove = 1 << 20
     static let resumeBelow = 256 << 10
     static let maxRequestsPerClient = 1024
@@ -265,15 +263,11 @@ public final class SessionHolder {
         while clients.contains(where: { $0 === c }), let frame = c.conn.decoder.next() {
             switch frame.type {
             case .hello:
-                // Answered once the agent has shown a sign of life in the last moment (a
-                // frame, or the answer to a ping sent now): a client must not be told the agent
-                // is there while it restarts or hangs.
+                // Answered once the agent has answered a ping sent now: a client must not be
+                // told the agent is there while it restarts or hangs. (Even one heard from a
+                // moment ago may be restarting: a reboot would then fail the client's first
+                // request instead of letting it wait for the new agent.)
                 guard let hello = try? Hello.decode(frame) else { continue }
-                let now = monotonicNanos()
-                if pingSent == 0 && (now < lastHeard || now - lastHeard < Self.recentlyHeard) {
-                    c.conn.send(helloAck(nonce: hello.nonce), id: frame.id)
-                    continue
-                }
                 pendingHellos.append((c, frame.id, hello.nonce))
                 pingAgent()
             case .dataPortRequest:

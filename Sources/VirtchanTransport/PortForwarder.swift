@@ -132,7 +132,8 @@ public final class PortForwarder {
             }
             let outputRoom = control.pendingOutput < 1 << 20
             var fds = [Poller.interest(control), pollfd(fd: stopPipe[0], events: Int16(POLLIN), revents: 0)]
-            let listenSlots = outputRoom ? listeners : []
+            // A listener is not polled while nothing could be accepted anyway.
+            let listenSlots = outputRoom && links.count < TcpLimits.maxConnections ? listeners : []
             for l in listenSlots { fds.append(pollfd(fd: l.fd, events: Int16(POLLIN), revents: 0)) }
             var linkSlots: [TcpLink] = []
             for link in links.values {

@@ -304,6 +304,44 @@ do {
     emit("raw_push_mib_s", median(rawPush), 1)
     emit("raw_pull_mib_s", median(rawPull), 1)
 
+    // --- forwarded TCP: a guest httpd reached through `virtchan forward` ------------------
+    do {
+        let part = fileBytes / 20
+        _ = try withSession { try guestRun($0, "mkdir -p /tmp/www") }
+        guard runCLI(["push", domainName, local, "/tmp/www/big", "--quiet"]) == 0 else { fail("virtchan push failed") }
+        _ = try withSession { try guestRun($0, "head -c \(part) /tmp/www/big > /tmp/www/part; busybox httpd -p 127.0.0.1:9100 -h /tmp/www") }
+        let forward = Process()
+        forward.executableURL = URL(fileURLWithPath: virtchanBinary)
+        forward.arguments = ["forward", domainName, "0:127.0.0.1:9100"]
+        let out = Pipe()
+        forward.standardOutput = out
+        try forward.run()
+        var printed = ""
+        while !printed.contains("Serving") {
+            let d = out.fileHandleForReading.availableData
+            if d.isEmpty { fail("virtchan forward ended: \(printed)") }
+            printed += String(decoding: d, as: UTF8.self)
+        }
+        guard let port = printed.split(separator: " ").first(where: { $0.hasPrefix("127.0.0.1:") })
+            .flatMap({ UInt16($0.split(separator: ":")[1]) }) else { fail("no forwarded port in: \(printed)") }
+        var single: [Double] = [], many: [Double] = []
+        _ = httpDownload(port: port, path: "part")
+        for _ in 0..<3 {
+            let one = httpDownload(port: port, path: "big")
+            guard one.bytes >= fileBytes else { fail("a forwarded download got \(one.bytes) of \(fileBytes) bytes") }
+            single.append(Double(one.bytes) / 1048576 / (one.last - one.first))
+            let runs = httpDownloads(port: port, path: "part", count: 20)
+            guard runs.allSatisfy({ $0.bytes >= part }) else { fail("a forwarded download came up short") }
+            let total = runs.reduce(0) { $0 + $1.bytes }
+            many.append(Double(total) / 1048576 / (runs.map(\.last).max()! - runs.map(\.first).min()!))
+        }
+        kill(forward.processIdentifier, SIGINT)
+        forward.waitUntilExit()
+        _ = try withSession { try guestRun($0, "killall httpd; rm -rf /tmp/www; true") }
+        emit("forward_one_mib_s", median(single), 1)
+        emit("forward_20_mib_s", median(many), 1)
+    }
+
     // --- over libvirt's remote transport, beside the same jobs done locally -----------------
     if let remoteURI {
         var remoteExec: [Double] = [], localExec: [Double] = []

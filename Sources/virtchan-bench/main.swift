@@ -309,7 +309,7 @@ do {
         let part = fileBytes / 20
         _ = try withSession { try guestRun($0, "mkdir -p /tmp/www") }
         guard runCLI(["push", domainName, local, "/tmp/www/big", "--quiet"]) == 0 else { fail("virtchan push failed") }
-        _ = try withSession { try guestRun($0, "head -c \(part) /tmp/www/big > /tmp/www/part; busybox httpd -p 127.0.0.1:9100 -h /tmp/www") }
+        _ = try withSession { try guestRun($0, "head -c \(part) /tmp/www/big > /tmp/www/part; ln -sf /bin/busybox /tmp/httpd; /tmp/httpd -p 127.0.0.1:9100 -h /tmp/www") }
         let forward = Process()
         forward.executableURL = URL(fileURLWithPath: virtchanBinary)
         forward.arguments = ["forward", domainName, "0:127.0.0.1:9100"]

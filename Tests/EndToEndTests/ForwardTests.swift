@@ -36,7 +36,8 @@ extension EndToEnd {
             try SharedGuest.require()
             let r = VC.guest("""
                 mkdir -p \(web); [ -s \(web)/big ] || head -c 5242880 /dev/urandom > \(web)/big
-                pidof httpd >/dev/null || busybox httpd -p 127.0.0.1:8080 -h \(web)
+                ln -sf /bin/busybox /tmp/httpd  # under its own name, for pidof and killall
+                pidof httpd >/dev/null || /tmp/httpd -p 127.0.0.1:8080 -h \(web)
                 sha256sum \(web)/big
                 """)
             guard r.code == 0, let sum = r.out.split(separator: " ").first else {
@@ -93,7 +94,8 @@ extension EndToEnd {
             // A guest service that answers only once its client has finished sending.
             #expect(VC.guest("""
                 printf '#!/bin/sh\\nwc -c\\n' > /tmp/count.sh; chmod +x /tmp/count.sh
-                pidof nc >/dev/null || (busybox nc -ll -s 127.0.0.1 -p 9001 -e /tmp/count.sh </dev/null >/dev/null 2>&1 &)
+                ln -sf /bin/busybox /tmp/nc
+                pidof nc >/dev/null || (/tmp/nc -ll -p 9001 -e /tmp/count.sh </dev/null >/dev/null 2>&1 &)
                 """).code == 0)
             let forward = try RunningForward(["0:127.0.0.1:9001"])
             defer { _ = forward.stop() }
@@ -113,7 +115,7 @@ extension EndToEnd {
             defer { _ = forward.stop() }
             let port = try #require(forward.ports.first)
             #expect(curl(port).code == 0)
-            _ = VC.guest("killall httpd; sleep 0.2")
+            #expect(VC.guest("killall httpd; sleep 0.2; ! pidof httpd").code == 0)
             let gone = curl(port)
             #expect(gone.code == 56 || gone.code == 52, "curl: \(gone.code) \(gone.stderr)")
             #expect(gone.seconds < 20)

@@ -260,6 +260,20 @@ extension EndToEnd {
             #expect(VC.run(["holder", "list"]).out.contains(domain) == false)
         }
 
+        @Test(arguments: RemoteHost.uris)
+        func aForwardedPortWorksOverTheTransport(transport: String, uri: String) throws {
+            try ready()
+            #expect(guest("mkdir -p /tmp/rfw; echo 'over \(transport)' > /tmp/rfw/x; ln -sf /bin/busybox /tmp/httpd; pidof httpd >/dev/null || /tmp/httpd -p 127.0.0.1:8081 -h /tmp/rfw", over: uri).code == 0)
+            let forward = try RunningForward(["-c", uri, "0:127.0.0.1:8081"])
+            defer { _ = forward.stop() }
+            let port = try #require(forward.ports.first)
+            let r = VC.runProgram("/usr/bin/curl", ["-sS", "--max-time", "30", "http://127.0.0.1:\(port)/x"], timeout: 60)
+            #expect(r.code == 0, "\(r.stderr)")
+            #expect(r.out == "over \(transport)\n")
+            #expect(forward.stop() == 130)
+            _ = VC.run(["holder", "stop", "--all"])
+        }
+
         @Test func aDiskCannotBeCreatedRemotelyAndNothingIsLeft() throws {
             let domain = "vctest-remote-disk"
             let disk = "\(work)/disk.img"

@@ -51,6 +51,12 @@ struct Forward: ParsableCommand {
         try forwarder.start()
         for b in forwarder.bound { say("Forwarding \(b)") }
         say("Serving until Ctrl-C")
-        try forwarder.run()
+        do {
+            try forwarder.run()
+        } catch {
+            // Ctrl-C is how it is meant to end: no error, the status a shell expects.
+            guard error.code == .interrupted else { throw error }
+            throw ExitCode(128 + (error.signal ?? SIGINT))
+        }
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import VirtchanAgentCore
 import VirtchanProtocol
@@ -90,20 +91,22 @@ extension AgentLoopTests {
         }
         try withForwarder([ForwardSpec(direction: .local, bindPort: 0, targetHost: "127.0.0.1", targetPort: server.port)]) { bound in
             let port = bound[0].port
-            let results = Results()
-            let threads = (0..<20).map { i in
+            let exact = Atomic<Int>(0)
+            let group = DispatchGroup()
+            for i in 0..<20 {
+                group.enter()
                 Thread {
+                    defer { group.leave() }
                     let payload = Sock.pattern(300_000 + i * 7_919, seed: i)
                     guard let fd = try? Sock.connect(port) else { return }
                     defer { close(fd) }
                     _ = Sock.writeAll(fd, payload)
                     shutdown(fd, Int32(SHUT_WR))
-                    results.add(Sock.readAll(fd) == payload.reversed())
-                }
+                    if Sock.readAll(fd) == payload.reversed() { exact.add(1, ordering: .sequentiallyConsistent) }
+                }.start()
             }
-            for t in threads { t.start() }
-            #expect(results.wait(for: 20, seconds: 60))
-            #expect(results.all { $0 })
+            #expect(group.wait(timeout: .now() + 60) == .success)
+            #expect(exact.load(ordering: .sequentiallyConsistent) == 20)
         }
     }
 
@@ -153,19 +156,4 @@ extension AgentLoopTests {
         #expect(ForwardSpec("x:127.0.0.1:80", direction: .local) == nil)
         #expect(ForwardSpec("8080:127.0.0.1:0", direction: .local) == nil)
     }
-}
-
-/// Outcomes that threads report, and a wait for all of them.
-final class Results: @unchecked Sendable {
-    private let lock = NSCondition()
-    private var values: [Bool] = []
-    func add(_ v: Bool) { lock.lock(); values.append(v); lock.broadcast(); lock.unlock() }
-    func wait(for n: Int, seconds: Double) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        lock.lock()
-        defer { lock.unlock() }
-        while values.count < n { if !lock.wait(until: deadline) { return false } }
-        return true
-    }
-    func all(_ p: (Bool) -> Bool) -> Bool { lock.lock(); defer { lock.unlock() }; return values.allSatisfy(p) }
 }

@@ -47,7 +47,8 @@ extension Agent {
 
     func acceptTcp(on listenID: UInt32, _ fd: Int32, over control: FramedConnection) {
         while tcpLinks.count < TcpLimits.maxConnections, let (conn, peer) = TcpSocket.accept(fd) {
-            repeat { nextTcpID = (nextTcpID &+ 1) | TcpLimits.agentIDBit } while tcpLinks[nextTcpID] != nil
+            // (All ones is the id a holder keeps for its own pings.)
+            repeat { nextTcpID = (nextTcpID &+ 1) | TcpLimits.agentIDBit } while tcpLinks[nextTcpID] != nil || nextTcpID == .max
             tcpLinks[nextTcpID] = TcpLink(id: nextTcpID, fd: conn)
             control.send(TcpAccepted(connection: nextTcpID, peer: peer), id: listenID)
         }

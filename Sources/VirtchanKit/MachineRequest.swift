@@ -126,6 +126,8 @@ extension Hypervisor {
     /// The storage pool that holds what remote domains boot: the shared kernels and each
     /// domain's initramfs (`NAME.initrd`, deleted by ``destroy(_:keepDefinition:force:)``).
     public static let storagePoolName = "virtchan"
+    private static let sharedVolumeLock = NSLock()
+
     /// Where ``storagePoolName`` keeps its files on its host, when virtchan defines it.
     public static let storagePoolPath = "/var/lib/virtchan/pool"
 
@@ -134,6 +136,9 @@ extension Hypervisor {
     /// named `….complete` says the upload finished: a volume without one (an upload cut off,
     /// or one under way elsewhere) is never booted, but replaced.
     private func sharedVolume(for path: String, in pool: StoragePool, progress: ((String) -> Void)?) throws -> String {
+        // Domains created side by side in this process share one upload.
+        Self.sharedVolumeLock.lock()
+        defer { Self.sharedVolumeLock.unlock() }
         guard let data = FileManager.default.contents(atPath: path) else {
             throw VirtchanError(.io, "cannot read \(path)")
         }

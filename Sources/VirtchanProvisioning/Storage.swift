@@ -46,10 +46,14 @@ public final class StoragePool: @unchecked Sendable {
                 throw ProvisioningError.fromLibvirt("cannot define the storage pool \(name) on \(connection.uri)")
             }
             pool = StoragePool(connection: connection, name: name, pointer: p)
-            guard vc_virStoragePoolBuild(p, 0) == 0 else {
-                throw ProvisioningError.fromLibvirt("cannot make the directory \(path) of the storage pool \(name) on \(connection.uri)")
+            guard vc_virStoragePoolBuild(p, 0) == 0, vc_virStoragePoolCreate(p, 0) == 0 else {
+                let error = ProvisioningError.fromLibvirt("cannot make and start the storage pool \(name) at \(path) on \(connection.uri)")
+                // A pool virtchan could not set up is not left defined.
+                _ = vc_virStoragePoolUndefine(p)
+                throw error
             }
             _ = vc_virStoragePoolSetAutostart(p, 1)
+            return pool
         }
         if vc_virStoragePoolIsActive(pool.pointer) != 1 {
             guard vc_virStoragePoolCreate(pool.pointer, 0) == 0 else {

@@ -36,8 +36,8 @@ extension EndToEnd {
             try SharedGuest.require()
             let r = VC.guest("""
                 mkdir -p \(web); [ -s \(web)/big ] || head -c 5242880 /dev/urandom > \(web)/big
-                ln -sf /bin/busybox /tmp/httpd  # under its own name, for pidof and killall
-                pidof httpd >/dev/null || /tmp/httpd -p 127.0.0.1:8080 -h \(web)
+                ln -sf /bin/busybox /tmp/httpd  # under its own name, for killall
+                /tmp/httpd -p 127.0.0.1:8080 -h \(web) 2>/dev/null  # fails harmlessly while one serves the port
                 sha256sum \(web)/big
                 """)
             guard r.code == 0, let sum = r.out.split(separator: " ").first else {
@@ -134,8 +134,12 @@ extension EndToEnd {
             let httpd = Process()
             httpd.executableURL = URL(fileURLWithPath: "/bin/busybox")
             httpd.arguments = ["httpd", "-f", "-p", "127.0.0.1:\(hostPort)", "-h", dir]
+            // Not this process's output: a server left behind must not hold the test runner's pipe.
+            httpd.standardOutput = FileHandle.nullDevice
+            httpd.standardError = FileHandle.nullDevice
             try httpd.run()
-            defer { httpd.terminate(); _ = reap(httpd, until: Date().addingTimeInterval(5)) }
+            // SIGKILL: the runner may have SIGTERM blocked, and the child inherits that.
+            defer { kill(httpd.processIdentifier, SIGKILL); _ = reap(httpd, until: Date().addingTimeInterval(5)) }
             let forward = try RunningForward(["-R", "0:127.0.0.1:\(hostPort)"])
             defer { _ = forward.stop() }
             let guestPort = try #require(forward.ports.first)

@@ -64,6 +64,7 @@ void vc_virt_silence_errors(void);
     X(virStoragePoolPtr, NULL, virStoragePoolLookupByName, (virConnectPtr conn, const char *name), (conn, name)) \
     X(virStoragePoolPtr, NULL, virStoragePoolDefineXML, (virConnectPtr conn, const char *xml, unsigned int flags), (conn, xml, flags)) \
     X(int, -1, virStoragePoolBuild, (virStoragePoolPtr pool, unsigned int flags), (pool, flags)) \
+    X(int, -1, virStoragePoolUndefine, (virStoragePoolPtr pool), (pool)) \
     X(int, -1, virStoragePoolCreate, (virStoragePoolPtr pool, unsigned int flags), (pool, flags)) \
     X(int, -1, virStoragePoolIsActive, (virStoragePoolPtr pool), (pool)) \
     X(int, -1, virStoragePoolSetAutostart, (virStoragePoolPtr pool, int autostart), (pool, autostart)) \

@@ -46,12 +46,6 @@ struct Wait: ParsableCommand {
     }
 }
 
-/// A command on domains needs at least one name, --all or --match.
-func requireDomains(_ names: [String], _ fleet: FleetOptions) throws {
-    guard !names.isEmpty || fleet.all || !fleet.match.isEmpty else {
-        throw ValidationError("name a domain (or several, or use --all or --match)")
-    }
-}
 
 struct Ping: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "ping", abstract: "Measure round trips to the agent.",

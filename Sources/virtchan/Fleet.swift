@@ -38,6 +38,13 @@ struct FleetOptions: ParsableArguments {
         """
 }
 
+/// A command on domains needs at least one name, --all or --match.
+func requireDomains(_ names: [String], _ fleet: FleetOptions) throws {
+    guard !names.isEmpty || fleet.all || !fleet.match.isEmpty else {
+        throw ValidationError("name a domain (or several, or use --all or --match)")
+    }
+}
+
 /// Runs `job` on the domains a fleet command names, prints their lines and a summary (or
 /// JSON), and ends the command: exit 0 when every domain succeeded, else 1.
 func runFleet(_ names: [String], _ global: GlobalOptions, _ fleet: FleetOptions, json: Bool,

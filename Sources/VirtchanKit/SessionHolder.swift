@@ -422,7 +422,7 @@ public final class SessionHolder {
             // the agent gave it, which must be one of the agent's own and new.
             guard route.kind == .tcpListen, let accepted = try? TcpAccepted.decode(frame),
                   accepted.connection & TcpLimits.agentIDBit != 0, routes[accepted.connection] == nil,
-                  c.requests[accepted.connection] == nil else {
+                  c.requests[accepted.connection] == nil, c.requests.count < Self.maxRequestsPerClient else {
                 if let accepted = try? TcpAccepted.decode(frame), routes[accepted.connection] == nil {
                     agent.control.send(Frame(.tcpClose, id: accepted.connection, flags: tcpCloseReset))
                 }

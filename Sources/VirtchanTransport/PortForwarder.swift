@@ -203,13 +203,20 @@ public final class PortForwarder {
 
     private func handle(_ frame: Frame, over control: FramedConnection) {
         if let link = links[frame.id] {
-            if frame.type == .error, let e = try? ErrorMessage.decode(frame) { note(e.message) }
+            if frame.type == .error, let e = try? ErrorMessage.decode(frame) { note(displaySafe(e.message)) }
             if link.receive(frame, over: control) == .closed { links[frame.id] = nil }
             return
         }
         guard frame.type == .tcpAccepted, let spec = guestListeners[frame.id], let accepted = try? TcpAccepted.decode(frame) else {
             // A listener that failed later, or a frame for a connection that just ended.
-            if frame.type == .error, guestListeners[frame.id] != nil, let e = try? ErrorMessage.decode(frame) { note(e.message) }
+            if frame.type == .error, guestListeners[frame.id] != nil, let e = try? ErrorMessage.decode(frame) { note(displaySafe(e.message)) }
+            return
+        }
+        // The guest names the new connection: it must be one of the agent's ids, not in use, and
+        // within the limit, or the guest's client is reset.
+        guard accepted.connection & TcpLimits.agentIDBit != 0, links[accepted.connection] == nil,
+              links.count < TcpLimits.maxConnections else {
+            if links[accepted.connection] == nil { control.send(Frame(.tcpClose, id: accepted.connection, flags: tcpCloseReset)) }
             return
         }
         do {
@@ -217,7 +224,7 @@ public final class PortForwarder {
             links[accepted.connection] = TcpLink(id: accepted.connection, fd: fd, connecting: inProgress)
         } catch {
             control.send(Frame(.tcpClose, id: accepted.connection, flags: tcpCloseReset))
-            note("cannot connect to \(spec.targetHost):\(spec.targetPort) for \(accepted.peer) in the guest: \(String(cString: strerror(error.errno)))")
+            note("cannot connect to \(spec.targetHost):\(spec.targetPort) for \(displaySafe(accepted.peer, limit: 64)) in the guest: \(String(cString: strerror(error.errno)))")
         }
     }
 }

@@ -11,6 +11,8 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        // cloud-init's YAML: a user's #cloud-config is checked, virtchan's own is written.
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
         // `swift package generate-documentation --target VirtchanKit`
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
@@ -35,6 +37,7 @@ let package = Package(
         .target(name: "VirtchanKit", dependencies: [
             "VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol",
             .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "Yams", package: "Yams"),
         ]),
         // The command line: argument parsing and printing over VirtchanKit.
         .executableTarget(name: "virtchan", dependencies: [

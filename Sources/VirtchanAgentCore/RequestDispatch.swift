@@ -177,9 +177,12 @@ extension Agent {
         let uptime = readSmallFile("/proc/uptime").flatMap { text in
             text.split(separator: " ").first.flatMap { Double($0) }
         } ?? 0
-        return Info(agentVersion: agentVersion, protocolVersion: ProtocolVersion.current,
-                    capabilities: Self.capabilities, kernelRelease: field(uts.release),
-                    hostname: field(uts.nodename), uptimeSeconds: UInt64(uptime),
-                    execAllowed: !options.policy.deniesEverything)
+        var info = Info(agentVersion: agentVersion, protocolVersion: ProtocolVersion.current,
+                        capabilities: Self.capabilities, kernelRelease: field(uts.release),
+                        hostname: field(uts.nodename), uptimeSeconds: UInt64(uptime),
+                        execAllowed: !options.policy.deniesEverything)
+        info.osName = GuestSystem.prettyName()
+        info.interfaces = GuestSystem.interfaces()
+        return info
     }
 }

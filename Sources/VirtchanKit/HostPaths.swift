@@ -39,6 +39,8 @@ public struct HostPaths: Sendable {
 
     public func stateDirectory(for domain: String) -> String { stateBase + "/" + domain }
     public func consoleLog(for domain: String) -> String { stateDirectory(for: domain) + "/console.log" }
+    /// The console log of a domain whose first boot was given up, kept after the domain went.
+    public func abandonedConsoleLog(for domain: String) -> String { stateBase + "/\(domain).console.log" }
     /// The domain's copy of the initramfs, with its agent key added.
     public func keyedInitrd(for domain: String) -> String { bootDirectory + "/\(domain).initrd" }
     /// The file in a state directory that names the domain it belongs to.

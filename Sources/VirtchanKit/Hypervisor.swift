@@ -109,14 +109,18 @@ public final class Hypervisor: Sendable {
         ChannelLock.removeLocks(of: name)
         unlink(paths.keyedInitrd(for: name))
         if !keepDefinition {
-            let bootedInitrd = (try? domain.xml(inactive: true))
-                .flatMap { try? LibXMLDocument(parsing: $0, name: "the domain XML").string("string(/domain/os/initrd)") }
+            // What the domain boots from: its initramfs and its disks (never a disk's backing
+            // file, which is a base image others may share).
+            let booted = (try? domain.xml(inactive: true))
+                .flatMap { try? LibXMLDocument(parsing: $0, name: "the domain XML") }
+                .map { doc in doc.select("/domain/os/initrd").map(\.text) + doc.select("/domain/devices/disk/source").compactMap { $0.attribute("file") } } ?? []
             try domain.undefine()
-            // The initramfs a remote create uploaded for this domain alone, whichever URI
-            // destroys it (the shared kernels stay).
-            if let bootedInitrd, let pool = StoragePool.lookup(Self.storagePoolName, on: domain.connection),
-               let volume = pool.volume(name + ".initrd"), (try? volume.path()) == bootedInitrd {
-                try volume.delete()
+            // The volumes create made for this domain alone go, whichever URI destroys it.
+            let own = Self.ownVolumeNames(of: name)
+            for path in booted {
+                if let volume = StorageVolume.lookup(path: path, on: domain.connection), own.contains(volume.name) {
+                    try volume.delete()
+                }
             }
         }
         // Only virtchan's own directory for this name goes, never a path read from the domain's

@@ -12,8 +12,12 @@ public struct MachineRequest: Sendable {
         case automatic
         /// A kernel, with an optional initramfs and command line (default `console=ttyS0`).
         case kernel(String, initrd: String? = nil, cmdline: String? = nil)
-        /// A disk image.
+        /// A disk image, booted as it is (it is written to).
         case disk(String)
+        /// A cloud image (qcow2 or raw), never written: the domain boots a copy-on-write overlay
+        /// of it, `diskSize` bytes large (nil: the image's own size), and cloud-init installs
+        /// the agent from a NoCloud seed at first boot (see ``MachineRequest/cloudInit``).
+        case image(String, diskSize: UInt64? = nil)
     }
 
     public var name: String
@@ -36,6 +40,16 @@ public struct MachineRequest: Sendable {
     public var allowUnkeyedAgent = false
     /// A first-boot script, delivered by ``Hypervisor/runBootstrap(_:session:options:)``.
     public var bootstrap: BootstrapPlan?
+    /// For ``Boot/image(_:diskSize:)``: the user's own cloud-init input.
+    public var cloudInit = CloudInit()
+    /// The storage pool for the volumes a domain boots from (an image's overlay and seed, a
+    /// remote domain's kernel and initramfs); nil: ``Hypervisor/storagePoolName``, defined on
+    /// first use. Another pool must exist.
+    public var storagePool: String?
+
+    /// Memory in MiB for an image boot when none is given: a distro with cloud-init needs more
+    /// than the tiny guest.
+    public static let imageMemoryMiB = 1024
 
     public init(name: String) { self.name = name }
 }
@@ -80,30 +94,39 @@ extension Hypervisor {
         }
         let stateDir = paths.stateDirectory(for: name)
         let keyedInitrd = paths.keyedInitrd(for: name)
-        var initrdVolume: StorageVolume?
+        // Volumes made for this domain alone, deleted again when the create fails.
+        var volumes: [StorageVolume] = []
         let fm = FileManager.default
         func removeFiles() {
             try? fm.removeItem(atPath: stateDir)
             unlink(keyedInitrd)
-            try? initrdVolume?.delete()
+            for volume in volumes { try? volume.delete() }
         }
         try? fm.removeItem(atPath: stateDir)
+        unlink(paths.abandonedConsoleLog(for: name))
         let domain: Domain
         do {
-            try writeStateDirectory(stateDir, for: request, initrdBase: prepared.initrdBase, keyedInitrd: keyedInitrd)
+            let key = try writeStateDirectory(stateDir, for: request, keyed: prepared.keyed, initrdBase: prepared.initrdBase,
+                                              keyedInitrd: keyedInitrd)
             if remote, case let .kernel(kernel, initrd, cmdline) = prepared.spec.boot {
-                let pool = try StoragePool.directory(Self.storagePoolName, path: Self.storagePoolPath, on: conn)
-                let kernelPath = try sharedVolume(for: kernel, in: pool, progress: progress)
+                let pool = try storagePool(for: request, on: conn)
+                let kernelPath = try sharedVolume(for: kernel, kind: "boot", in: pool, progress: progress)
                 var initrdPath: String?
                 if initrd != nil {
                     try? pool.volume(name + ".initrd")?.delete()
                     progress?("uploading the initramfs of \(name) to the storage pool \(pool.name) on \(uri)")
-                    initrdVolume = try pool.upload(keyedInitrd, as: name + ".initrd")
-                    initrdPath = try initrdVolume?.path()
+                    let volume = try pool.upload(keyedInitrd, as: name + ".initrd")
+                    volumes.append(volume)
+                    initrdPath = try volume.path()
                     // The volume is the copy QEMU reads; this one held the key for nothing.
                     unlink(keyedInitrd)
                 }
                 prepared.spec.boot = .kernel(kernel: kernelPath, initrd: initrdPath, cmdline: cmdline)
+            }
+            if let image = prepared.image, let key {
+                let pool = try storagePool(for: request, on: conn)
+                try attach(image, key: key, to: &prepared.spec, request: request, pool: pool, remote: remote,
+                           volumes: &volumes, progress: progress)
             }
             let document = try DomainXML.build(prepared.spec, domainType: domainType)
             domain = try conn.define(xml: document.serialize())
@@ -123,10 +146,71 @@ extension Hypervisor {
         return CreatedMachine(name: name, domainType: domainType, consoleLog: prepared.spec.consoleLog, startedAt: Date())
     }
 
-    /// The storage pool that holds what remote domains boot: the shared kernels and each
-    /// domain's initramfs (`NAME.initrd`, deleted by ``destroy(_:keepDefinition:force:)``).
+    /// Gives up on an image boot whose agent never answered (within `waited` seconds): the
+    /// domain and its volumes are removed, its console log is kept at
+    /// ``HostPaths/abandonedConsoleLog(for:)``, and the error returned says what to do.
+    public func abandonImageBoot(_ name: String, waited: Double) -> VirtchanError {
+        let kept = paths.abandonedConsoleLog(for: name)
+        unlink(kept)
+        let haveLog = (try? FileManager.default.copyItem(atPath: paths.consoleLog(for: name), toPath: kept)) != nil
+        try? destroy(name, force: true)
+        var message = "the agent in \(name) did not answer within \(formatSeconds(waited)), so the domain and its volumes are removed. "
+        if haveLog { message += "Its console is kept in \(kept). " }
+        message += "An image without cloud-init cannot take the agent from the seed: install virtchan-agent_\(virtchanVersion)_amd64.deb (Scripts/package-agent) into it and boot it with --disk --insecure-agent"
+        return VirtchanError(.agentTimeout, message)
+    }
+
+    /// The storage pool that holds what domains boot from volumes: each image boot's overlay
+    /// (`NAME.qcow2`) and seed (`NAME.seed.iso`), and for remote domains the shared kernels and
+    /// base images and each domain's initramfs (`NAME.initrd`). ``destroy(_:keepDefinition:force:)``
+    /// deletes a domain's own volumes, never the shared ones.
     public static let storagePoolName = "virtchan"
     private static let sharedVolumeLock = NSLock()
+
+    /// The names of the volumes made for `domain` alone.
+    static func ownVolumeNames(of domain: String) -> Set<String> {
+        [domain + ".initrd", domain + ".qcow2", domain + ".seed.iso"]
+    }
+
+    /// The request's pool: virtchan's own, defined on first use, or the one named, which must
+    /// exist (it is started when stopped).
+    private func storagePool(for request: MachineRequest, on conn: Connection) throws -> StoragePool {
+        guard let name = request.storagePool, name != Self.storagePoolName else {
+            return try StoragePool.directory(Self.storagePoolName, path: Self.storagePoolPath, on: conn)
+        }
+        guard let pool = StoragePool.lookup(name, on: conn) else {
+            throw VirtchanError(.invalidRequest, "there is no storage pool \(name) on \(uri) (see: virsh -c '\(uri)' pool-list --all)")
+        }
+        try pool.activate()
+        return pool
+    }
+
+    /// Makes an image boot's overlay and seed volumes in `pool` and points the spec at them.
+    /// Over a remote URI the base image is uploaded first, once per content (like a kernel).
+    private func attach(_ image: PreparedImage, key: AgentKey, to spec: inout DomainSpec, request: MachineRequest,
+                        pool: StoragePool, remote: Bool, volumes: inout [StorageVolume], progress: ((String) -> Void)?) throws {
+        let name = request.name
+        for volumeName in [name + ".qcow2", name + ".seed.iso"] where pool.volume(volumeName) != nil {
+            throw VirtchanError(.alreadyExists, "the storage pool \(pool.name) on \(uri) already has a volume \(volumeName), and no domain \(name) uses it; remove it with: virsh -c '\(uri)' vol-delete --pool \(pool.name) \(volumeName)")
+        }
+        // The instance id cloud-init keys its once-per-instance work on: the domain's UUID.
+        let uuid = UUID().uuidString.lowercased()
+        let stateDir = paths.stateDirectory(for: name)
+        let iso = stateDir + "/seed.iso"
+        defer { unlink(iso) }
+        try CloudSeed.write(iso: iso, in: stateDir, payload: image.payload, key: key, instanceID: uuid,
+                            hostname: image.hostname, user: request.cloudInit)
+        let backing = remote ? try sharedVolume(for: image.disk.path, kind: "base", in: pool, progress: progress) : image.disk.path
+        let overlay = try pool.makeOverlay(name + ".qcow2", bytes: image.capacity, backing: backing,
+                                           backingFormat: image.disk.format.rawValue)
+        volumes.append(overlay)
+        if remote { progress?("uploading the cloud-init seed of \(name) to the storage pool \(pool.name) on \(uri)") }
+        let seed = try pool.upload(iso, as: name + ".seed.iso")
+        volumes.append(seed)
+        spec.uuid = uuid
+        spec.boot = .disk(try overlay.path())
+        spec.seedImage = try seed.path()
+    }
 
     /// Where ``storagePoolName`` keeps its files on its host, when virtchan defines it.
     public static let storagePoolPath = "/var/lib/virtchan/pool"
@@ -135,23 +219,30 @@ extension Hypervisor {
     /// by their SHA-256 so that every domain booting them shares one upload. An empty volume
     /// named `….complete` says the upload finished: a volume without one (an upload cut off,
     /// or one under way elsewhere) is never booted, but replaced.
-    private func sharedVolume(for path: String, in pool: StoragePool, progress: ((String) -> Void)?) throws -> String {
+    private func sharedVolume(for path: String, kind: String, in pool: StoragePool, progress: ((String) -> Void)?) throws -> String {
         // Domains created side by side in this process share one upload.
         Self.sharedVolumeLock.lock()
         defer { Self.sharedVolumeLock.unlock() }
-        guard let data = FileManager.default.contents(atPath: path) else {
+        guard let file = FileHandle(forReadingAtPath: path) else {
             throw VirtchanError(.io, "cannot read \(path)")
         }
-        let digest = SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
-        let volumeName = "boot-" + digest.prefix(24)
+        defer { try? file.close() }
+        var hash = SHA256()
+        var size = 0
+        while let chunk = try file.read(upToCount: 4 << 20), !chunk.isEmpty {
+            hash.update(data: chunk)
+            size += chunk.count
+        }
+        let digest = hash.finalize().map { String(format: "%02x", $0) }.joined()
+        let volumeName = kind + "-" + digest.prefix(24)
         let marker = volumeName + ".complete"
         if let existing = pool.volume(volumeName), pool.volume(marker) != nil,
-           (try? existing.capacity()) == UInt64(data.count) {
+           (try? existing.capacity()) == UInt64(size) {
             return try existing.path()
         }
         try? pool.volume(marker)?.delete()
         try? pool.volume(volumeName)?.delete()
-        progress?("uploading \(path) (\(data.count >> 20) MiB) to the storage pool \(pool.name) on \(uri)")
+        progress?("uploading \(path) (\(size >> 20) MiB) to the storage pool \(pool.name) on \(uri)")
         let volume = try pool.upload(path, as: volumeName, mode: 0o644)
         _ = try pool.makeVolume(marker, bytes: 0, mode: 0o644)
         return try volume.path()
@@ -161,6 +252,18 @@ extension Hypervisor {
         var spec: DomainSpec
         /// The initramfs the agent key is added to; nil when the boot has none.
         let initrdBase: String?
+        /// An image boot: what its overlay and seed are made from.
+        let image: PreparedImage?
+        /// Whether the domain gets an agent key (in its initramfs or on its seed).
+        var keyed: Bool { initrdBase != nil || image != nil }
+    }
+
+    private struct PreparedImage {
+        let disk: DiskImage
+        /// The overlay's size in bytes.
+        let capacity: UInt64
+        let payload: CloudSeed.Payload
+        let hostname: String
     }
 
     /// Checks everything that can be checked without libvirt and builds the domain's spec.
@@ -190,6 +293,7 @@ extension Hypervisor {
         // without one (a disk, a template's own boot, a bare kernel) cannot carry it yet.
         let keyedInitrd = paths.keyedInitrd(for: name)
         var initrdBase: String?
+        var image: PreparedImage?
         let unkeyable: String?
         switch request.boot {
         case let .kernel(kernel, initrd, cmdline):
@@ -205,6 +309,31 @@ extension Hypervisor {
             try requireFile(disk, "disk image")
             spec.boot = .disk(absolute(disk))
             unkeyable = "--disk"
+        case let .image(base, diskSize):
+            let disk: DiskImage
+            do {
+                disk = try DiskImage(probing: absolute(base))
+            } catch {
+                throw VirtchanError(error.code == .io ? .io : .invalidRequest, error.message)
+            }
+            if let diskSize, diskSize < disk.virtualSize {
+                throw VirtchanError(.invalidRequest, "--disk-size \(DiskImage.formatSize(diskSize)) is smaller than the image \(base) (\(DiskImage.formatSize(disk.virtualSize))); give at least that, or leave it out")
+            }
+            let cloud = request.cloudInit
+            if let userData = cloud.userData { _ = try CloudSeed.partType(of: userData, source: cloud.userDataSource) }
+            for key in cloud.sshAuthorizedKeys where key.isEmpty || key.contains("\n") || !key.contains(" ") {
+                throw VirtchanError(.invalidRequest, "an ssh key is one line such as 'ssh-ed25519 AAAA… comment', not '\(key.prefix(40))'")
+            }
+            let hostname = cloud.hostname ?? CloudSeed.defaultHostname(for: name)
+            try CloudSeed.validateHostname(hostname)
+            image = PreparedImage(disk: disk, capacity: diskSize ?? disk.virtualSize,
+                                  payload: try CloudSeed.Payload(imageDirectory: paths.imageDirectory), hostname: hostname)
+            if request.memoryMiB == nil && request.templateXML == nil { spec.memoryMiB = MachineRequest.imageMemoryMiB }
+            // Where the volumes will be, for --dry-run; create puts the real paths in.
+            let poolPath = request.storagePool.map { "<pool \($0)>" } ?? Self.storagePoolPath
+            spec.boot = .disk(poolPath + "/" + name + ".qcow2")
+            spec.seedImage = poolPath + "/" + name + ".seed.iso"
+            unkeyable = nil
         case .automatic:
             if let template = request.templateXML, try Self.templateBoots(template) {
                 unkeyable = "the template's own"
@@ -228,14 +357,15 @@ extension Hypervisor {
         try spec.validate()
         // A template libvirt would refuse is refused here, before anything is written.
         _ = try DomainXML.build(spec, domainType: "qemu")
-        return Prepared(spec: spec, initrdBase: initrdBase)
+        return Prepared(spec: spec, initrdBase: initrdBase, image: image)
     }
 
     /// The domain's state directory, closed to everyone but its owner: the agent's sockets,
     /// the console log and the bootstrap's secrets are in it. (libvirt hands QEMU the sockets
     /// already bound.)
-    private func writeStateDirectory(_ stateDir: String, for request: MachineRequest, initrdBase: String?,
-                                     keyedInitrd: String) throws {
+    @discardableResult
+    private func writeStateDirectory(_ stateDir: String, for request: MachineRequest, keyed: Bool, initrdBase: String?,
+                                     keyedInitrd: String) throws -> AgentKey? {
         let fm = FileManager.default
         do {
             try fm.createDirectory(atPath: stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -245,14 +375,15 @@ extension Hypervisor {
         chmod(stateDir, 0o700)
         try writePrivateFile(stateDir + "/" + HostPaths.ownerMarker, Data(request.name.utf8))
         if let plan = request.bootstrap { try plan.save(into: stateDir) }
-        if let initrdBase {
-            let key = AgentKey.generate()
-            try writePrivateFile(stateDir + "/" + AgentEndpoint.keyFileName, Data(key.fileText.utf8))
-            try KeyedInitrd.write(base: initrdBase, key: key, to: keyedInitrd)
-        } else {
+        guard keyed else {
             // The caller chose an agent without a key for this domain; later sessions accept it.
             try writePrivateFile(stateDir + "/" + AgentEndpoint.unkeyedMarkerName, Data())
+            return nil
         }
+        let key = AgentKey.generate()
+        try writePrivateFile(stateDir + "/" + AgentEndpoint.keyFileName, Data(key.fileText.utf8))
+        if let initrdBase { try KeyedInitrd.write(base: initrdBase, key: key, to: keyedInitrd) }
+        return key
     }
 
     static func templateBoots(_ text: String) throws(ProvisioningError) -> Bool {

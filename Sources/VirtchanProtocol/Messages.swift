@@ -205,6 +205,13 @@ public struct Info: WireMessage, Equatable {
     public var hostname: String
     public var uptimeSeconds: UInt64
     public var execAllowed: Bool
+    /// The OS's `PRETTY_NAME` from os-release; empty when the guest has none.
+    public var osName = ""
+    /// The guest's network interfaces with their IP addresses.
+    public var interfaces: [GuestInterface] = []
+
+    /// At most this many interfaces, and addresses per interface, are read from a guest.
+    public static let maxInterfaces = 256
 
     public init(agentVersion: String, protocolVersion: UInt16, capabilities: [String], kernelRelease: String,
                 hostname: String, uptimeSeconds: UInt64, execAllowed: Bool) {
@@ -220,12 +227,33 @@ public struct Info: WireMessage, Equatable {
     public func encode(into w: inout ByteWriter) {
         w.string(agentVersion); w.u16(protocolVersion); w.strings(capabilities)
         w.string(kernelRelease); w.string(hostname); w.u64(uptimeSeconds); w.bool(execAllowed)
+        w.string(osName)
+        w.u32(UInt32(interfaces.count))
+        for interface in interfaces { w.string(interface.name); w.strings(interface.addresses) }
     }
 
     public init(from r: inout ByteReader) throws(ProtocolError) {
         agentVersion = try r.string(); protocolVersion = try r.u16(); capabilities = try r.strings()
         kernelRelease = try r.string(); hostname = try r.string(); uptimeSeconds = try r.u64()
         execAllowed = try r.bool()
+        // An older agent ends here.
+        guard !r.isAtEnd else { return }
+        osName = try r.string()
+        let count = Int(try r.u32())
+        guard count <= Self.maxInterfaces else { throw ProtocolError(.limit, "info lists \(count) interfaces") }
+        for _ in 0..<count {
+            interfaces.append(GuestInterface(name: try r.string(), addresses: try r.strings(max: Self.maxInterfaces)))
+        }
+    }
+}
+
+/// One network interface of the guest and its IP addresses (`10.0.0.2/24`, `fe80::1/64`).
+public struct GuestInterface: Equatable, Sendable, Codable {
+    public var name: String
+    public var addresses: [String]
+    public init(name: String, addresses: [String]) {
+        self.name = name
+        self.addresses = addresses
     }
 }
 

@@ -51,6 +51,10 @@ public struct DomainSpec: Sendable {
     public var channels: [ChannelSpec] = []
     /// A user's own base domain XML to add the controller and channels to.
     public var templateXML: String?
+    /// The domain's UUID; nil lets libvirt pick one.
+    public var uuid: String?
+    /// A read-only raw image attached as the second virtio disk: a cloud-init seed.
+    public var seedImage: String?
     public var metadata: VirtchanMetadata?
 
     public static let defaultMemoryMiB = 512

@@ -20,6 +20,7 @@ public enum DomainXML {
         root.setAttribute("type", domainType)
         setOnly(root, "name", spec.name)
         for old in doc.select("/domain/uuid") { old.remove() }
+        if let uuid = spec.uuid { root.addChild("uuid", text: uuid) }
         if spec.templateXML == nil || spec.memoryMiB != nil {
             for old in doc.select("/domain/currentMemory") { old.remove() }
             setOnly(root, "memory", String(spec.memoryMiB ?? DomainSpec.defaultMemoryMiB)).setAttribute("unit", "MiB")
@@ -54,6 +55,13 @@ public enum DomainXML {
             disk.addChild("driver", attributes: ["name": "qemu", "type": image.hasSuffix(".qcow2") ? "qcow2" : "raw"])
             disk.addChild("source", attributes: ["file": image])
             disk.addChild("target", attributes: ["dev": "vda", "bus": "virtio"])
+        }
+        if let seed = spec.seedImage {
+            let disk = devices.addChild("disk", attributes: ["type": "file", "device": "disk"])
+            disk.addChild("driver", attributes: ["name": "qemu", "type": "raw"])
+            disk.addChild("source", attributes: ["file": seed])
+            disk.addChild("target", attributes: ["dev": "vdb", "bus": "virtio"])
+            disk.addChild("readonly")
         }
         if doc.select("/domain/devices/controller[@type='virtio-serial'][@index='\(spec.controllerIndex)']").isEmpty {
             devices.addChild("controller", attributes: [

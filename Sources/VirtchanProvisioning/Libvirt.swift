@@ -176,6 +176,14 @@ public final class Domain: @unchecked Sendable {
         }
     }
 
+    /// Asks the guest to reboot (through ACPI, as `virsh reboot` does), returning at once. The
+    /// corresponding C function is `virDomainReboot`.
+    public func reboot() throws(ProvisioningError) {
+        guard vc_virDomainReboot(pointer, 0) == 0 else {
+            throw ProvisioningError.fromLibvirt("cannot reboot \(name)")
+        }
+    }
+
     /// Removes the definition. The corresponding C function is `virDomainUndefineFlags`.
     public func undefine() throws(ProvisioningError) {
         let flags = UInt32(VIR_DOMAIN_UNDEFINE_MANAGED_SAVE.rawValue | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA.rawValue

@@ -55,12 +55,17 @@ public final class StoragePool: @unchecked Sendable {
             _ = vc_virStoragePoolSetAutostart(p, 1)
             return pool
         }
-        if vc_virStoragePoolIsActive(pool.pointer) != 1 {
-            guard vc_virStoragePoolCreate(pool.pointer, 0) == 0 else {
+        try pool.activate()
+        return pool
+    }
+
+    /// Starts the pool when it is stopped.
+    public func activate() throws(ProvisioningError) {
+        if vc_virStoragePoolIsActive(pointer) != 1 {
+            guard vc_virStoragePoolCreate(pointer, 0) == 0 else {
                 throw ProvisioningError.fromLibvirt("cannot start the storage pool \(name) on \(connection.uri)")
             }
         }
-        return pool
     }
 
     /// The volume called `name` in this pool, or nil.
@@ -84,6 +89,25 @@ public final class StoragePool: @unchecked Sendable {
         target.addChild("permissions").addChild("mode", text: "0" + String(mode, radix: 8))
         guard let v = vc_virStorageVolCreateXML(pointer, doc.serialize(), 0) else {
             throw ProvisioningError.fromLibvirt("cannot create the volume \(volumeName) in the storage pool \(name) on \(connection.uri)")
+        }
+        return StorageVolume(pool: self, name: volumeName, pointer: v)
+    }
+
+    /// A new qcow2 volume of `bytes` virtual bytes that reads through to `backing` (a path on
+    /// the pool's host) and keeps every write to itself: the backing file is only ever read.
+    public func makeOverlay(_ volumeName: String, bytes: UInt64, backing: String, backingFormat: String,
+                            mode: Int = 0o600) throws(ProvisioningError) -> StorageVolume {
+        let doc = try LibXMLDocument(root: "volume")
+        doc.root.addChild("name", text: volumeName)
+        doc.root.addChild("capacity", text: String(bytes), attributes: ["unit": "bytes"])
+        let target = doc.root.addChild("target")
+        target.addChild("format", attributes: ["type": "qcow2"])
+        target.addChild("permissions").addChild("mode", text: "0" + String(mode, radix: 8))
+        let store = doc.root.addChild("backingStore")
+        store.addChild("path", text: backing)
+        store.addChild("format", attributes: ["type": backingFormat])
+        guard let v = vc_virStorageVolCreateXML(pointer, doc.serialize(), 0) else {
+            throw ProvisioningError.fromLibvirt("cannot create the overlay \(volumeName) of \(backing) in the storage pool \(name) on \(connection.uri)")
         }
         return StorageVolume(pool: self, name: volumeName, pointer: v)
     }
@@ -125,6 +149,23 @@ public final class StorageVolume: @unchecked Sendable {
     }
 
     deinit { vc_virStorageVolFree(pointer) }
+
+    /// The volume whose file is `path` on the connection's host, in whichever pool holds it;
+    /// nil when no pool does. The corresponding C function is `virStorageVolLookupByPath`.
+    public static func lookup(path: String, on connection: Connection) -> StorageVolume? {
+        guard let v = vc_virStorageVolLookupByPath(connection.pointer, path) else {
+            vc_virResetLastError()
+            return nil
+        }
+        guard let p = vc_virStoragePoolLookupByVolume(v), let poolName = vc_virStoragePoolGetName(p),
+              let volumeName = vc_virStorageVolGetName(v) else {
+            vc_virResetLastError()
+            vc_virStorageVolFree(v)
+            return nil
+        }
+        let pool = StoragePool(connection: connection, name: String(cString: poolName), pointer: p)
+        return StorageVolume(pool: pool, name: String(cString: volumeName), pointer: v)
+    }
 
     /// Where the volume is on its host. The corresponding C function is `virStorageVolGetPath`.
     public func path() throws(ProvisioningError) -> String {

@@ -6,20 +6,26 @@ struct Wait: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "wait",
         abstract: "Wait until the agent in a domain says hello (and deliver a pending bootstrap).",
-        discussion: FleetOptions.exitDiscussion)
+        discussion: """
+        With --cloud-init it also waits until cloud-init in the guest has finished: exit 0 when it \
+        succeeded, 1 with cloud-init's own report when it failed.
+
+        """ + FleetOptions.exitDiscussion)
 
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Domain name (several for a fleet command).") var names: [String] = []
-    @Option(help: "Give up after this many seconds.") var timeout: Double = 90
+    @Option(help: "Give up after this many seconds (default 90, 600 with --cloud-init).") var timeout: Double?
+    @Flag(help: "Also wait until cloud-init has finished its work in the guest.") var cloudInit = false
     @OptionGroup var fleet: FleetOptions
     @Flag(help: "On several domains: one JSON record per domain.") var json = false
 
     func validate() throws {
-        if !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
         try requireDomains(names, fleet)
     }
 
     func run() throws {
+        let timeout = self.timeout ?? (cloudInit ? 600 : 90)
         guard fleet.isFleet(names, global) else {
             let start = Date()
             let session = try global.waitForAgent(names[0], timeout: timeout)
@@ -27,9 +33,14 @@ struct Wait: ParsableCommand {
             if let code = try global.hypervisor().runPendingBootstrap(names[0], session: session, options: .printing(timeout: nil)), code != 0 {
                 throw ExitCode(code)
             }
+            if cloudInit {
+                let code = try Self.waitForCloudInit(names[0], global.hypervisor(), session, since: start, timeout: timeout,
+                                                     say: say, warn: { FileHandle.standardError.write(Data(($0 + "\n").utf8)) })
+                if code != 0 { throw ExitCode(code) }
+            }
             return
         }
-        let timeout = self.timeout
+        let cloudInit = self.cloudInit
         try runFleet(names, global, fleet, json: json) { member, output, target in
             let start = Date()
             let session = try target.waitForAgent(member.name, timeout: timeout)
@@ -37,8 +48,24 @@ struct Wait: ParsableCommand {
             var options = BootstrapRunOptions()
             options.progress = { output.say($0) }
             options.output = { stream, bytes in output.write(stream, bytes); return true }
-            return try target.hypervisor().runPendingBootstrap(member.name, session: session, options: options) ?? 0
+            let code = try target.hypervisor().runPendingBootstrap(member.name, session: session, options: options) ?? 0
+            guard code == 0, cloudInit else { return code }
+            return try Self.waitForCloudInit(member.name, target.hypervisor(), session, since: start, timeout: timeout,
+                                             say: { output.say($0) }, warn: { output.say($0, to: .stderr) })
         }
+    }
+
+    /// Waits for cloud-init within what is left of `timeout`; 0 when it succeeded, else 1 after
+    /// its report went to `warn`.
+    static func waitForCloudInit(_ name: String, _ hypervisor: Hypervisor, _ session: AgentSession, since start: Date, timeout: Double,
+                                 say: (String) -> Void, warn: (String) -> Void) throws -> Int32 {
+        let status = try hypervisor.waitForCloudInit(name, session: session, timeout: max(1, timeout - Date().timeIntervalSince(start)))
+        if status.succeeded {
+            say(String(format: "cloud-init in %@ finished: %@ (%.1f s)", name, status.status, Date().timeIntervalSince(start)))
+            return 0
+        }
+        warn("cloud-init in \(name) failed (\(status.status), exit \(status.exitCode)):\n\(status.report)")
+        return 1
     }
 
     static func ready(_ session: AgentSession, _ name: String, since start: Date) -> String {
@@ -116,6 +143,8 @@ struct InfoCommand: ParsableCommand {
         let hostname: String
         let uptimeSeconds: UInt64
         let execAllowed: Bool
+        let os: String
+        let interfaces: [GuestInterface]
     }
 
     func run() throws {
@@ -123,15 +152,20 @@ struct InfoCommand: ParsableCommand {
         let i = try session.info()
         let out = Output(domain: name, agentVersion: i.agentVersion, protocolVersion: Int(i.protocolVersion),
                          capabilities: i.capabilities, kernelRelease: i.kernelRelease, hostname: i.hostname,
-                         uptimeSeconds: i.uptimeSeconds, execAllowed: i.execAllowed)
+                         uptimeSeconds: i.uptimeSeconds, execAllowed: i.execAllowed,
+                         os: i.osName, interfaces: i.interfaces)
         if json { return try printJSON(out) }
         print("Domain:        \(name)")
         // Every field comes from the guest: shown escaped and bounded.
         print("Agent:         virtchan-agent \(displaySafe(i.agentVersion)) (protocol \(i.protocolVersion))")
         print("Capabilities:  \(displaySafe(i.capabilities.joined(separator: " ")))")
+        print("OS:            \(i.osName.isEmpty ? "-" : displaySafe(i.osName))")
         print("Kernel:        \(displaySafe(i.kernelRelease))")
         print("Hostname:      \(displaySafe(i.hostname))")
         print("Uptime:        \(i.uptimeSeconds) s")
         print("Exec:          \(i.execAllowed ? "allowed" : "denied by policy")")
+        for (n, interface) in i.interfaces.enumerated() {
+            print("\(n == 0 ? "Addresses:" : "          ")    \(displaySafe(interface.name, limit: 64)): \(interface.addresses.map { displaySafe($0, limit: 64) }.joined(separator: " "))")
+        }
     }
 }

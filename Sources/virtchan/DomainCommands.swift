@@ -15,6 +15,12 @@ struct Create: ParsableCommand {
         through the libvirt connection into the storage pool 'virtchan' there (defined on first \
         use, at /var/lib/virtchan/pool); the agent's key stays in this host's state directory. \
         --disk, a file QEMU would open on that host, is refused there.
+
+        With --image a stock cloud image boots (Debian genericcloud, Ubuntu cloudimg, Fedora \
+        Cloud-Base, qcow2 or raw), never written: the domain boots a copy-on-write overlay of \
+        it, and cloud-init installs virtchan-agent at first boot from a NoCloud seed that carries \
+        it. Both are volumes of the storage pool 'virtchan' (or --pool), deleted by destroy; over \
+        a remote --connect the image is uploaded there once. Your own --user-data runs as well.
         """)
 
     @OptionGroup var global: GlobalOptions
@@ -26,20 +32,35 @@ struct Create: ParsableCommand {
     @Option(help: "Kernel to boot (with --initrd and --cmdline).") var kernel: String?
     @Option(help: "Initramfs for --kernel.") var initrd: String?
     @Option(help: "Kernel command line for --kernel.") var cmdline: String?
-    @Option(help: "Disk image to boot instead of a kernel.") var disk: String?
+    @Option(help: "Disk image to boot instead of a kernel (written to; the agent must be in it).") var disk: String?
+    @Option(help: ArgumentHelp("Cloud image to boot through an overlay, with the agent installed by cloud-init.", valueName: "base")) var image: String?
+    @Option(help: ArgumentHelp("Size of the --image overlay, e.g. 20G (default: the image's size).", valueName: "size")) var diskSize: String?
+    @Option(help: ArgumentHelp("Storage pool for the volumes (default: virtchan, defined on first use).", valueName: "name")) var pool: String?
+    @Option(help: ArgumentHelp("Your own cloud-init user-data for --image: #cloud-config, a script or MIME multi-part.", valueName: "file")) var userData: String?
+    @Option(help: ArgumentHelp("Public key authorized for the image's default user (repeatable).", valueName: "file")) var sshKey: [String] = []
+    @Option(help: "Host name of an --image guest (default: the domain's name).") var hostname: String?
     @Option(help: "Your own base domain XML; virtchan adds the controller and channels.") var template: String?
     @Option(help: "Ports on the virtio-serial controller (1-31).") var ports: Int = 16
     @Flag(help: "Let libvirt choose the socket paths (read back from the live XML).") var libvirtSocketPaths = false
     @Flag(name: .customLong("qemu-ga"), help: "Also add the org.qemu.guest_agent.0 channel for qemu-guest-agent.") var qemuGA = false
     @Flag(help: "Print the domain XML and change nothing.") var dryRun = false
     @Flag(help: "Return once the domain starts, without waiting for the agent.") var noWait = false
-    @Option(help: "Seconds to wait for the agent's hello.") var waitTimeout: Double = 90
+    @Option(name: [.customLong("wait-timeout"), .customLong("timeout")],
+            help: "Seconds to wait for the agent's hello (default 90, 600 with --image).") var waitTimeout: Double?
     @OptionGroup var bootstrap: BootstrapOptions
 
     func validate() throws {
-        if kernel != nil && disk != nil { throw ValidationError("give --kernel or --disk, not both") }
+        if [kernel, disk, image].compactMap({ $0 }).count > 1 { throw ValidationError("give one of --kernel, --disk and --image") }
+        if image == nil {
+            for (option, given) in [("--disk-size", diskSize != nil), ("--user-data", userData != nil), ("--ssh-key", !sshKey.isEmpty), ("--hostname", hostname != nil)] where given {
+                throw ValidationError("\(option) goes with --image")
+            }
+        }
+        if let diskSize, DiskImage.parseSize(diskSize) == nil {
+            throw ValidationError("--disk-size takes a size such as 20G, 512M or a byte count, not '\(diskSize)'")
+        }
         if (initrd != nil || cmdline != nil) && kernel == nil { throw ValidationError("--initrd and --cmdline go with --kernel") }
-        if waitTimeout <= 0 { throw ValidationError("--wait-timeout must be positive") }
+        if let waitTimeout, waitTimeout <= 0 { throw ValidationError("--wait-timeout must be positive") }
         guard !names.isEmpty else { throw ValidationError("name the new domain, e.g. virtchan create vm1") }
         if fleet.all || !fleet.match.isEmpty { throw ValidationError("--all and --match pick existing domains; create takes the new names") }
         if global.connect.count > 1 { throw ValidationError("create makes its domains on one --connect URI") }
@@ -51,7 +72,7 @@ struct Create: ParsableCommand {
         } catch {
             throw ValidationError(error.message)
         }
-        for (option, path) in [("--disk", disk), ("--kernel", kernel), ("--initrd", initrd)] {
+        for (option, path) in [("--disk", disk), ("--kernel", kernel), ("--initrd", initrd), ("--image", image), ("--user-data", userData)] + sshKey.map({ ("--ssh-key", $0) }) {
             var isDir: ObjCBool = false
             if let path, FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
                 throw ValidationError("\(option) takes a file, and \(path) is a directory")
@@ -68,6 +89,18 @@ struct Create: ParsableCommand {
             template = text
         }
         let plan = try bootstrap.plan()
+        var cloudInit = CloudInit()
+        cloudInit.hostname = hostname
+        if let userData {
+            guard let data = FileManager.default.contents(atPath: userData) else { throw CLIError("cannot read the user-data \(userData)", exitCode: 66) }
+            cloudInit.userData = data
+            cloudInit.userDataSource = userData
+        }
+        for file in sshKey {
+            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { throw CLIError("cannot read the ssh key \(file)", exitCode: 66) }
+            cloudInit.sshAuthorizedKeys += text.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+                .filter { !$0.isEmpty && !$0.hasPrefix("#") }
+        }
         func request(_ name: String) -> MachineRequest {
             var request = MachineRequest(name: name)
             request.bootstrap = plan
@@ -78,7 +111,11 @@ struct Create: ParsableCommand {
             request.libvirtChoosesSocketPaths = libvirtSocketPaths
             request.qemuGuestAgent = qemuGA
             request.allowUnkeyedAgent = global.insecureAgent
-            if let kernel {
+            request.storagePool = pool
+            request.cloudInit = cloudInit
+            if let image {
+                request.boot = .image(image, diskSize: diskSize.flatMap(DiskImage.parseSize))
+            } else if let kernel {
                 request.boot = .kernel(kernel, initrd: initrd, cmdline: cmdline)
             } else if let disk {
                 request.boot = .disk(disk)
@@ -90,6 +127,7 @@ struct Create: ParsableCommand {
             print(try global.hypervisor().domainXML(for: request(names[0])), terminator: "")
             return
         }
+        let waitTimeout = self.waitTimeout ?? (image == nil ? 90 : 600)
         if names.count == 1 {
             let code = try Self.create(request(names[0]), through: global.target, waitTimeout: noWait ? nil : waitTimeout,
                                        bootstrap: bootstrap, say: say, note: Target.warnOnStderr,
@@ -120,7 +158,13 @@ struct Create: ParsableCommand {
             if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }
             return 0
         }
-        let session = try target.waitForAgent(name, timeout: waitTimeout)
+        let session: AgentSession
+        do {
+            session = try target.waitForAgent(name, timeout: waitTimeout)
+        } catch let error as VirtchanError where error.code == .agentTimeout {
+            guard case .image = request.boot else { throw error }
+            throw hypervisor.abandonImageBoot(name, waited: waitTimeout)
+        }
         say(String(format: "Agent %@ answered after %.1f s", displaySafe(session.hello.agentVersion, limit: 64), Date().timeIntervalSince(machine.startedAt)))
         guard request.bootstrap != nil else { return 0 }
         var options = BootstrapRunOptions()
@@ -198,5 +242,31 @@ struct Destroy: ParsableCommand {
     func run() throws {
         try global.hypervisor().destroy(name, keepDefinition: keepDefinition, force: force)
         print(keepDefinition ? "Domain \(name) stopped; definition kept" : "Domain \(name) destroyed")
+    }
+}
+
+struct Reboot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reboot",
+        abstract: "Reboot a guest and wait until its agent answers from the new boot.",
+        discussion: """
+        The guest's boot id tells the new boot from the old one, so an agent that still answers \
+        while the guest shuts down is not mistaken for the one that comes back. A bootstrap \
+        already run is not run again.
+        """)
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Domain name.") var name: String
+    @Option(help: "agent: the guest's own reboot command; acpi: the virtual power button, as virsh reboot.") var method: RebootMethod = .agent
+    @Option(help: "Give up after this many seconds.") var timeout: Double = 300
+
+    func validate() throws {
+        if !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+    }
+
+    func run() throws {
+        let start = Date()
+        _ = try global.hypervisor().reboot(name, method: method, timeout: timeout)
+        say(String(format: "Domain %@ rebooted; agent back after %.1f s", name, Date().timeIntervalSince(start)))
     }
 }

@@ -20,7 +20,7 @@ struct Virtchan: ParsableCommand {
         version: virtchanVersion,
         subcommands: [Create.self, ListDomains.self, Channels.self, XMLCommand.self, Destroy.self,
                       Wait.self, Ping.self, InfoCommand.self, Exec.self, Push.self, Pull.self,
-                      Forward.self, Bootstrap.self, Holder.self])
+                      Forward.self, Bootstrap.self, Reboot.self, Holder.self])
 
     static func main() {
         do {
@@ -171,6 +171,7 @@ func printTable(_ header: [String], _ rows: [[String]]) {
 }
 
 extension Accelerator: ExpressibleByArgument {}
+extension RebootMethod: ExpressibleByArgument {}
 
 /// A status line on stdout, written at once: streamed guest output goes out unbuffered too,
 /// and the two must not change order when stdout is a pipe or a file.

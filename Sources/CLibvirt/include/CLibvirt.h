@@ -39,6 +39,7 @@ void vc_virt_silence_errors(void);
     X(int, -1, virDomainIsActive, (virDomainPtr domain), (domain)) \
     X(int, -1, virDomainCreate, (virDomainPtr domain), (domain)) \
     X(int, -1, virDomainDestroy, (virDomainPtr domain), (domain)) \
+    X(int, -1, virDomainReboot, (virDomainPtr domain, unsigned int flags), (domain, flags)) \
     X(int, -1, virDomainUndefine, (virDomainPtr domain), (domain)) \
     X(int, -1, virDomainUndefineFlags, (virDomainPtr domain, unsigned int flags), (domain, flags)) \
     X(int, -1, virDomainFree, (virDomainPtr domain), (domain)) \
@@ -76,6 +77,10 @@ void vc_virt_silence_errors(void);
     X(char *, NULL, virStorageVolGetPath, (virStorageVolPtr vol), (vol)) \
     X(int, -1, virStorageVolGetInfo, (virStorageVolPtr vol, virStorageVolInfoPtr info), (vol, info)) \
     X(int, -1, virStorageVolDelete, (virStorageVolPtr vol, unsigned int flags), (vol, flags)) \
+    X(virStorageVolPtr, NULL, virStorageVolLookupByPath, (virConnectPtr conn, const char *path), (conn, path)) \
+    X(const char *, NULL, virStorageVolGetName, (virStorageVolPtr vol), (vol)) \
+    X(virStoragePoolPtr, NULL, virStoragePoolLookupByVolume, (virStorageVolPtr vol), (vol)) \
+    X(const char *, NULL, virStoragePoolGetName, (virStoragePoolPtr pool), (pool)) \
     X(int, -1, virStorageVolFree, (virStorageVolPtr vol), (vol))
 
 #define VC_VIRT_DECLARE(ret, fail, name, params, args) ret vc_##name params;

@@ -9,6 +9,10 @@ public enum RebootMethod: String, Sendable, CaseIterable {
 }
 
 extension Hypervisor {
+    /// Seconds after which ``reboot(_:method:timeout:)`` presses the power button again when the
+    /// guest is still in its old boot.
+    static let acpiRepressSeconds = 45.0
+
     /// The guest kernel's boot id: it changes with every boot.
     public func bootID(over session: AgentSession) throws -> String {
         let captured = try ExecClient.capture(session, ["cat", "/proc/sys/kernel/random/boot_id"], timeout: 30, limit: 256)
@@ -41,13 +45,20 @@ extension Hypervisor {
         case .acpi:
             try domain(name).reboot()
         }
+        var pressed = Date()
         while true {
             let left = deadline.timeIntervalSinceNow
             guard left > 1 else {
-                throw VirtchanError(.agentTimeout, "the agent in \(name) did not come back from the reboot within \(formatSeconds(timeout)); see its console (virtchan console log or virsh console)")
+                throw VirtchanError(.agentTimeout, "the agent in \(name) did not come back from the reboot within \(formatSeconds(timeout)); see the guest's console")
             }
-            if let session = try? waitForAgent(name, timeout: left), let now = try? bootID(over: session), now != before {
-                return session
+            if let session = try? waitForAgent(name, timeout: left), let now = try? bootID(over: session) {
+                if now != before { return session }
+                // A guest still in its old boot a while after the button was pressed missed the
+                // press (early in a boot nothing listens to it yet): press it again.
+                if method == .acpi && Date().timeIntervalSince(pressed) > Self.acpiRepressSeconds {
+                    try domain(name).reboot()
+                    pressed = Date()
+                }
             }
             Thread.sleep(forTimeInterval: 0.5)
         }

@@ -169,3 +169,29 @@ struct InfoCommand: ParsableCommand {
         }
     }
 }
+
+struct UpdateAgent: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "update-agent",
+        abstract: "Replace the agent in a running guest with this host's and restart it.",
+        discussion: """
+        For guests whose agent runs as virtchan-agent.service (from a cloud image's seed, or the \
+        .deb). The binary is pushed over the channel, verified, renamed into place, and the \
+        service restarted; the command returns once the new agent answers. The seed's copy does \
+        not undo it at the next boot.
+        """)
+
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: "Domain name.") var name: String
+    @Option(help: ArgumentHelp("The agent binary (default: the one Scripts/build-guest built).", valueName: "file")) var agent: String?
+    @Option(help: "Give up after this many seconds.") var timeout: Double = 120
+
+    func validate() throws {
+        if !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+    }
+
+    func run() throws {
+        let session = try global.hypervisor().updateAgent(name, binary: agent, timeout: timeout)
+        say("Agent \(displaySafe(session.hello.agentVersion, limit: 64)) in \(name) updated and answering")
+    }
+}

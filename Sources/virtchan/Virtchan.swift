@@ -20,7 +20,7 @@ struct Virtchan: ParsableCommand {
         version: virtchanVersion,
         subcommands: [Create.self, ListDomains.self, Channels.self, XMLCommand.self, Destroy.self,
                       Wait.self, Ping.self, InfoCommand.self, Exec.self, Push.self, Pull.self,
-                      Forward.self, Bootstrap.self, Reboot.self, Holder.self])
+                      Forward.self, Bootstrap.self, Reboot.self, UpdateAgent.self, Holder.self])
 
     static func main() {
         do {

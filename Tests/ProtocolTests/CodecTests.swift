@@ -69,6 +69,25 @@ import Testing
         #expect(try AgentStarted.decode(AgentStarted(agentVersion: "0.1.0").frame(id: 0)).agentVersion == "0.1.0")
     }
 
+    /// An agent adds the OS and its addresses after the fields an older agent ends with; both
+    /// decode, and a guest cannot make the host hold an endless list.
+    @Test func infoCarriesTheOSAndAddressesAfterTheOlderFields() throws {
+        var info = Info(agentVersion: "1", protocolVersion: 1, capabilities: ["exec"], kernelRelease: "6.1", hostname: "h",
+                        uptimeSeconds: 42, execAllowed: true)
+        let older = info.frame(id: 1)
+        info.osName = "Debian GNU/Linux 12 (bookworm)"
+        info.interfaces = [GuestInterface(name: "lo", addresses: ["127.0.0.1/8", "::1/128"]), GuestInterface(name: "eth0", addresses: ["10.0.0.2/24"])]
+        #expect(try Info.decode(info.frame(id: 1)) == info)
+        // What an older agent sends: the same fields, nothing after them.
+        let truncated = Frame(older.type, id: 1, payload: Array(older.payload.dropLast(8)))
+        let decodedOld = try Info.decode(truncated)
+        #expect(decodedOld.osName == "" && decodedOld.interfaces.isEmpty && decodedOld.execAllowed)
+        var w = ByteWriter()
+        w.string("1"); w.u16(1); w.strings([]); w.string("6.1"); w.string("h"); w.u64(1); w.bool(true)
+        w.string("os"); w.u32(UInt32(Info.maxInterfaces + 1))
+        #expect(throws: ProtocolError.self) { try Info.decode(Frame(.info, id: 1, payload: w.bytes)) }
+    }
+
     /// A session holder appends the agent's id for the transfer to dataReady; the agent's own
     /// dataReady has none, and both decode.
     @Test func dataReadyCarriesTheDataPortIDOnlyWhenAHolderAddsIt() throws {

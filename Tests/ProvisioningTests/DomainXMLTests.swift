@@ -232,3 +232,59 @@ private func standardSpec(_ name: String = "t1") -> DomainSpec {
 func urisAreLocalOnlyWithoutHostOrNetworkTransport(uri: String, local: Bool) {
     #expect(Connection.isLocal(uri: uri) == local)
 }
+
+/// What a disk image is, read from its header.
+struct DiskImageTests {
+    func file(_ bytes: [UInt8], size: Int = 4096) throws -> String {
+        let path = NSTemporaryDirectory() + "vc-disk-\(UUID().uuidString)"
+        var data = Data(bytes)
+        data.append(Data(count: max(0, size - bytes.count)))
+        try data.write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    @Test func qcow2GivesItsVirtualSize() throws {
+        var header: [UInt8] = [0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3] + [UInt8](repeating: 0, count: 16)
+        header += [0, 0, 0, 0, 0x80, 0, 0, 0]  // 2 GiB, big-endian
+        let path = try file(header)
+        defer { unlink(path) }
+        let image = try DiskImage(probing: path)
+        #expect(image.format == .qcow2 && image.virtualSize == 2 << 30)
+    }
+
+    @Test func aRawDiskNeedsAPartitionTable() throws {
+        var mbr = [UInt8](repeating: 0, count: 512)
+        mbr[510] = 0x55; mbr[511] = 0xaa
+        let disk = try file(mbr, size: 1 << 20)
+        defer { unlink(disk) }
+        let image = try DiskImage(probing: disk)
+        #expect(image.format == .raw && image.virtualSize == 1 << 20)
+        let text = try file(Array("#!/bin/sh\necho not a disk\n".utf8))
+        defer { unlink(text) }
+        #expect(throws: ProvisioningError.self) { try DiskImage(probing: text) }
+        #expect(throws: ProvisioningError.self) { try DiskImage(probing: "/nonexistent/image.qcow2") }
+        #expect(throws: ProvisioningError.self) { try DiskImage(probing: NSTemporaryDirectory()) }
+    }
+
+    @Test func sizesReadAsPeopleWriteThem() {
+        #expect(DiskImage.parseSize("20G") == 20 << 30)
+        #expect(DiskImage.parseSize("512MiB") == 512 << 20)
+        #expect(DiskImage.parseSize("1.5T") == 3 << 39)
+        #expect(DiskImage.parseSize("4096") == 4096)
+        for bad in ["", "G", "-1G", "12X", "0"] { #expect(DiskImage.parseSize(bad) == nil, "\(bad)") }
+        #expect(DiskImage.formatSize(3 << 30) == "3 GiB")
+        #expect(DiskImage.formatSize(1536) == "1.5 KiB")
+    }
+
+    @Test func aSeedIsAReadOnlySecondDiskAndTheUUIDIsKept() throws {
+        var spec = DomainSpec(name: "img")
+        spec.boot = .disk("/pool/img.qcow2")
+        spec.seedImage = "/pool/img.seed.iso"
+        spec.uuid = "0b6a4f5e-1c1d-4c1e-9d51-6f0e2c1a9b77"
+        let doc = try DomainXML.build(spec, domainType: "qemu")
+        #expect(doc.string("string(/domain/uuid)") == spec.uuid)
+        #expect(doc.string("string(/domain/devices/disk[target/@dev='vda']/driver/@type)") == "qcow2")
+        #expect(doc.string("string(/domain/devices/disk[target/@dev='vdb']/source/@file)") == "/pool/img.seed.iso")
+        #expect(doc.select("/domain/devices/disk[target/@dev='vdb']/readonly").count == 1)
+    }
+}

@@ -1,8 +1,9 @@
 #cloud-boothook
 #!/bin/sh
 # virtchan: installs virtchan-agent from this seed (label cidata, directory virtchan/) and
-# starts it. cloud-init runs it early in every boot; it installs only what differs from the
-# files in place, so a seed with a newer agent updates the guest at its next boot.
+# starts it. cloud-init runs it early in every boot. It installs the seed's files when they
+# differ from the last seed it installed from (a first boot, or a seed virtchan rewrote), so an
+# agent updated since (virtchan update-agent) is left alone.
 set -eu
 log() { echo "virtchan-seed: $*" >&2; }
 dev=$(blkid -l -o device -t LABEL=cidata 2>/dev/null || blkid -l -o device -t LABEL=CIDATA 2>/dev/null || true)
@@ -11,20 +12,18 @@ mnt=$(mktemp -d)
 trap 'umount "$mnt" 2>/dev/null || true; rmdir "$mnt"' EXIT
 mount -o ro "$dev" "$mnt"
 src="$mnt/virtchan"
-changed=0
-put() { # source, destination, mode
-    if ! cmp -s "$src/$1" "$2"; then
-        install -D -m "$3" "$src/$1" "$2.virtchan-new" && mv -f "$2.virtchan-new" "$2"
-        changed=1
-    fi
-}
-put virtchan-agent /usr/local/sbin/virtchan-agent 0755
-put virtchan-agent.service /etc/systemd/system/virtchan-agent.service 0644
-put 60-virtchan-agent.rules /etc/udev/rules.d/60-virtchan-agent.rules 0644
-put agent.key /etc/virtchan/agent.key 0600
-# The policy is the guest's own once written: a later seed never overwrites it.
-[ -e /etc/virtchan-agent.conf ] || install -m 0644 "$src/virtchan-agent.conf" /etc/virtchan-agent.conf
-if [ $changed = 1 ]; then
+record=/var/lib/virtchan/seed-payload.sha256
+payload=$(cd "$src" && sha256sum virtchan-agent virtchan-agent.service 60-virtchan-agent.rules agent.key | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$record" 2>/dev/null || true)" != "$payload" ]; then
+    install -D -m 0755 "$src/virtchan-agent" /usr/local/sbin/virtchan-agent.virtchan-new
+    mv -f /usr/local/sbin/virtchan-agent.virtchan-new /usr/local/sbin/virtchan-agent
+    install -D -m 0644 "$src/virtchan-agent.service" /etc/systemd/system/virtchan-agent.service
+    install -D -m 0644 "$src/60-virtchan-agent.rules" /etc/udev/rules.d/60-virtchan-agent.rules
+    install -D -m 0600 "$src/agent.key" /etc/virtchan/agent.key
+    # The policy is the guest's own once written: a later seed never overwrites it.
+    [ -e /etc/virtchan-agent.conf ] || install -m 0644 "$src/virtchan-agent.conf" /etc/virtchan-agent.conf
+    mkdir -p /var/lib/virtchan
+    echo "$payload" > "$record"
     log "installed the agent from $dev"
     systemctl daemon-reload
     udevadm control --reload

@@ -176,7 +176,7 @@ extension Hypervisor {
     /// exist (it is started when stopped).
     private func storagePool(for request: MachineRequest, on conn: Connection) throws -> StoragePool {
         guard let name = request.storagePool, name != Self.storagePoolName else {
-            return try StoragePool.directory(Self.storagePoolName, path: Self.storagePoolPath, on: conn)
+            return try StoragePool.directory(Self.storagePoolName, path: storagePoolPath, on: conn)
         }
         guard let pool = StoragePool.lookup(name, on: conn) else {
             throw VirtchanError(.invalidRequest, "there is no storage pool \(name) on \(uri) (see: virsh -c '\(uri)' pool-list --all)")
@@ -212,8 +212,12 @@ extension Hypervisor {
         spec.seedImage = try seed.path()
     }
 
-    /// Where ``storagePoolName`` keeps its files on its host, when virtchan defines it.
-    public static let storagePoolPath = "/var/lib/virtchan/pool"
+    /// Where ``storagePoolName`` keeps its files on its host, when virtchan defines it: beside
+    /// the state directories here (`/var/lib/virtchan/pool` for root, under the user's own
+    /// state directory otherwise), `/var/lib/virtchan/pool` on another host.
+    public var storagePoolPath: String {
+        Connection.isLocal(uri: uri) ? (paths.stateBase as NSString).deletingLastPathComponent + "/pool" : "/var/lib/virtchan/pool"
+    }
 
     /// The path on the pool's host of a volume with the bytes of the local file `path`, named
     /// by their SHA-256 so that every domain booting them shares one upload. An empty volume
@@ -330,7 +334,7 @@ extension Hypervisor {
                                   payload: try CloudSeed.Payload(imageDirectory: paths.imageDirectory), hostname: hostname)
             if request.memoryMiB == nil && request.templateXML == nil { spec.memoryMiB = MachineRequest.imageMemoryMiB }
             // Where the volumes will be, for --dry-run; create puts the real paths in.
-            let poolPath = request.storagePool.map { "<pool \($0)>" } ?? Self.storagePoolPath
+            let poolPath = request.storagePool.map { "<pool \($0)>" } ?? storagePoolPath
             spec.boot = .disk(poolPath + "/" + name + ".qcow2")
             spec.seedImage = poolPath + "/" + name + ".seed.iso"
             unkeyable = nil

@@ -274,6 +274,33 @@ extension EndToEnd {
             _ = VC.run(["holder", "stop", "--all"])
         }
 
+        /// create --image over qemu+tcp: the base image goes up once, named by its digest, and the
+        /// overlay and seed are made there; the agent answers from the distro stand-in, and
+        /// destroy takes the domain's own volumes but leaves the shared base.
+        @Test func aCloudImageIsUploadedAndBootsOnTheOtherHost() throws {
+            let image = CloudGuest.image
+            try #require(FileManager.default.fileExists(atPath: image), "no \(image); Scripts/build-cloud-image builds it")
+            let domain = "vctest-remote-image"
+            removeAtExit(domain)
+            _ = VC.run(["destroy", domain, "--force"])
+            let created = VC.run(["create", "-c", RemoteHost.tcp, domain, "--image", image, "--accel", "tcg", "--timeout", "400"], timeout: 500)
+            #expect(created.code == 0, "\(created.stderr)")
+            #expect(created.stderr.contains("uploading \(image)"), "\(created.stderr)")
+            let volumes = VC.virsh(["vol-list", "virtchan"]).out
+            for own in [".qcow2", ".seed.iso"] { #expect(volumes.contains("/var/lib/virtchan/pool/\(domain)\(own)"), "\(volumes)") }
+            let base = try #require(volumes.split(separator: "\n").compactMap { line in
+                line.split(separator: " ").first.map(String.init).flatMap { $0.hasPrefix("base-") && !$0.hasSuffix(".complete") ? $0 : nil }
+            }.first, "\(volumes)")
+            let os = VC.run(["exec", "-c", RemoteHost.tcp, domain, "--", "sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"], timeout: 60)
+            #expect(os.out == "Debian GNU/Linux 12 (bookworm)\n", "\(os.stderr)")
+
+            #expect(VC.run(["destroy", "-c", RemoteHost.tcp, domain], timeout: 60).code == 0)
+            let left = VC.virsh(["vol-list", "virtchan"]).out
+            #expect(!left.contains("\(domain)."), "\(left)")
+            #expect(left.contains(base), "the shared base stays for the next create")
+            for v in [base, base + ".complete"] { _ = VC.virsh(["vol-delete", "--pool", "virtchan", v]) }
+        }
+
         @Test func aDiskCannotBeCreatedRemotelyAndNothingIsLeft() throws {
             let domain = "vctest-remote-disk"
             let disk = "\(work)/disk.img"

@@ -217,7 +217,10 @@ extension EndToEnd {
             let name = "vctest-deb"
             let work = CloudGuest.work + "/deb"
             try? FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
-            let pkg = VC.runProgram(VC.packageRoot + "/Scripts/package-agent", [work], timeout: 600)
+            // The agent Scripts/build-guest built: a build here would wait for the lock on the
+            // build folder that `swift test` holds.
+            let pkg = VC.runProgram(VC.packageRoot + "/Scripts/package-agent",
+                                    ["--agent", HostPaths.current.imageDirectory + "/agent/virtchan-agent", work], timeout: 120)
             try #require(pkg.code == 0, "\(pkg.stderr)")
             let deb = work + "/virtchan-agent_0.1.0_amd64.deb"
             let listed = VC.runProgram("/usr/bin/dpkg-deb", ["-c", deb]).out

@@ -140,6 +140,11 @@ extension EndToEnd {
             try httpd.run()
             // SIGKILL: the runner may have SIGTERM blocked, and the child inherits that.
             defer { kill(httpd.processIdentifier, SIGKILL); _ = reap(httpd, until: Date().addingTimeInterval(5)) }
+            // The server listens a moment after it starts; the guest's request must not be first.
+            let serving = eventually(10) {
+                VC.runProgram("/usr/bin/curl", ["-s", "-o", "/dev/null", "http://127.0.0.1:\(hostPort)/hello.txt"], timeout: 5).code == 0
+            }
+            try #require(serving, "the host's httpd did not start")
             let forward = try RunningForward(["-R", "0:127.0.0.1:\(hostPort)"])
             defer { _ = forward.stop() }
             let guestPort = try #require(forward.ports.first)

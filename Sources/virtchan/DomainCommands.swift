@@ -26,7 +26,7 @@ struct Create: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Name of the new domain (several boot side by side).") var names: [String] = []
     @OptionGroup var fleet: FleetOptions
-    @Option(help: "Memory in MiB (default 512, or the template's).") var memory: Int?
+    @Option(help: "Memory in MiB (default 512, 1024 with --image, or the template's).") var memory: Int?
     @Option(help: "Virtual CPUs (default 1, or the template's).") var vcpus: Int?
     @Option(help: "auto, kvm or tcg. auto takes KVM only where a guest really boots under it.") var accel: Accelerator = .auto
     @Option(help: "Kernel to boot (with --initrd and --cmdline).") var kernel: String?

@@ -26,7 +26,8 @@ public struct CloudInit: Sendable {
 enum CloudSeed {
     /// Where the guest finds the agent's files on the seed.
     static let payloadDirectory = "virtchan"
-    /// The agent's path in a guest that got it from a seed (the .deb puts it in /usr/sbin).
+    /// The agent's path in a guest that got it from a seed (the .deb puts it in /usr/sbin): the
+    /// seed's unit starts it from there, and the boothook installs it where the unit says.
     static let guestAgentPath = "/usr/local/sbin/virtchan-agent"
 
     /// The MIME type cloud-init gives user-data by its first line, checked as far as it can be

@@ -157,9 +157,14 @@ public final class StorageVolume: @unchecked Sendable {
             vc_virResetLastError()
             return nil
         }
-        guard let p = vc_virStoragePoolLookupByVolume(v), let poolName = vc_virStoragePoolGetName(p),
-              let volumeName = vc_virStorageVolGetName(v) else {
+        guard let p = vc_virStoragePoolLookupByVolume(v) else {
             vc_virResetLastError()
+            vc_virStorageVolFree(v)
+            return nil
+        }
+        guard let poolName = vc_virStoragePoolGetName(p), let volumeName = vc_virStorageVolGetName(v) else {
+            vc_virResetLastError()
+            vc_virStoragePoolFree(p)
             vc_virStorageVolFree(v)
             return nil
         }

@@ -12,11 +12,14 @@ mnt=$(mktemp -d)
 trap 'umount "$mnt" 2>/dev/null || true; rmdir "$mnt"' EXIT
 mount -o ro "$dev" "$mnt"
 src="$mnt/virtchan"
+# Where the agent goes is where the seed's unit starts it from.
+agent=$(sed -n 's/^ExecStart=//p' "$src/virtchan-agent.service")
+[ -n "$agent" ] || { log "the seed's unit names no ExecStart; the agent is not installed"; exit 1; }
 record=/var/lib/virtchan/seed-payload.sha256
 payload=$(cd "$src" && sha256sum virtchan-agent virtchan-agent.service 60-virtchan-agent.rules agent.key | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$record" 2>/dev/null || true)" != "$payload" ]; then
-    install -D -m 0755 "$src/virtchan-agent" /usr/local/sbin/virtchan-agent.virtchan-new
-    mv -f /usr/local/sbin/virtchan-agent.virtchan-new /usr/local/sbin/virtchan-agent
+    install -D -m 0755 "$src/virtchan-agent" "$agent.virtchan-new"
+    mv -f "$agent.virtchan-new" "$agent"
     install -D -m 0644 "$src/virtchan-agent.service" /etc/systemd/system/virtchan-agent.service
     install -D -m 0644 "$src/60-virtchan-agent.rules" /etc/udev/rules.d/60-virtchan-agent.rules
     install -D -m 0600 "$src/agent.key" /etc/virtchan/agent.key

@@ -64,7 +64,9 @@ extension Hypervisor {
         let deadline = Date().addingTimeInterval(timeout)
         while true {
             switch try launchHolder(for: name, persist: persist, timeout: max(1, deadline.timeIntervalSinceNow)) {
-            case .ready:
+            case .ready(let link?):
+                return try AgentSession.connect(endpoint, holderLink: link, timeout: max(1, deadline.timeIntervalSinceNow))
+            case .ready(nil):
                 return try AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow))
             case .alreadyHeld:
                 // Another process started one a moment ago, or one is ending: try its socket.
@@ -79,12 +81,14 @@ extension Hypervisor {
         }
     }
 
-    private enum LaunchOutcome { case ready, alreadyHeld }
+    /// `ready` carries this command's own connection to a forked holder, when it has one.
+    private enum LaunchOutcome { case ready(Int32?), alreadyHeld }
 
     /// Starts the holder of `name`, detached (its own session, output to its log), and waits
     /// for it to say it serves, or why it cannot. This process forks one when it safely can
     /// (one thread, no libvirt connection of its own: a child must share neither), which saves
-    /// starting a program; otherwise it runs `virtchan holder serve`.
+    /// starting a program, and is then its first client over a socket pair made before the
+    /// fork, with no connect and no wait for a ping; otherwise it runs `virtchan holder serve`.
     private func launchHolder(for name: String, persist: Double, timeout: Double) throws -> LaunchOutcome {
         var pipeFDs: [Int32] = [-1, -1]
         guard pipe(&pipeFDs) == 0 else { throw VirtchanError(.io, "pipe: \(String(cString: strerror(errno)))") }
@@ -92,10 +96,17 @@ extension Hypervisor {
         defer { close(pipeFDs[0]) }
         makePrivateDirectories(Self.holderDirectory)
         let log = holderSocket(for: name) + ".log"
+        var link: Int32?
         if mayFork {
+            var pair: [Int32] = [-1, -1]
+            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+                close(pipeFDs[1])
+                throw VirtchanError(.io, "socketpair: \(String(cString: strerror(errno)))")
+            }
             let pid = fork()
             if pid == 0 {
                 close(pipeFDs[0])
+                close(pair[0])
                 setsid()
                 let null = open("/dev/null", O_RDWR)
                 dup2(null, 0)
@@ -108,15 +119,21 @@ extension Hypervisor {
                 for sig in [SIGINT, SIGTERM, SIGHUP, SIGCHLD] { signal(sig, SIG_DFL) }
                 var options = SessionHolder.Options()
                 options.persist = persist
-                _exit(serveHolder(name, options: options, timeout: timeout, ready: pipeFDs[1]))
+                _exit(serveHolder(name, options: options, timeout: timeout, ready: pipeFDs[1], starter: pair[1]))
             }
             close(pipeFDs[1])
-            guard pid > 0 else { throw VirtchanError(.io, "cannot start the session holder: fork: \(String(cString: strerror(errno)))") }
+            close(pair[1])
+            guard pid > 0 else {
+                close(pair[0])
+                throw VirtchanError(.io, "cannot start the session holder: fork: \(String(cString: strerror(errno)))")
+            }
+            link = pair[0]
         } else {
             try spawnHolder(for: name, persist: persist, timeout: timeout, ready: pipeFDs[1], log: log)
         }
         let line = readLine(pipeFDs[0], timeout: timeout + 5)
-        if line == "ready" { return .ready }
+        if line == "ready" { return .ready(link) }
+        if let link { close(link) }
         if line == "held" { return .alreadyHeld }
         if let line, line.hasPrefix("error ") { throw Self.decodeHolderError(String(line.dropFirst(6))) }
         throw TransportError(.agentGone, "the session holder of \(name) ended before it served (see \(holderSocket(for: name)).log)")
@@ -229,7 +246,10 @@ extension Hypervisor {
     /// Runs the holder of `name` until it ends (the hidden `virtchan holder serve`). It
     /// reports on `ready` (a pipe from the process that started it) `ready`, `held` (another
     /// holder has the domain) or `error ...`, then serves; returns the process exit status.
-    public func serveHolder(_ name: String, options: SessionHolder.Options, timeout: Double, ready: Int32?) -> Int32 {
+    /// `starter`: this holder's first client, connected before the holder was (see
+    /// ``SessionHolder/init(agent:listener:socketPath:options:openData:starter:log:)``).
+    public func serveHolder(_ name: String, options: SessionHolder.Options, timeout: Double, ready: Int32?,
+                            starter: Int32? = nil) -> Int32 {
         func report(_ line: String) {
             guard let ready else { return }
             let bytes = Array((line + "\n").utf8)
@@ -237,11 +257,11 @@ extension Hypervisor {
             close(ready)
         }
         func log(_ line: String) {
-            FileHandle.standardError.write(Data("virtchan holder \(name): \(line)\n".utf8))
+            _ = Array("virtchan holder \(name): \(line)\n".utf8).withUnsafeBytes { writeFully(2, $0) }
         }
         Interruption.install()
         signal(SIGPIPE, SIG_IGN)
-        Self.closeInheritedDescriptors(keeping: ready)
+        Self.closeInheritedDescriptors(keeping: [ready, starter].compactMap { $0 })
         let socket = holderSocket(for: name)
         makePrivateDirectories(Self.holderDirectory)
         guard let lockFD = Self.lockHolder(socket) else {
@@ -265,10 +285,10 @@ extension Hypervisor {
             // The command that started this holder waits for nothing but the socket.
             report("ready")
             let record = HolderRecord(domain: name, uri: uri, pid: getpid(), socket: socket, persistSeconds: options.persist)
-            try? writePrivateFile(recordPath, JSONEncoder().encode(record))
+            try? writePrivateFile(recordPath, JSONEncoder().encode(record), durable: false)
             log("serving (pid \(getpid()), agent \(agent.hello.agentVersion))")
             let holder = SessionHolder(agent: agent, listener: listener, socketPath: socket, options: options,
-                                       openData: openData, log: log)
+                                       openData: openData, starter: starter, log: log)
             let why = holder.run()
             holder.shutDown(reason: why)
             log("ended: \(why)")
@@ -309,13 +329,13 @@ extension Hypervisor {
 
     /// A holder outlives the command that started it: a descriptor it inherited by accident
     /// (a pipe a test harness reads to its end) must not stay open with it.
-    private static func closeInheritedDescriptors(keeping kept: Int32?) {
+    private static func closeInheritedDescriptors(keeping kept: [Int32]) {
         guard let dir = opendir("/proc/self/fd") else { return }
         let own = dirfd(dir)
         var found: [Int32] = []
         while let entry = readdir(dir) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if let fd = Int32(name), fd > 2, fd != kept, fd != own { found.append(fd) }
+            if let fd = Int32(name), fd > 2, !kept.contains(fd), fd != own { found.append(fd) }
         }
         closedir(dir)
         for fd in found { close(fd) }

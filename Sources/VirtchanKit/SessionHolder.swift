@@ -38,6 +38,9 @@ public final class SessionHolder {
         var requests: [UInt32: UInt32] = [:]
         /// Holder ids of this client's commands whose output the agent was asked to pause.
         var paused: Set<UInt32> = []
+        /// The command that started the holder: the agent answered its handshake while this
+        /// client waited, so its first hello needs no ping of its own.
+        var startedHolder = false
         init(fd: Int32) { conn = FramedConnection(fd: fd) }
     }
 
@@ -81,8 +84,10 @@ public final class SessionHolder {
 
     /// Takes over `agent` (an authenticated session on the domain's control channel) and the
     /// bound, listening `listener`, and serves until the end (see the type's description).
+    /// `starter`: a connection to the command that started this holder, open before the holder
+    /// was (one end of a socket pair), served as its first client.
     public init(agent: AgentSession, listener: Int32, socketPath: String, options: Options,
-                openData: @escaping DataOpener, log: @escaping (String) -> Void) {
+                openData: @escaping DataOpener, starter: Int32? = nil, log: @escaping (String) -> Void) {
         self.agent = agent
         self.listener = listener
         self.socketPath = socketPath
@@ -92,6 +97,12 @@ public final class SessionHolder {
         lastHeard = monotonicNanos()
         idleSince = lastHeard
         canPause = agent.hello.capabilities.contains(Capability.execFlow)
+        if let starter {
+            setNonBlocking(starter)
+            let c = Client(fd: starter)
+            c.startedHolder = true
+            clients.append(c)
+        }
     }
 
     /// The answer to a client's hello: the agent's own, marked as a shared session.
@@ -268,6 +279,11 @@ public final class SessionHolder {
                 // moment ago may be restarting: a reboot would then fail the client's first
                 // request instead of letting it wait for the new agent.)
                 guard let hello = try? Hello.decode(frame) else { continue }
+                if c.startedHolder {
+                    c.startedHolder = false
+                    c.conn.send(helloAck(nonce: hello.nonce), id: frame.id)
+                    continue
+                }
                 pendingHellos.append((c, frame.id, hello.nonce))
                 pingAgent()
             case .dataPortRequest:

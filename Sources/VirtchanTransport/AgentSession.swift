@@ -81,6 +81,23 @@ public final class AgentSession {
         }
     }
 
+    /// A session through a session holder over `link`, a connection to it that is already
+    /// open (the command that starts a holder is its first client, over a socket pair). The
+    /// session owns `link`.
+    public static func connect(_ endpoint: AgentEndpoint, holderLink link: Int32,
+                               timeout: Double = 10) throws(TransportError) -> AgentSession {
+        signal(SIGPIPE, SIG_IGN)
+        setNonBlocking(link)
+        let control = FramedConnection(fd: link)
+        do throws(TransportError) {
+            let ack = try handshake(endpoint, control, held: true, timeout: timeout)
+            return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: nil)
+        } catch {
+            close(link)
+            throw error
+        }
+    }
+
     /// Starts a new session on the same channel, as after the agent restarted (whatever ran
     /// in the old one is gone). The channel stays open when this fails.
     public func renew(timeout: Double) throws(TransportError) {

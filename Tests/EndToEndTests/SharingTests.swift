@@ -75,8 +75,9 @@ extension EndToEnd {
         /// taken for a live one, and the next command starts a new holder.
         @Test func aKilledHolderIsReplaced() throws {
             try SharedGuest.require()
-            let bg = try Background(["exec", name, "-n", "--", "sh", "-c", "echo started; sleep 60"])
-            #expect(eventually(20, interval: 0.05) { bg.seen.contains { $0.1 == "started" } })
+            let bg = try Background(["exec", name, "-n", "--", "sh", "-c", "echo started $$; exec sleep 60"])
+            #expect(eventually(20, interval: 0.05) { bg.seen.contains { $0.1.hasPrefix("started ") } })
+            let pid = try #require(bg.seen.first { $0.1.hasPrefix("started ") }.map { String($0.1.dropFirst(8)) })
             let old = try #require(holder())
             kill(old.pid, SIGKILL)
             let code = bg.wait(20)
@@ -88,8 +89,9 @@ extension EndToEnd {
             #expect(next.out == "ok\n")
             let replaced = try #require(holder())
             #expect(replaced.pid != old.pid)
-            // The agent ended the command of the holder that died.
-            #expect(eventually(10) { !VC.guest("ps").out.contains("sleep 60") })
+            // The agent ended the command of the holder that died (by its pid: a sleep an
+            // earlier test left behind when it killed the agent may still run).
+            #expect(eventually(10) { VC.guest("kill -0 \(pid) 2>/dev/null && echo alive").out.isEmpty })
         }
 
         @Test func persistZeroEndsTheHolderWithTheLastCommand() throws {

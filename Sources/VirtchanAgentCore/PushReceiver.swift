@@ -55,6 +55,7 @@ extension Agent {
                     if rc != 0 { failure = TransferFailure(errno: rc, "writing \(t.path)"); return }
                 }
                 t.bytes += UInt64(frame.payload.count)
+                t.writeback?.wrote(upTo: t.bytes)
             case .dataEnd:
                 guard let end = try? DataEnd.decode(frame) else {
                     failure = TransferFailure(.badRequest, "malformed end of data")

@@ -19,6 +19,8 @@ final class Transfer {
     var bytes: UInt64 = 0
     var digest = TransferDigest()
     var sha: SHA256Digest?
+    /// Push: the file goes to disk while it arrives (see ``WritebackPacer``).
+    var writeback: WritebackPacer?
     var phase = Phase.streaming
     /// Whether the host's end of the data port has been seen connected.
     var dataConnected = false
@@ -37,6 +39,7 @@ final class Transfer {
         self.mode = mode
         self.expectedSize = expectedSize
         sha = wantSHA256 ? SHA256Digest() : nil
+        writeback = kind == .push ? WritebackPacer(fd: fileFD) : nil
     }
 
     /// Closes the data port and the file; a push that did not complete loses its temp file.

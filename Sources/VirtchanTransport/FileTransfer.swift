@@ -198,12 +198,7 @@ public final class FileTransfer {
         var digest = TransferDigest()
         var sha = Crypto.SHA256()
         var received: UInt64 = 0
-        // Into a file, what has arrived goes to disk while the rest is still on its way, so
-        // the fsync before the rename waits for little.
-        var st = Glibc.stat()
-        let regularFile = fstat(fd, &st) == 0 && st.st_mode & S_IFMT == S_IFREG
-        let writebackStep: UInt64 = 8 << 20
-        var writtenBack: UInt64 = 0
+        var writeback = WritebackPacer(fd: fd)
         var lastHeard = monotonicNanos()
         var lastDataByte = lastHeard
         var lastPing = lastHeard
@@ -228,10 +223,7 @@ public final class FileTransfer {
                             return
                         }
                         received += UInt64(frame.payload.count)
-                        if regularFile && received - writtenBack >= writebackStep {
-                            startWriteback(fd, offset: writtenBack, length: received - writtenBack)
-                            writtenBack = received
-                        }
+                        writeback?.wrote(upTo: received)
                         progress?(received, ready.size)
                     case .dataEnd:
                         guard let end = try? DataEnd.decode(frame) else {

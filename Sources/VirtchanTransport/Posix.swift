@@ -58,14 +58,3 @@ func readFull(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) -> Int {
     }
     return done
 }
-
-/// Starts writing `length` bytes at `offset` of `fd` back to disk without waiting for them
-/// (sync_file_range with SYNC_FILE_RANGE_WRITE), so that a later fsync has little left to
-/// wait for. Glibc's module map leaves the call out, hence the lookup; where it is missing
-/// this does nothing and the fsync does all the work.
-func startWriteback(_ fd: Int32, offset: UInt64, length: UInt64) {
-    _ = syncFileRange?(fd, Int64(offset), Int64(length), 2 /* SYNC_FILE_RANGE_WRITE */)
-}
-
-private typealias SyncFileRange = @convention(c) (Int32, Int64, Int64, UInt32) -> Int32
-private let syncFileRange: SyncFileRange? = dlsym(nil, "sync_file_range").map { unsafeBitCast($0, to: SyncFileRange.self) }

@@ -132,6 +132,9 @@ import VirtchanKit
         #expect(mode(state) == 0o700)
         #expect(mode(state + "/agent.key") == 0o600)
         #expect(mode(paths.keyedInitrd(for: "vm4")) == 0o600)
+        // Every private file is in place, with no temporary file left beside it.
+        let files = try FileManager.default.contentsOfDirectory(atPath: state)
+        #expect(files.contains("agent.key") && !files.contains { $0.hasSuffix(".tmp") }, "\(files)")
         #expect(try hypervisor.domains().map(\.name) == ["vm4"])
         #expect(try hypervisor.metadata(of: "vm4")?.stateDirectory == state)
         #expect(try hypervisor.domain("vm4").isActive)

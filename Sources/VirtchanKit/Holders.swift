@@ -198,23 +198,24 @@ extension Hypervisor {
         throw VirtchanError(.invalidRequest, "no virtchan executable to hold the session: install virtchan on PATH, set VIRTCHAN_EXECUTABLE, or open the Hypervisor with sharing: .direct")
     }
 
+    /// The one line the holder writes on its ready pipe (it writes nothing after it).
     private func readLine(_ fd: Int32, timeout: Double) -> String? {
         var bytes: [UInt8] = []
         let deadline = Date().addingTimeInterval(timeout)
-        var byte: UInt8 = 0
-        while bytes.count < 8192 {
+        var chunk = [UInt8](repeating: 0, count: 512)
+        while bytes.count < 8192 && !bytes.contains(10) {
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             let left = Int32(max(0, deadline.timeIntervalSinceNow) * 1000)
             let rc = poll(&p, 1, left)
             if rc == 0 { return nil }
             if rc < 0 { if errno == EINTR { continue }; return nil }
-            let n = read(fd, &byte, 1)
+            let n = read(fd, &chunk, chunk.count)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
-            if byte == 10 { break }
-            bytes.append(byte)
+            bytes += chunk[0..<n]
         }
-        return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
+        let line = bytes.prefix { $0 != 10 }
+        return line.isEmpty ? nil : String(decoding: line, as: UTF8.self)
     }
 
     /// Errors cross from the holder as `error LAYER CODE MESSAGE`, so the command reports

@@ -77,6 +77,8 @@ public var runtimeDirectory: String {
 
 /// Creates `path` and any missing parents, each new one private (0700).
 public func makePrivateDirectories(_ path: String) {
+    // Usually the parents are there: one call then.
+    if mkdir(path, 0o700) == 0 || errno == EEXIST { return }
     var partial = ""
     for part in path.split(separator: "/") {
         partial += "/" + part

@@ -7,6 +7,11 @@ struct TransferOptions: ParsableArguments {
     @Flag(help: "Also compute SHA-256 in the guest and compare (slow under TCG).") var sha256 = false
     @Flag(help: "Print a JSON summary (bytes, seconds, sha256).") var json = false
     @Flag(name: .shortAndLong, help: "No progress bar or summary line.") var quiet = false
+
+    /// The host computes a file's SHA-256 only to print it (--json) or to compare it (--sha256).
+    func configure(_ transfer: FileTransfer) {
+        transfer.hostSHA256 = json || sha256
+    }
 }
 
 struct Push: ParsableCommand {
@@ -60,6 +65,7 @@ struct Push: ParsableCommand {
         if fleet.isFleet(names, global) { try pushToFleet(explicitMode) }
         let name = names[0]
         let transfer = try global.transfer(name)
+        options.configure(transfer)
         if options.recursive {
             let summary = try transfer.pushTree(local, to: remote, mode: explicitMode, parents: parents,
                                                 guestSHA256: options.sha256) { path in
@@ -102,6 +108,8 @@ struct Push: ParsableCommand {
         try runFleet(names, global, fleet, json: options.json) { member, output, target in
             let session = try target.session(member.name) { output.say($0, to: .stderr) }
             let transfer = FileTransfer(session: session)
+            // A fleet's summary has no SHA-256 to print: only --sha256 needs the host's.
+            transfer.hostSHA256 = sha256
             transfer.onQueued = { ahead in output.say("waiting for the data channel: \(ahead) transfer\(ahead == 1 ? "" : "s") ahead", to: .stderr) }
             if recursive {
                 let s = try transfer.pushTree(local, to: remote, mode: explicitMode, parents: parents, guestSHA256: sha256) { path in
@@ -176,6 +184,7 @@ struct Pull: ParsableCommand {
 
     func run() throws {
         let transfer = try global.transfer(name)
+        options.configure(transfer)
         let pullOptions = PullOptions(preserveSpecialModes: preserveSpecialModes, guestSHA256: options.sha256)
         // A signal unwinds the pull, which removes its temporary files on the way out.
         Interruption.install()

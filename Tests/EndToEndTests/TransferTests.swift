@@ -63,6 +63,9 @@ extension EndToEnd {
             let summary = bg.seen.map(\.1).joined()
             let expected = try sha256(file: src)
             #expect(summary.contains(expected))
+            // --json alone: the host's SHA-256 of what landed, computed because it is printed.
+            let plain = VC.run(["pull", name, "/tmp/big", back, "--json"], timeout: 60)
+            #expect(plain.code == 0 && plain.out.contains("\"sha256\" : \"\(expected)\""), "\(plain.out) \(plain.stderr)")
             let pulled = VC.run(["pull", name, "/tmp/big", back, "--sha256", "--json"], timeout: 180)
             #expect(pulled.code == 0, "\(pulled.stderr)")
             #expect(pulled.out.contains("\"guestSHA256\" : \"\(expected)\""))

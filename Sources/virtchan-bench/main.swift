@@ -230,7 +230,8 @@ do {
     // Warm-up: the first writes into a fresh guest's tmpfs pay for its page faults.
     try cliRound(into: &pushes, &pulls)
     pushes = []; pulls = []
-    for _ in 0..<3 {
+    // Five interleaved rounds: single transfers here vary by a fifth from one to the next.
+    for _ in 0..<5 {
         try cliRound(into: &pushes, &pulls)
         try withSession { s in
             let fd = try UnixSocket.connect(dataSocket)
@@ -346,7 +347,7 @@ do {
     if let remoteURI {
         var remoteExec: [Double] = [], localExec: [Double] = []
         var remotePush: [Double] = [], remotePull: [Double] = [], localPush: [Double] = [], localPull: [Double] = []
-        for _ in 0..<3 {
+        for _ in 0..<5 {
             for uri in [remoteURI, nil] as [String?] {
                 releaseChannels()
                 let connect = uri.map { ["--connect", $0] } ?? []

@@ -298,5 +298,7 @@ func decodeOrThrow<M: WireMessage>(_ type: M.Type, _ frame: Frame) throws(Transp
 }
 
 public func formatSeconds(_ s: Double) -> String {
-    s == s.rounded() ? "\(Int(s)) s" : "\(s) s"
+    // To a tenth: a timeout that went through a deadline reads 10 s, not 9.99999988079071 s.
+    let tenths = (s * 10).rounded()
+    return tenths.truncatingRemainder(dividingBy: 10) == 0 ? "\(Int(tenths / 10)) s" : "\(tenths / 10) s"
 }

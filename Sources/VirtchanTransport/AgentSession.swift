@@ -71,14 +71,7 @@ public final class AgentSession {
             lock = try ChannelLock(domain: endpoint.domain, role: "control", label: "control channel of \(endpoint.domain)")
             fd = try UnixSocket.connect(endpoint.controlSocket)
         }
-        let control = FramedConnection(fd: fd)
-        do throws(TransportError) {
-            let ack = try handshake(endpoint, control, held: held, timeout: timeout)
-            return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: lock)
-        } catch {
-            close(fd)
-            throw error
-        }
+        return try start(endpoint, on: fd, held: held, lock: lock, timeout: timeout)
     }
 
     /// A session through a session holder over `link`, a connection to it that is already
@@ -88,12 +81,18 @@ public final class AgentSession {
                                timeout: Double = 10) throws(TransportError) -> AgentSession {
         signal(SIGPIPE, SIG_IGN)
         setNonBlocking(link)
-        let control = FramedConnection(fd: link)
+        return try start(endpoint, on: link, held: true, lock: nil, timeout: timeout)
+    }
+
+    /// The handshake on `fd`, which the session owns from here on (closed when it fails).
+    private static func start(_ endpoint: AgentEndpoint, on fd: Int32, held: Bool, lock: ChannelLock?,
+                              timeout: Double) throws(TransportError) -> AgentSession {
+        let control = FramedConnection(fd: fd)
         do throws(TransportError) {
-            let ack = try handshake(endpoint, control, held: true, timeout: timeout)
-            return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: nil)
+            let ack = try handshake(endpoint, control, held: held, timeout: timeout)
+            return AgentSession(endpoint: endpoint, control: control, hello: ack, lock: lock)
         } catch {
-            close(link)
+            close(fd)
             throw error
         }
     }

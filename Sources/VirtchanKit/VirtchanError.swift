@@ -45,5 +45,10 @@ public struct VirtchanError: Error, CustomStringConvertible, Sendable {
         self.message = message
     }
 
+    /// The same error with `detail` after its message.
+    public func appending(_ detail: String) -> VirtchanError {
+        VirtchanError(code, message + detail)
+    }
+
     public var description: String { message }
 }

@@ -147,6 +147,17 @@ struct Create: ParsableCommand {
     /// Creates one domain, waits for its agent (unless `waitTimeout` is nil) and runs its
     /// bootstrap; returns the bootstrap's exit code (0 without one). Steps go to `say`, what
     /// takes long or went wrong to `note`, the script's output to `output`.
+    /// A wait that failed after the domain started: the domain stays for a look at its console,
+    /// and the error says so and how to remove it.
+    static func leftRunning(_ error: Error, _ name: String) -> Error {
+        let detail = "; domain \(name) is left running (remove it with: virtchan destroy \(name))"
+        switch error {
+        case let e as VirtchanError: return e.appending(detail)
+        case let e as TransportError: return e.appending(detail)
+        default: return error
+        }
+    }
+
     static func create(_ request: MachineRequest, through target: Target, waitTimeout: Double?, bootstrap: BootstrapOptions,
                        say: @escaping (String) -> Void, note: @escaping (String) -> Void,
                        output: @escaping ExecClient.OutputSink) throws -> Int32 {
@@ -162,8 +173,10 @@ struct Create: ParsableCommand {
         do {
             session = try target.waitForAgent(name, timeout: waitTimeout)
         } catch let error as VirtchanError where error.code == .agentTimeout {
-            guard case .image = request.boot else { throw error }
+            guard case .image = request.boot else { throw Self.leftRunning(error, name) }
             throw hypervisor.abandonImageBoot(name, waited: waitTimeout)
+        } catch {
+            throw Self.leftRunning(error, name)
         }
         say(String(format: "Agent %@ answered after %.1f s", displaySafe(session.hello.agentVersion, limit: 64), Date().timeIntervalSince(machine.startedAt)))
         guard request.bootstrap != nil else { return 0 }

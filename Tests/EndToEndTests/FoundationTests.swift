@@ -78,6 +78,23 @@ extension EndToEnd {
             #expect(!FileManager.default.fileExists(atPath: "/run/virtchan/endpoints/\(name)"))
         }
 
+        /// A create whose agent does not answer in time keeps the domain for a look at its
+        /// console, and its error says so and how to remove it.
+        @Test func aCreateThatTimesOutSaysTheDomainIsLeftRunning() throws {
+            let name = "vctest-slow"
+            removeAtExit(name)
+            _ = VC.run(["destroy", name, "--force"])
+            // The built-in guest needs a few seconds to boot: one is not enough.
+            let r = VC.run(["create", name, "--accel", "tcg", "--timeout", "1"], timeout: 60)
+            #expect(r.code != 0)
+            #expect(r.stderr.contains("did not say hello within 1 s"), "\(r.stderr)")
+            #expect(r.stderr.contains("domain \(name) is left running (remove it with: virtchan destroy \(name))"), "\(r.stderr)")
+            #expect(VC.virsh(["domstate", name]).out.contains("running"))
+            #expect(VC.run(["wait", name, "--timeout", "90"], timeout: 100).code == 0)
+            #expect(VC.run(["destroy", name]).code == 0)
+            #expect(VC.virsh(["domstate", name]).code != 0)
+        }
+
         @Test func destroyKeepDefinitionStopsButKeeps() throws {
             let name = "vctest-keep"
             removeAtExit(name)

@@ -40,6 +40,8 @@ public final class Agent: @unchecked Sendable {
     var lastHelloAck: HelloAck?
     /// The session's running processes by request id; each streams on its own.
     var execs: [UInt32: ExecProcess] = [:]
+    /// Processes of an ended session, killed and not yet reaped.
+    var killedPIDs: [pid_t] = []
     var transfer: Transfer?
     /// Forwarded connections and guest listeners of the session, by id (TcpForwarding.swift).
     var tcpLinks: [UInt32: TcpLink] = [:]
@@ -50,10 +52,12 @@ public final class Agent: @unchecked Sendable {
 
     static let capabilities = [Capability.ping, Capability.info, Capability.exec, Capability.execStdin,
                                Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.execResize,
-                               Capability.execConcurrent, Capability.execFlow, Capability.filePush,
+                               Capability.execConcurrent, Capability.execFlow, Capability.execInputWindow, Capability.filePush,
                                Capability.filePull, Capability.tree, Capability.sha256, Capability.tcpForward]
     /// While this much control output is queued, the agent stops reading child output.
     let outputHighWater = 1 << 20
+    /// While this much stdin of processes whose host sends it without a window waits, the
+    /// agent stops reading the control port.
     let stdinHighWater = 4 << 20
     /// At most this many processes run for one session at a time.
     let maxExecs = 64
@@ -97,7 +101,7 @@ public final class Agent: @unchecked Sendable {
         var fds: [pollfd] = []
         fds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
         let controlEvents = Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0)
-        let stdinQueued = execs.values.reduce(0) { $0 + $1.stdinBuffer.count }
+        let stdinQueued = execs.values.reduce(0) { $0 + ($1.inputWindowed ? 0 : $1.stdinBuffer.count) }
         let wantControlInput = !controlHup && stdinQueued < stdinHighWater
         fds.append(pollfd(fd: controlHup ? -1 : control.fd,
                           events: wantControlInput ? controlEvents : controlEvents & ~Int16(POLLIN), revents: 0))
@@ -114,7 +118,7 @@ public final class Agent: @unchecked Sendable {
                 slots.stderr = fds.count
                 fds.append(pollfd(fd: exec.stderrFD, events: Int16(POLLIN), revents: 0))
             }
-            if exec.stdinFD >= 0 && !exec.tty && (!exec.stdinBuffer.isEmpty || exec.stdinEOF) {
+            if exec.stdinFD >= 0 && (!exec.stdinBuffer.isEmpty || exec.stdinEOF) {
                 slots.stdin = fds.count
                 fds.append(pollfd(fd: exec.stdinFD, events: Int16(POLLOUT), revents: 0))
             }
@@ -210,20 +214,30 @@ public final class Agent: @unchecked Sendable {
     }
 
     func reapChildren() {
+        var status: Int32 = 0
+        guard getpid() == 1 else {
+            // Only the processes started for the host: whatever else shares this process (a
+            // test that runs the agent in process) reaps its own children.
+            for exec in execs.values where exec.exit == nil && waitpid(exec.pid, &status, WNOHANG) == exec.pid {
+                recordExit(exec, status: status)
+            }
+            killedPIDs.removeAll { waitpid($0, &status, WNOHANG) == $0 }
+            return
+        }
+        // As init, every orphan in the guest is the agent's to reap.
         while true {
-            var status: Int32 = 0
             let pid = waitpid(-1, &status, WNOHANG)
             if pid <= 0 { break }
-            guard let exec = execs.values.first(where: { $0.pid == pid }) else { continue }
-            let termSig = status & 0x7f
-            if termSig == 0 {
-                exec.exit = ExecExit(code: (status >> 8) & 0xff, signal: 0)
-            } else {
-                exec.exit = ExecExit(code: -1, signal: termSig)
-            }
-            exec.exitedAt = monotonicNanos()
-            log.debug("exec \(exec.id) pid \(pid) ended: code \(exec.exit?.code ?? 0) signal \(termSig)")
+            if let exec = execs.values.first(where: { $0.pid == pid }) { recordExit(exec, status: status) }
         }
+        killedPIDs = []
+    }
+
+    private func recordExit(_ exec: ExecProcess, status: Int32) {
+        let termSig = status & 0x7f
+        exec.exit = termSig == 0 ? ExecExit(code: (status >> 8) & 0xff, signal: 0) : ExecExit(code: -1, signal: termSig)
+        exec.exitedAt = monotonicNanos()
+        log.debug("exec \(exec.id) pid \(exec.pid) ended: code \(exec.exit?.code ?? 0) signal \(termSig)")
     }
 
     func flushControl(_ control: FramedConnection) {
@@ -251,6 +265,7 @@ public final class Agent: @unchecked Sendable {
                 log.info("killing exec \(exec.id) (pid \(exec.pid)): \(reason)")
                 kill(-exec.pid, SIGKILL)
                 kill(exec.pid, SIGKILL)
+                killedPIDs.append(exec.pid)
             }
             exec.closeAll()
         }

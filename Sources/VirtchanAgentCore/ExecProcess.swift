@@ -17,6 +17,13 @@ final class ExecProcess {
     var stderrFD: Int32
     var stdinBuffer: [UInt8] = []
     var stdinEOF = false
+    /// The host sends stdin within `ExecLimits.inputWindow` (execStartInputWindow).
+    var inputWindowed = false
+    /// Stdin bytes the host sent, and of those, how many the agent has acknowledged as taken:
+    /// what is neither still buffered nor acknowledged left the buffer since the last
+    /// execInputWindow.
+    var inputReceived = 0
+    var inputAcknowledged = 0
     var exit: ExecExit?
     var exitedAt: UInt64 = 0
     /// The host asked to stop forwarding this process's output for now (execFlow): its

@@ -2,7 +2,7 @@ import Glibc
 import VirtchanProtocol
 
 extension Agent {
-    func startExec(_ request: ExecStart, id: UInt32) {
+    func startExec(_ request: ExecStart, id: UInt32, inputWindowed: Bool) {
         guard execs[id] == nil else { return fail(id, .badRequest, "request \(id) already runs a command") }
         guard execs.count < maxExecs else {
             return fail(id, .busy, "\(maxExecs) commands are already running in this session")
@@ -14,6 +14,7 @@ extension Agent {
         }
         do {
             let process = try Spawner.spawn(request, id: id)
+            process.inputWindowed = inputWindowed
             execs[id] = process
             log.debug("exec \(id): \(request.argv.joined(separator: " ")) as pid \(process.pid)")
             reply(ExecStarted(pid: process.pid), id: id)
@@ -64,6 +65,18 @@ extension Agent {
                 exec.closeStdin()
             }
         }
+        acknowledgeInput(exec)
+    }
+
+    /// Lets a host that sends stdin within the window send more: what left the process's buffer
+    /// (written, or dropped) since the last acknowledgement, once the buffer is empty or a
+    /// quarter of the window has gone.
+    func acknowledgeInput(_ exec: ExecProcess) {
+        guard exec.inputWindowed, let control else { return }
+        let taken = exec.inputReceived - exec.stdinBuffer.count - exec.inputAcknowledged
+        guard taken > 0, exec.stdinBuffer.isEmpty || taken >= ExecLimits.inputWindow / 4 else { return }
+        control.send(ExecInputWindow(bytes: UInt32(taken)), id: exec.id)
+        exec.inputAcknowledged += taken
     }
 
     func finishExecIfDone(_ exec: ExecProcess) {

@@ -47,12 +47,19 @@ extension Agent {
             case .infoRequest:
                 reply(makeInfo(), id: frame.id)
             case .execStart:
-                startExec(try ExecStart.decode(frame), id: frame.id)
+                startExec(try ExecStart.decode(frame), id: frame.id, inputWindowed: frame.flags & execStartInputWindow != 0)
             case .execInput:
                 guard let exec = execs[frame.id] else { return }
+                exec.inputReceived += frame.payload.count
+                if exec.inputWindowed && exec.inputReceived - exec.inputAcknowledged > ExecLimits.inputWindow {
+                    // Past the window the host asked for: this input is not taken.
+                    log.info("exec \(exec.id): the host sent stdin beyond its window; closing the process's stdin")
+                    exec.closeStdin()
+                }
                 if exec.stdinFD >= 0 { exec.stdinBuffer.append(contentsOf: frame.payload) }
                 if frame.flags & execInputEOF != 0 { exec.stdinEOF = true }
                 if exec.tty && exec.stdinFD >= 0 { pumpStdin(exec) }
+                acknowledgeInput(exec)
             case .execSignal:
                 let msg = try ExecSignal.decode(frame)
                 guard let exec = execs[frame.id] else { return }

@@ -20,6 +20,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case execOutputClosed = 0x16
     case execResize = 0x17
     case execFlow = 0x18
+    case execInputWindow = 0x19
 
     case pushRequest = 0x20
     case pullRequest = 0x21
@@ -74,6 +75,9 @@ public enum Capability {
     public static let execConcurrent = "exec-concurrent"
     /// The agent understands execFlow (pause and resume one process's output).
     public static let execFlow = "exec-flow"
+    /// The agent takes a process's stdin within a window, for a host that asks for it
+    /// (`execStartInputWindow`), and acknowledges what it took with execInputWindow.
+    public static let execInputWindow = "exec-input-window"
     public static let filePush = "file-push"
     public static let filePull = "file-pull"
     public static let tree = "tree"
@@ -343,6 +347,26 @@ public enum ExecStream: UInt16, Sendable { case stdout = 1, stderr = 2 }
 public let execInputEOF: UInt16 = 1
 /// execFlow flag: stop forwarding the process's output until an execFlow without it.
 public let execFlowPause: UInt16 = 1
+/// execStart flag: the host sends this process's stdin at most `ExecLimits.inputWindow` bytes
+/// ahead of what the agent has acknowledged with execInputWindow. Without it the agent reads
+/// input as fast as it comes, and a process that does not read its stdin stalls the session
+/// once enough piles up.
+public let execStartInputWindow: UInt16 = 1
+
+public enum ExecLimits {
+    /// Bytes of a process's stdin the host may send before the agent acknowledges them.
+    public static let inputWindow = 256 << 10
+}
+
+/// Bytes of a process's stdin the agent has taken (written to the process, or dropped after
+/// the process closed its stdin): the host may send that many more.
+public struct ExecInputWindow: WireMessage, Equatable {
+    public static let type = MessageType.execInputWindow
+    public var bytes: UInt32
+    public init(bytes: UInt32) { self.bytes = bytes }
+    public func encode(into w: inout ByteWriter) { w.u32(bytes) }
+    public init(from r: inout ByteReader) throws(ProtocolError) { bytes = try r.u32() }
+}
 
 public struct ExecSignal: WireMessage, Equatable {
     public static let type = MessageType.execSignal

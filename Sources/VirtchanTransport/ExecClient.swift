@@ -58,7 +58,10 @@ public enum ExecClient {
             if ioctl(stdout, UInt(TIOCGWINSZ), &ws) == 0 && ws.ws_row > 0 { rows = ws.ws_row; cols = ws.ws_col }
         }
         let start = ExecStart(argv: options.argv, env: options.env, cwd: options.cwd, tty: options.tty, rows: rows, cols: cols)
-        let startReply = try session.request(start.frame(id: id), timeout: 30)
+        // Stdin goes at most a window ahead of what the agent took, so that a process that does
+        // not read it holds back only its own input, not the session's other requests.
+        let windowed = options.forwardStdin && session.hello.capabilities.contains(Capability.execInputWindow)
+        let startReply = try session.request(start.frame(id: id, flags: windowed ? execStartInputWindow : 0), timeout: 30)
         var result = ExecResult()
         result.pid = try decodeOrThrow(ExecStarted.self, startReply).pid
 
@@ -98,6 +101,7 @@ public enum ExecClient {
         }
 
         var stdinOpen = options.forwardStdin
+        var inputAhead = 0
         if !stdinOpen { session.send(Frame(.execInput, id: id, flags: execInputEOF)) }
         var stdoutOK = true, stderrOK = true
         let timeoutAt = options.timeout.map { monotonicNanos() + UInt64($0 * 1e9) }
@@ -131,6 +135,9 @@ public enum ExecClient {
                             }
                         }
                     }
+                case .execInputWindow:
+                    let taken = try decodeOrThrow(ExecInputWindow.self, frame)
+                    inputAhead = max(0, inputAhead - Int(taken.bytes))
                 case .execExit:
                     result.exit = try decodeOrThrow(ExecExit.self, frame)
                     return result
@@ -161,7 +168,8 @@ public enum ExecClient {
             }
 
             var fds = [Poller.interest(control), pollfd(fd: pipeFDs[0], events: Int16(POLLIN), revents: 0)]
-            if stdinOpen && control.pendingOutput < 1 << 20 {
+            let inputRoom = windowed ? ExecLimits.inputWindow - inputAhead : buffer.count
+            if stdinOpen && control.pendingOutput < 1 << 20 && inputRoom > 0 {
                 fds.append(pollfd(fd: stdin, events: Int16(POLLIN), revents: 0))
             }
             var wait: Int32 = 500
@@ -188,9 +196,10 @@ public enum ExecClient {
                 }
             }
             if fds.count > 2 && fds[2].revents != 0 {
-                let n = read(stdin, buffer.baseAddress!, buffer.count)
+                let n = read(stdin, buffer.baseAddress!, min(buffer.count, inputRoom))
                 if n > 0 {
                     session.send(.execInput, id: id, flags: 0, payload: UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+                    inputAhead += n
                 } else if n == 0 || (errno != EINTR && errno != EAGAIN) {
                     session.send(Frame(.execInput, id: id, flags: execInputEOF))
                     stdinOpen = false

@@ -212,6 +212,43 @@ extension AgentLoopTests {
         }
     }
 
+    /// Stdin sent within the window waits for its process without holding up anything else,
+    /// and every byte of it is acknowledged once the process took it; input sent past the
+    /// window closes that process's stdin, and the dropped bytes are acknowledged too.
+    @Test func unreadStdinStaysWithinItsWindow() throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, _ in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            #expect(session.hello.capabilities.contains(Capability.execInputWindow))
+            let chunk = [UInt8](repeating: 0x61, count: 64 << 10)
+            let windowChunks = ExecLimits.inputWindow / chunk.count
+            func acknowledged(_ frames: [Frame], _ id: UInt32) throws -> Int {
+                try frames.filter { $0.id == id && $0.type == .execInputWindow }.reduce(0) { $0 + Int(try ExecInputWindow.decode($1).bytes) }
+            }
+            let sleepThenCount = ExecStart(argv: ["/bin/sh", "-c", "sleep 1; wc -c"])
+
+            // A whole window that the process reads only after a second.
+            session.send(sleepThenCount.frame(id: 300, flags: execStartInputWindow))
+            for _ in 0..<windowChunks { session.send(Frame(.execInput, id: 300, payload: chunk)) }
+            session.send(ExecStart(argv: ["/bin/sh", "-c", "echo other"]), id: 301)
+            let other = try collectExecs(session, [301], within: 10)
+            #expect(output(other, 301) == "other\n")
+            session.send(Frame(.execInput, id: 300, flags: execInputEOF))
+            let windowed = try collectExecs(session, [300], within: 10)
+            #expect(output(windowed, 300).trimmingCharacters(in: .whitespacesAndNewlines) == "\(ExecLimits.inputWindow)")
+            #expect(try acknowledged(other + windowed, 300) == ExecLimits.inputWindow)
+
+            // Past the window (the pipe takes a chunk, which may be acknowledged before the rest
+            // arrives: two chunks past it are past it either way).
+            session.send(sleepThenCount.frame(id: 302, flags: execStartInputWindow))
+            for _ in 0..<(windowChunks + 2) { session.send(Frame(.execInput, id: 302, payload: chunk)) }
+            session.send(Frame(.execInput, id: 302, flags: execInputEOF))
+            let overrun = try collectExecs(session, [302], within: 10)
+            let counted = Int(output(overrun, 302).trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+            #expect(counted >= 0 && counted < ExecLimits.inputWindow)
+            #expect(try acknowledged(overrun, 302) == ExecLimits.inputWindow + 2 * chunk.count)
+        }
+    }
+
     /// execFlow pauses one command's output and nothing else; on resume, all of it arrives
     /// before its exit, even when the command ended meanwhile.
     @Test func aPausedCommandKeepsItsOutputUntilResumed() throws {

@@ -9,12 +9,13 @@ final class Background: @unchecked Sendable {
     private(set) var lines: [(Date, String)] = []
     private let lock = NSLock()
 
-    init(_ args: [String]) throws {
+    /// Runs virtchan with `args`, its stdin read from the file at `stdin` (else empty).
+    init(_ args: [String], stdin: String? = nil) throws {
         process.executableURL = URL(fileURLWithPath: VC.binary)
         process.arguments = args
         process.standardOutput = output
         process.standardError = output
-        process.standardInput = FileHandle.nullDevice
+        process.standardInput = try stdin.map { try FileHandle(forReadingFrom: URL(fileURLWithPath: $0)) } ?? FileHandle.nullDevice
         output.fileHandleForReading.readabilityHandler = { [weak self] h in
             let data = h.availableData
             guard let self, !data.isEmpty else { return }
@@ -54,7 +55,6 @@ final class Background: @unchecked Sendable {
     }
 }
 
-/// Writes raw bytes straight into a domain's control socket, as a broken client would.
 /// Writes `bytes` straight into a channel socket of the shared guest, as a stray client would.
 func writeRaw(_ bytes: [UInt8], to socketPath: String) throws {
     releaseChannels()

@@ -56,6 +56,28 @@ extension EndToEnd {
             VC.guest("rm -f /tmp/sharing-push /tmp/sharing-pull")
         }
 
+        /// A command whose process does not read its stdin holds back only its own input: with
+        /// 32 MiB waiting to go in, other commands on the domain run meanwhile, and it ends as
+        /// its process does.
+        @Test func unreadStdinHoldsUpNoOtherCommand() throws {
+            try SharedGuest.require()
+            let input = "\(work)/unread-stdin"
+            try makeFile(input, size: 32 << 20)
+            let deaf = try Background(["exec", name, "--", "sh", "-c", "echo started; sleep 5; echo slept"], stdin: input)
+            #expect(eventually(20, interval: 0.05) { deaf.seen.contains { $0.1 == "started" } })
+            // Its input has been flowing since it started; give it time to pile up.
+            usleep(500_000)
+            let other = VC.run(["exec", name, "--", "echo", "other"], stdin: Data("ignored\n".utf8), timeout: 30)
+            #expect(other.code == 0, "\(other.stderr)")
+            #expect(other.out == "other\n")
+            let ping = VC.run(["ping", name], timeout: 30)
+            #expect(ping.code == 0, "\(ping.stderr)")
+            // Both came back while the deaf command still slept: they did not wait behind it.
+            #expect(deaf.isRunning)
+            #expect(deaf.wait(30) == 0)
+            #expect(deaf.seen.map(\.1) == ["started", "slept"])
+        }
+
         /// Transfers take turns on the data channel, and the one that waits says so.
         @Test func transfersTakeTurnsAndTheWaitingOneSaysSo() throws {
             try SharedGuest.require()

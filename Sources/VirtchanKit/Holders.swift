@@ -61,22 +61,26 @@ extension Hypervisor {
             // No holder yet, or a stale socket left by one that died: start one.
             guard error.code == .unreachable else { throw error }
         }
-        let deadline = Date().addingTimeInterval(timeout)
-        while true {
-            switch try launchHolder(for: name, persist: persist, timeout: max(1, deadline.timeIntervalSinceNow)) {
-            case .ready(let link?):
-                return try AgentSession.connect(endpoint, holderLink: link, timeout: max(1, deadline.timeIntervalSinceNow))
-            case .ready(nil):
-                return try AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow))
-            case .alreadyHeld:
-                // Another process started one a moment ago, or one is ending: try its socket.
-                if let session = try? AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow)) {
-                    return session
+        // A holder of a remote domain opens a connection of its own: started a few at a time
+        // per host (see ConnectionGate), each with the whole timeout once its turn comes.
+        return try ConnectionGate.shared.withSlot(for: uri) { () throws -> AgentSession in
+            let deadline = Date().addingTimeInterval(timeout)
+            while true {
+                switch try launchHolder(for: name, persist: persist, timeout: max(1, deadline.timeIntervalSinceNow)) {
+                case .ready(let link?):
+                    return try AgentSession.connect(endpoint, holderLink: link, timeout: max(1, deadline.timeIntervalSinceNow))
+                case .ready(nil):
+                    return try AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow))
+                case .alreadyHeld:
+                    // Another process started one a moment ago, or one is ending: try its socket.
+                    if let session = try? AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow)) {
+                        return session
+                    }
+                    guard deadline.timeIntervalSinceNow > 0 else {
+                        throw TransportError(.busy, "the session holder of \(name) neither answers nor lets go of its lock (see \(socket).log)")
+                    }
+                    Thread.sleep(forTimeInterval: 0.05)
                 }
-                guard deadline.timeIntervalSinceNow > 0 else {
-                    throw TransportError(.busy, "the session holder of \(name) neither answers nor lets go of its lock (see \(socket).log)")
-                }
-                Thread.sleep(forTimeInterval: 0.05)
             }
         }
     }

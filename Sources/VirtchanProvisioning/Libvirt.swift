@@ -25,7 +25,7 @@ public final class Connection: @unchecked Sendable {
         }
         _ = Self.setup
         let target = uri ?? Self.defaultURI
-        guard let p = vc_virConnectOpen(target) else {
+        guard let p = ConnectionGate.shared.withSlot(for: target, { Self.open(target) }) else {
             let err = ProvisioningError.fromLibvirt("cannot connect to \(target)", code: .connection)
             var hint = ""
             if target.hasSuffix(":///system") && geteuid() != 0 {
@@ -34,6 +34,8 @@ public final class Connection: @unchecked Sendable {
                 hint = "; permission denied: only root (or a user that libvirt's polkit or socket permissions admit) may use \(target). Run virtchan as root, or use domains of your own with --connect qemu:///session"
             } else if target.hasPrefix("qemu:///") || target.hasPrefix("qemu+unix") {
                 hint = "; is libvirtd running? Start it with: sudo Scripts/setup-host"
+            } else if err.message.contains("kex_exchange_identification") {
+                hint = "; the ssh server turned the connection away before the key exchange, 5 times in a row: it may be at its limit of connections being set up (MaxStartups in its sshd_config), or refuse this client"
             }
             throw ProvisioningError(.connection, err.message + hint, libvirtCode: err.libvirtCode)
         }
@@ -42,6 +44,23 @@ public final class Connection: @unchecked Sendable {
     }
 
     deinit { vc_virConnectClose(pointer) }
+
+    /// `virConnectOpen`, tried again (up to 5 times in about 3 s) while an ssh server turns the
+    /// connection away before the key exchange, as one at its limit of connections being set
+    /// up does until some of them are through. Nil with libvirt's error set when it fails.
+    private static func open(_ target: String) -> virConnectPtr? {
+        var delay = 0.2
+        for attempt in 1...5 {
+            if let p = vc_virConnectOpen(target) { return p }
+            guard attempt < 5, let err = vc_virGetLastError(), let message = err.pointee.message,
+                  strstr(message, "kex_exchange_identification") != nil else { return nil }
+            vc_virResetLastError()
+            // Spread out, so that those turned away together do not come back together.
+            usleep(UInt32(delay * Double.random(in: 0.5...1.5) * 1e6))
+            delay *= 2
+        }
+        return nil
+    }
 
     /// Defines a persistent domain. The corresponding C function is `virDomainDefineXML`.
     public func define(xml: String) throws(ProvisioningError) -> Domain {
@@ -83,18 +102,24 @@ public final class Connection: @unchecked Sendable {
     /// channels are reached through libvirt streams.
     public var isLocal: Bool { Self.isLocal(uri: uri) }
 
-    public static func isLocal(uri: String) -> Bool {
+    public static func isLocal(uri: String) -> Bool { remoteHost(of: uri) == nil }
+
+    /// The host (with its port, if the URI gives one) a remote URI reaches, "" for a network
+    /// transport to this machine (`qemu+ssh:///system`); nil for this host's own daemons.
+    public static func remoteHost(of uri: String) -> String? {
         // scheme[+transport]://[user@]host[:port]/path?query, read byte by byte: every command
         // asks, and Foundation's URL parser costs more than the rest of this put together.
         let bytes = Array(uri.utf8)
         guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")),
               bytes.count >= colon + 3, bytes[colon + 1] == UInt8(ascii: "/"), bytes[colon + 2] == UInt8(ascii: "/") else {
-            return true
+            return nil
         }
         let scheme = bytes[..<colon]
-        if let plus = scheme.firstIndex(of: UInt8(ascii: "+")), !scheme[(plus + 1)...].elementsEqual("unix".utf8) { return false }
-        let authority = bytes[(colon + 3)...].prefix { $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: "?") }
-        return authority.isEmpty
+        var authority = bytes[(colon + 3)...].prefix { $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: "?") }
+        if let at = authority.lastIndex(of: UInt8(ascii: "@")) { authority = authority[(at + 1)...] }
+        let host = String(decoding: authority, as: UTF8.self)
+        if let plus = scheme.firstIndex(of: UInt8(ascii: "+")), !scheme[(plus + 1)...].elementsEqual("unix".utf8) { return host }
+        return host.isEmpty ? nil : host
     }
 
     /// Has libvirt probe the far end every `interval` seconds and drop the connection after

@@ -142,6 +142,22 @@ extension EndToEnd {
         }
 
         /// A remote command never uses the local endpoint cache, and never writes it.
+        /// A fleet command over ssh starts a holder, and so an ssh connection, per domain, all at
+        /// once; this sshd sets up only 2 connections at a time and turns the others away (as a
+        /// busy server does, see Scripts/remote-host). Every domain still answers, each under the
+        /// ssh URI.
+        @Test func aFleetOverSSHReachesEveryDomain() throws {
+            _ = try FleetGuests.require()
+            _ = VC.run(["holder", "stop", "--all"])
+            let r = VC.run(["exec", "-c", RemoteHost.ssh, "--match", FleetGuests.glob, "--json", "--", "hostname"], timeout: 240)
+            #expect(r.code == 0, "\(r.stderr) \(r.out)")
+            let records = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [[String: Any]])
+            #expect(records.map { $0["name"] as? String } == FleetGuests.names)
+            #expect(records.map { $0["stdout"] as? String } == FleetGuests.names.map { $0 + "\n" })
+            #expect(records.allSatisfy { $0["uri"] as? String == RemoteHost.ssh && $0["exitCode"] as? Int == 0 })
+            _ = VC.run(["holder", "stop", "--all"])
+        }
+
         @Test func theLocalEndpointCacheIsLeftAlone() throws {
             try ready()
             let entry = "/run/virtchan/endpoints/\(name)"

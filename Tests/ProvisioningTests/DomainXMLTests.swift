@@ -223,14 +223,61 @@ private func standardSpec(_ name: String = "t1") -> DomainSpec {
 }
 
 /// Which URIs reach a domain's channels as sockets on this machine, and which through libvirt
-/// streams: any host or network transport is remote, even one naming this machine.
+/// streams: any host or network transport is remote, even one naming this machine. A remote
+/// URI's host is what its connections are counted by.
 @Test(arguments: [
-    ("qemu:///system", true), ("qemu:///session", true), ("qemu+unix:///system", true), ("test:///default", true),
-    ("qemu+tcp://127.0.0.1/system", false), ("qemu+ssh://root@hv2:2222/system?keyfile=/k&no_verify=1", false),
-    ("qemu+tls://hv3/system", false), ("qemu://hv4/system", false), ("qemu+tcp:///system", false),
-])
-func urisAreLocalOnlyWithoutHostOrNetworkTransport(uri: String, local: Bool) {
-    #expect(Connection.isLocal(uri: uri) == local)
+    ("qemu:///system", nil), ("qemu:///session", nil), ("qemu+unix:///system", nil), ("test:///default", nil),
+    ("qemu+tcp://127.0.0.1/system", "127.0.0.1"), ("qemu+ssh://root@hv2:2222/system?keyfile=/k&no_verify=1", "hv2:2222"),
+    ("qemu+tls://hv3/system", "hv3"), ("qemu://hv4/system", "hv4"), ("qemu+tcp:///system", ""),
+] as [(String, String?)])
+func urisAreLocalOnlyWithoutHostOrNetworkTransport(uri: String, host: String?) {
+    #expect(Connection.remoteHost(of: uri) == host)
+    #expect(Connection.isLocal(uri: uri) == (host == nil))
+}
+
+/// Connections to one remote host are set up a few at a time per process; other hosts, this
+/// host's daemons, and a thread that already holds a slot do not wait.
+@Test func connectionsToOneHostAreSetUpAFewAtATime() {
+    /// Per host: how many threads are inside now, and the most ever at once.
+    final class Tally: @unchecked Sendable {
+        private let lock = NSLock()
+        private var now: [String: Int] = [:]
+        private(set) var most: [String: Int] = [:]
+        func enter(_ host: String) {
+            lock.lock()
+            now[host, default: 0] += 1
+            most[host] = max(most[host] ?? 0, now[host]!)
+            lock.unlock()
+        }
+        func leave(_ host: String) {
+            lock.lock()
+            now[host]! -= 1
+            lock.unlock()
+        }
+    }
+    let gate = ConnectionGate(limit: 3)
+    let tally = Tally()
+    let done = DispatchGroup()
+    for i in 0..<12 {
+        let uri = i % 2 == 0 ? "qemu+ssh://root@hv1/system" : "qemu+tcp://hv2/system"
+        let host = i % 2 == 0 ? "hv1" : "hv2"
+        done.enter()
+        Thread {
+            gate.withSlot(for: uri) {
+                tally.enter(host)
+                // Again from the same thread: passes at once, or this would wait for itself.
+                gate.withSlot(for: uri) { usleep(50_000) }
+                tally.leave(host)
+            }
+            done.leave()
+        }.start()
+    }
+    #expect(done.wait(timeout: .now() + 20) == .success)
+    #expect(tally.most == ["hv1": 3, "hv2": 3])
+    // This host's own daemons never wait.
+    var local = 0
+    for _ in 0..<10 { gate.withSlot(for: "qemu:///system") { local += 1 } }
+    #expect(local == 10)
 }
 
 /// What a disk image is, read from its header.

@@ -31,14 +31,15 @@ extension Hypervisor {
         let before = try bootID(over: waitForAgent(name, timeout: min(timeout, 30)))
         switch method {
         case .agent:
-            // The agent may go down before the reply arrives: only a refusal counts as failure.
+            // The agent may go down before the reply arrives (and its holder then says that it
+            // restarted): only a refusal counts as failure.
             do {
                 let session = try self.session(with: name, timeout: 10)
                 let result = try ExecClient.capture(session, ["reboot"], timeout: 30)
                 if result.status != 0 && !result.result.timedOut {
                     throw VirtchanError(.io, "the guest's reboot exited \(result.status): \(displaySafe(result.stderrText, limit: 400))")
                 }
-            } catch let error as TransportError where error.remote != nil {
+            } catch let error as TransportError where error.remote != nil && error.remote?.remoteCode != .agentRestarted {
                 throw VirtchanError(.io, "the guest refused to reboot: \(error.remote?.message ?? error.message)")
             } catch is TransportError {
             }

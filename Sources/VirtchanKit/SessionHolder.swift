@@ -210,7 +210,7 @@ public final class SessionHolder {
         let domain = agent.endpoint.domain
         log("the agent \(what); starting a new session")
         for (_, route) in routes {
-            route.client.conn.send(ErrorMessage(.failed, errno: 0, "the agent in \(domain) \(what) (did the guest reboot?); what this request did is unknown"),
+            route.client.conn.send(ErrorMessage(.agentRestarted, errno: 0, "the agent in \(domain) \(what) (did the guest reboot?); what this request did is unknown"),
                                    id: route.clientID)
             route.client.requests[route.clientID] = nil
         }

@@ -301,6 +301,9 @@ public enum RemoteErrorCode: UInt32, Sendable {
     case tooLarge = 15
     /// The peer has not proven the domain's key.
     case unauthenticated = 16
+    /// From a session holder: the agent restarted (or stopped answering) while the request was
+    /// in flight, so what it did is unknown.
+    case agentRestarted = 17
 }
 
 public struct ExecStart: WireMessage, Equatable {

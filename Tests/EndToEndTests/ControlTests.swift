@@ -392,6 +392,32 @@ extension EndToEnd {
             #expect(VC.run(["exec", name, "-n", "--", "echo", "awake"]).out == "awake\n")
         }
 
+        /// The built-in guest reboots and shuts down as asked: `virtchan reboot` by either method
+        /// returns once the agent answers from a new boot, and `virsh shutdown` (the ACPI power
+        /// button) powers it off.
+        @Test func theBuiltInGuestRebootsAndShutsDown() throws {
+            let domain = "vctest-reboot"
+            removeAtExit(domain)
+            _ = VC.run(["destroy", domain, "--force"], timeout: 60)
+            let created = VC.run(["create", domain, "--accel", "tcg", "--memory", "256"], timeout: 300)
+            try #require(created.code == 0, "\(created.stderr)")
+            func bootID() -> String {
+                VC.run(["exec", domain, "-n", "--", "cat", "/proc/sys/kernel/random/boot_id"], timeout: 60).out
+            }
+            var last = bootID()
+            for method in ["agent", "acpi"] {
+                let r = VC.run(["reboot", domain, "--method", method, "--timeout", "120"], timeout: 150)
+                #expect(r.code == 0, "\(method): \(r.stderr)")
+                #expect(r.out.contains("Domain \(domain) rebooted"), "\(r.out)")
+                let now = bootID()
+                #expect(!now.isEmpty && now != last, "a new boot after the \(method) reboot")
+                last = now
+            }
+            #expect(VC.virsh(["shutdown", domain]).code == 0)
+            #expect(eventually(60) { VC.virsh(["domstate", domain]).out.contains("shut off") })
+            #expect(VC.run(["destroy", domain]).code == 0)
+        }
+
         /// Killing the agent mid-exec gives a bounded error; its restart serves again.
         @Test func killedAgentGivesABoundedError() throws {
             try SharedGuest.require()

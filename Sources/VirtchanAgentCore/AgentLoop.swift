@@ -59,8 +59,9 @@ public final class Agent: @unchecked Sendable {
     /// While this much stdin of processes whose host sends it without a window waits, the
     /// agent stops reading the control port.
     let stdinHighWater = 4 << 20
-    /// At most this many processes run for one session at a time.
-    let maxExecs = 64
+    /// At most this many processes run for one session at a time: every command of every
+    /// host process that shares the domain's session holder counts.
+    let maxExecs = 1024
 
     public init(options: AgentOptions) {
         self.options = options

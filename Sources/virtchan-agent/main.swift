@@ -86,4 +86,11 @@ if access(keyPath, F_OK) == 0 {
     die("cannot read \(keyPath)")
 }
 
+// One session may run up to 1024 processes and forward up to 1024 connections, a few
+// descriptors each: take what the system allows beyond the usual soft limit of 1024.
+var files = rlimit()
+if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &files) == 0 && files.rlim_cur < files.rlim_max {
+    files.rlim_cur = min(files.rlim_max, 65536)
+    _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &files)
+}
 exit(Agent(options: options).run())

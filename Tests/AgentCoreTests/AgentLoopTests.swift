@@ -249,6 +249,23 @@ extension AgentLoopTests {
         }
     }
 
+    /// Well over a hundred commands run at once in one session (a session holder's session
+    /// carries every command on the domain), each with its own exit status.
+    @Test func manyCommandsRunAtOnceInOneSession() throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, _ in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            let ids = Set((1...150).map { UInt32(1000 + $0) })
+            for id in ids {
+                session.send(ExecStart(argv: ["/bin/sh", "-c", "sleep 1; exit \(id % 7)"]), id: id)
+            }
+            let frames = try collectExecs(session, ids, within: 60)
+            #expect(!frames.contains { $0.type == .error }, "\(frames.filter { $0.type == .error }.compactMap { try? ErrorMessage.decode($0).message }.prefix(3))")
+            let exits = try frames.filter { $0.type == .execExit }.map { ($0.id, try ExecExit.decode($0).code) }
+            #expect(exits.count == ids.count)
+            #expect(exits.allSatisfy { $0.1 == Int32($0.0 % 7) })
+        }
+    }
+
     /// execFlow pauses one command's output and nothing else; on resume, all of it arrives
     /// before its exit, even when the command ended meanwhile.
     @Test func aPausedCommandKeepsItsOutputUntilResumed() throws {

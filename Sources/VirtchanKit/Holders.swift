@@ -287,14 +287,16 @@ extension Hypervisor {
             let listener = try UnixSocket.listen(socket, backlog: 128)
             chmod(socket, 0o600)
             setNonBlocking(listener)
-            // The command that started this holder waits for nothing but the socket.
+            // The command that started this holder waits for nothing but the socket, and its
+            // hello is answered before the record for `holder list` is written.
             report("ready")
-            let record = HolderRecord(domain: name, uri: uri, pid: getpid(), socket: socket, persistSeconds: options.persist)
-            try? writePrivateFile(recordPath, JSONEncoder().encode(record), durable: false)
-            log("serving (pid \(getpid()), agent \(agent.hello.agentVersion))")
             let holder = SessionHolder(agent: agent, listener: listener, socketPath: socket, options: options,
                                        openData: openData, starter: starter, log: log)
-            let why = holder.run()
+            let why = holder.run {
+                let record = HolderRecord(domain: name, uri: uri, pid: getpid(), socket: socket, persistSeconds: options.persist)
+                try? writePrivateFile(recordPath, JSONEncoder().encode(record), durable: false)
+                log("serving (pid \(getpid()), agent \(agent.hello.agentVersion))")
+            }
             holder.shutDown(reason: why)
             log("ended: \(why)")
             withExtendedLifetime(locks) {}

@@ -113,9 +113,11 @@ public final class SessionHolder {
         return HelloAck(nonce: nonce, version: h.version, agentVersion: h.agentVersion, capabilities: caps, challenge: [])
     }
 
-    /// Serves until the end; returns why it ended.
-    public func run() -> String {
+    /// Serves until the end; returns why it ended. `afterFirstPass` runs once the first events
+    /// were served (the starting command's hello among them): work that nobody waits for.
+    public func run(afterFirstPass: () -> Void = {}) -> String {
         let control = agent.control
+        var firstPass = true
         while true {
             var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: control.fd, events: Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0), revents: 0)]
@@ -158,6 +160,10 @@ public final class SessionHolder {
             }
             if control.pendingOutput > 0 {
                 do { try control.flush() } catch { return "the control channel failed: \(error)" }
+            }
+            if firstPass {
+                firstPass = false
+                afterFirstPass()
             }
             // A renewed session may have taken a while.
             now = max(now, monotonicNanos())

@@ -144,9 +144,6 @@ struct Create: ParsableCommand {
         }
     }
 
-    /// Creates one domain, waits for its agent (unless `waitTimeout` is nil) and runs its
-    /// bootstrap; returns the bootstrap's exit code (0 without one). Steps go to `say`, what
-    /// takes long or went wrong to `note`, the script's output to `output`.
     /// A wait that failed after the domain started: the domain stays for a look at its console,
     /// and the error says so and how to remove it.
     static func leftRunning(_ error: Error, _ name: String) -> Error {
@@ -158,6 +155,9 @@ struct Create: ParsableCommand {
         }
     }
 
+    /// Creates one domain, waits for its agent (unless `waitTimeout` is nil) and runs its
+    /// bootstrap; returns the bootstrap's exit code (0 without one). Steps go to `say`, what
+    /// takes long or went wrong to `note`, the script's output to `output`.
     static func create(_ request: MachineRequest, through target: Target, waitTimeout: Double?, bootstrap: BootstrapOptions,
                        say: @escaping (String) -> Void, note: @escaping (String) -> Void,
                        output: @escaping ExecClient.OutputSink) throws -> Int32 {

@@ -301,7 +301,7 @@ extension EndToEnd {
 
             // A disk with a partition table and nothing to boot: no cloud-init, no agent.
             let blank = work + "/blank.raw"
-            FileManager.default.createFile(atPath: blank, contents: nil)
+            try #require(FileManager.default.createFile(atPath: blank, contents: nil))
             #expect(truncate(blank, 64 << 20) == 0)
             let sfdisk = VC.runProgram("/usr/sbin/sfdisk", ["-q", blank], stdin: Data("label: dos\nstart=2048, type=83\n".utf8))
             try #require(sfdisk.code == 0, "\(sfdisk.stderr)")

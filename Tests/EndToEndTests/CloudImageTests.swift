@@ -53,9 +53,10 @@ enum CloudGuest {
         --USERBOUNDARY--
 
         """
-        FileManager.default.createFile(atPath: "\(work)/user-data", contents: Data(userData.utf8))
-        FileManager.default.createFile(atPath: "\(work)/bootstrap.sh",
-                                       contents: Data("#!/bin/sh\necho \"bootstrap ran\" >> /var/lib/bootstrap-runs\n".utf8))
+        guard FileManager.default.createFile(atPath: "\(work)/user-data", contents: Data(userData.utf8)),
+              FileManager.default.createFile(atPath: "\(work)/bootstrap.sh",
+                                             contents: Data("#!/bin/sh\necho \"bootstrap ran\" >> /var/lib/bootstrap-runs\n".utf8))
+        else { return fail("cannot write the user-data and bootstrap files in \(work)") }
         let r = VC.run(["create", name, "--image", image, "--disk-size", "3G", "--accel", "tcg",
                         "--user-data", "\(work)/user-data", "--ssh-key", "\(work)/key1.pub", "--hostname", hostname,
                         "--bootstrap", "\(work)/bootstrap.sh", "--timeout", "500"], timeout: 600)
@@ -153,7 +154,7 @@ extension EndToEnd {
             let marked = CloudGuest.work + "/virtchan-agent.marked"
             var binary = try #require(FileManager.default.contents(atPath: HostPaths.current.imageDirectory + "/agent/virtchan-agent"))
             binary.append(Data("virtchan-test-marker".utf8))
-            FileManager.default.createFile(atPath: marked, contents: binary, attributes: [.posixPermissions: 0o755])
+            try #require(FileManager.default.createFile(atPath: marked, contents: binary, attributes: [.posixPermissions: 0o755]))
             let update = VC.run(["update-agent", CloudGuest.name, "--agent", marked], timeout: 180)
             #expect(update.code == 0, "\(update.stderr)")
             #expect(update.out.contains("updated and answering"), "\(update.out)")
@@ -193,7 +194,7 @@ extension EndToEnd {
             _ = try CloudGuest.require()
             // A per-boot script of the user's that fails: cloud-init reports it at the next boot.
             #expect(CloudGuest.guest("printf '#!/bin/sh\\nexit 3\\n' > /var/lib/cloud/scripts/per-boot/fail.sh && chmod +x /var/lib/cloud/scripts/per-boot/fail.sh").code == 0)
-            defer { CloudGuest.guest("rm -f /var/lib/cloud/scripts/per-boot/fail.sh") }
+            defer { _ = CloudGuest.guest("rm -f /var/lib/cloud/scripts/per-boot/fail.sh") }
             #expect(VC.run(["reboot", CloudGuest.name, "--timeout", "300"], timeout: 320).code == 0)
             let w = VC.run(["wait", CloudGuest.name, "--cloud-init", "--timeout", "300"], timeout: 320)
             #expect(w.code == 1)
@@ -287,7 +288,7 @@ extension EndToEnd {
             r = VC.run(["create", name, "--image", work + "/missing.qcow2"])
             #expect(r.code != 0 && r.stderr.contains("missing.qcow2 does not exist"), "\(r.stderr)")
             leftNothing()
-            FileManager.default.createFile(atPath: work + "/bad.yaml", contents: Data("#cloud-config\nruncmd: [echo hi\n  - broken: [\n".utf8))
+            try #require(FileManager.default.createFile(atPath: work + "/bad.yaml", contents: Data("#cloud-config\nruncmd: [echo hi\n  - broken: [\n".utf8)))
             r = VC.run(["create", name, "--image", CloudGuest.image, "--user-data", work + "/bad.yaml"])
             #expect(r.code == 64 && r.stderr.contains("bad.yaml is not valid YAML"), "\(r.stderr)")
             leftNothing()

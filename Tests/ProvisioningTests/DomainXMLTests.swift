@@ -266,7 +266,7 @@ func urisAreLocalOnlyWithoutHostOrNetworkTransport(uri: String, host: String?) {
             gate.withSlot(for: uri) {
                 tally.enter(host)
                 // Again from the same thread: passes at once, or this would wait for itself.
-                gate.withSlot(for: uri) { usleep(50_000) }
+                gate.withSlot(for: uri) { _ = usleep(50_000) }
                 tally.leave(host)
             }
             done.leave()

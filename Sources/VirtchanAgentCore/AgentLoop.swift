@@ -78,10 +78,11 @@ public final class Agent: @unchecked Sendable {
             return 1
         }
         defer {
-            SignalPipe.uninstall(Self.handledSignals)
-            close(signalFD)
+            // Ports first: one still asking for SIGIO could raise it once its handler is gone.
             if let control { closePort(control.fd) }
             control = nil
+            SignalPipe.uninstall(Self.handledSignals)
+            close(signalFD)
         }
         if getenv("PATH") == nil { setenv("PATH", Spawner.defaultPath, 1) }
         log.info("version \(agentVersion), protocol \(ProtocolVersion.current), pid \(getpid())")

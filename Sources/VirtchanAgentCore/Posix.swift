@@ -96,6 +96,8 @@ func makePipe(nonBlocking: Bool = false) -> (read: Int32, write: Int32)? {
 }
 
 nonisolated(unsafe) private var signalPipeWriteEnd: Int32 = -1
+/// The actions `SignalPipe.install` replaced, put back by `uninstall`.
+nonisolated(unsafe) private var replacedActions: [Int32: sigaction] = [:]
 
 /// The self-pipe the poll loop watches: each caught signal becomes one byte holding its number.
 enum SignalPipe {
@@ -112,15 +114,21 @@ enum SignalPipe {
             }
             action.sa_flags = SA_RESTART
             sigemptyset(&action.sa_mask)
-            sigaction(sig, &action, nil)
+            var replaced = sigaction()
+            sigaction(sig, &action, &replaced)
+            if replacedActions[sig] == nil { replacedActions[sig] = replaced }
         }
         signal(SIGPIPE, SIG_IGN)
         return fds.read
     }
 
-    /// Puts the default actions back and stops feeding the pipe.
+    /// Puts back the actions `install` replaced (a process that runs the agent among other
+    /// work keeps its own) and stops feeding the pipe.
     static func uninstall(_ signals: [Int32]) {
-        for sig in signals { signal(sig, SIG_DFL) }
+        for sig in signals {
+            guard var replaced = replacedActions.removeValue(forKey: sig) else { continue }
+            sigaction(sig, &replaced, nil)
+        }
         let writeEnd = signalPipeWriteEnd
         signalPipeWriteEnd = -1
         if writeEnd >= 0 { close(writeEnd) }

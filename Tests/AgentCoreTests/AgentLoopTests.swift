@@ -158,6 +158,19 @@ struct RelayedPorts: PortOpener {
         }
     }
 
+    /// A process that runs the agent among other work gets its own signal actions back when
+    /// the agent stops (SIGIO's default action would end it on the next stray signal).
+    @Test func theAgentPutsBackTheSignalActionsItFound() throws {
+        let before = signal(SIGIO, SIG_IGN)
+        defer { signal(SIGIO, before) }
+        try withAgent(key: AgentKey.generate()) { endpoint, _ in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            #expect(try session.ping() >= 0)
+        }
+        let after = signal(SIGIO, SIG_IGN)
+        #expect(unsafeBitCast(after, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self))
+    }
+
     @Test func aFilePushedAndPulledBackIsTheSameAndKeepsItsMode() throws {
         try withAgent(key: AgentKey.generate()) { endpoint, dir in
             let session = try AgentSession.connect(endpoint, timeout: 10)

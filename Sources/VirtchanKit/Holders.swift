@@ -135,22 +135,27 @@ extension Hypervisor {
         } else {
             try spawnHolder(for: name, persist: persist, timeout: timeout, ready: pipeFDs[1], log: log)
         }
-        let line = readLine(pipeFDs[0], timeout: timeout + 5)
+        let line = Self.readLine(pipeFDs[0], timeout: timeout + 5)
         if line == "ready" { return .ready(link) }
         if let link { close(link) }
         if line == "held" { return .alreadyHeld }
-        if let line, line.hasPrefix("error ") { throw Self.decodeHolderError(String(line.dropFirst(6))) }
+        if let line, line.hasPrefix("error ") { throw Self.decodeReadyError(String(line.dropFirst(6))) }
         throw TransportError(.agentGone, "the session holder of \(name) ended before it served (see \(holderSocket(for: name)).log)")
     }
 
     /// Runs `virtchan holder serve` for `name` in a session of its own, `ready` as its fd 3.
     private func spawnHolder(for name: String, persist: Double, timeout: Double, ready: Int32, log: String) throws {
-        defer { close(ready) }
-        let executable = try Self.holderExecutable()
-        var args = [executable, "holder", "serve", "--connect", uri, "--persist", String(persist),
+        var args = ["holder", "serve", "--connect", uri, "--persist", String(persist),
                     "--timeout", String(timeout), "--ready-fd", "3"]
         if allowsUnkeyedAgents { args.append("--insecure-agent") }
-        args += ["--", name]
+        try Self.spawnDetached(args + ["--", name], ready: ready, log: log, what: "the session holder")
+    }
+
+    /// Runs virtchan with `arguments` in a session of its own, which outlives the command's
+    /// terminal: `ready` (closed here) as its fd 3, no stdin or stdout, stderr appended to `log`.
+    static func spawnDetached(_ arguments: [String], ready: Int32, log: String, what: String) throws {
+        defer { close(ready) }
+        let executable = try holderExecutable()
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -168,14 +173,14 @@ extension Hypervisor {
         for sig in [SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGCHLD] { sigaddset(&defaults, sig) }
         posix_spawnattr_setsigmask(&attr, &none)
         posix_spawnattr_setsigdefault(&attr, &defaults)
-        // POSIX_SPAWN_SETSID (0x80) is glibc's; the holder outlives the command's terminal.
+        // POSIX_SPAWN_SETSID (0x80) is glibc's.
         posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | 0x80))
         var pid: pid_t = 0
-        let cargs = args.map { strdup($0) } + [nil]
+        let cargs = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { for a in cargs { free(a) } }
         let rc = posix_spawn(&pid, executable, &actions, &attr, cargs, environ)
         guard rc == 0 else {
-            throw VirtchanError(.io, "cannot start the session holder \(executable): \(String(cString: strerror(rc)))")
+            throw VirtchanError(.io, "cannot start \(what) \(executable): \(String(cString: strerror(rc)))")
         }
     }
 
@@ -202,8 +207,8 @@ extension Hypervisor {
         throw VirtchanError(.invalidRequest, "no virtchan executable to hold the session: install virtchan on PATH, set VIRTCHAN_EXECUTABLE, or open the Hypervisor with sharing: .direct")
     }
 
-    /// The one line the holder writes on its ready pipe (it writes nothing after it).
-    private func readLine(_ fd: Int32, timeout: Double) -> String? {
+    /// The one line a background process writes on its ready pipe (nothing comes after it).
+    static func readLine(_ fd: Int32, timeout: Double) -> String? {
         var bytes: [UInt8] = []
         let deadline = Date().addingTimeInterval(timeout)
         var chunk = [UInt8](repeating: 0, count: 512)
@@ -222,9 +227,9 @@ extension Hypervisor {
         return line.isEmpty ? nil : String(decoding: line, as: UTF8.self)
     }
 
-    /// Errors cross from the holder as `error LAYER CODE MESSAGE`, so the command reports
+    /// Errors cross from a background process as `error LAYER CODE MESSAGE`, so the command reports
     /// (and exits with) what it would have met itself.
-    static func encodeHolderError(_ error: Error) -> String {
+    static func encodeReadyError(_ error: Error) -> String {
         let text: String
         switch error {
         case let e as TransportError: text = "transport \(e.code) \(e.message)"
@@ -235,7 +240,7 @@ extension Hypervisor {
         return "error " + text.replacingOccurrences(of: "\n", with: " ")
     }
 
-    static func decodeHolderError(_ text: String) -> Error {
+    static func decodeReadyError(_ text: String) -> Error {
         let parts = text.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false).map(String.init)
         guard parts.count == 3 else { return TransportError(.agentGone, text) }
         switch parts[0] {
@@ -310,7 +315,7 @@ extension Hypervisor {
                 error = TransportError(.busy, timeout.message + "; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
             }
             log("cannot serve: \(error)")
-            report(Self.encodeHolderError(error))
+            report(Self.encodeReadyError(error))
             return 1
         }
     }
@@ -334,9 +339,9 @@ extension Hypervisor {
         }
     }
 
-    /// A holder outlives the command that started it: a descriptor it inherited by accident
-    /// (a pipe a test harness reads to its end) must not stay open with it.
-    private static func closeInheritedDescriptors(keeping kept: [Int32]) {
+    /// A holder (or background forward) outlives the command that started it: a descriptor it
+    /// inherited by accident (a pipe a test harness reads to its end) must not stay open with it.
+    static func closeInheritedDescriptors(keeping kept: [Int32]) {
         guard let dir = opendir("/proc/self/fd") else { return }
         let own = dirfd(dir)
         var found: [Int32] = []

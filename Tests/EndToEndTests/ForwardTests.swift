@@ -153,14 +153,73 @@ extension EndToEnd {
             #expect(r.out == "from the host\n")
         }
 
+        /// --background returns once the port is bound; the forward serves after the command
+        /// has ended, shows in --list, and --stop ends it and takes its files. One killed with
+        /// SIGKILL leaves nothing that --list shows.
+        @Test func aBackgroundForwardServesUntilStopped() throws {
+            let sum = try serveInGuest()
+            func running() throws -> [ForwardRecord] {
+                let r = VC.run(["forward", "--list", "--json"])
+                try #require(r.code == 0, "\(r.stderr)")
+                return try JSONDecoder().decode([ForwardRecord].self, from: Data(r.out.utf8)).filter { $0.domain == SharedGuest.name }
+            }
+            func leftFiles(_ record: ForwardRecord) -> [String] {
+                ((try? FileManager.default.contentsOfDirectory(atPath: Hypervisor.forwardDirectory)) ?? [])
+                    .filter { $0.hasPrefix((record.path as NSString).lastPathComponent + ".") }
+            }
+            let started = VC.run(["forward", SharedGuest.name, "0:127.0.0.1:8080", "--background"], timeout: 60)
+            try #require(started.code == 0, "\(started.stderr)")
+            #expect(started.out.contains("Serving in the background"), "\(started.out)")
+            let record = try #require(try running().first)
+            #expect(isRunning(record.pid))
+            let port = try #require(record.forwards.first?.split(separator: " ").first?.split(separator: ":").last.flatMap { UInt16($0) })
+            #expect(started.out.contains("Forwarding 127.0.0.1:\(port) -> guest 127.0.0.1:8080"), "\(started.out)")
+
+            let file = "/tmp/vctest-fwd-background"
+            defer { unlink(file) }
+            #expect(curl(port, to: file).code == 0)
+            #expect(VC.runProgram("/usr/bin/sha256sum", [file]).out.hasPrefix(sum))
+
+            // The port is taken: a second forward on it fails, and leaves nothing running.
+            let again = VC.run(["forward", SharedGuest.name, "\(port):127.0.0.1:8080", "--background"], timeout: 60)
+            #expect(again.code == 1)
+            #expect(again.stderr.contains("cannot listen on 127.0.0.1:\(port): Address already in use"), "\(again.stderr)")
+            #expect(try running().count == 1)
+
+            let stopped = VC.run(["forward", "--stop", SharedGuest.name])
+            #expect(stopped.code == 0, "\(stopped.stderr)")
+            #expect(stopped.out.contains("Stopped forwarding 127.0.0.1:\(port)"), "\(stopped.out)")
+            #expect(try running().isEmpty)
+            #expect(eventually(5) { !isRunning(record.pid) }, "pid \(record.pid) still runs")
+            #expect(curl(port).code == 7) // curl: could not connect
+            #expect(leftFiles(record).isEmpty, "\(leftFiles(record))")
+
+            // Killed outright: --list no longer shows it, and its files go.
+            try #require(VC.run(["forward", SharedGuest.name, "0:127.0.0.1:8080", "--background"], timeout: 60).code == 0)
+            let killed = try #require(try running().first)
+            kill(killed.pid, SIGKILL)
+            #expect(eventually(10) { (try? running().isEmpty) == true })
+            #expect(leftFiles(killed).isEmpty, "\(leftFiles(killed))")
+        }
+
         @Test func badForwardsAreRefused() {
             #expect(VC.run(["forward", SharedGuest.name]).code == 64)
             #expect(VC.run(["forward", SharedGuest.name, "8080:80"]).code == 64)
+            #expect(VC.run(["forward", "--list", SharedGuest.name]).code == 64)
+            #expect(VC.run(["forward", "--stop"]).code == 64)
+            #expect(VC.run(["forward", SharedGuest.name, "0:127.0.0.1:80", "--background", "--stop"]).code == 64)
             let r = VC.run(["forward", "vctest-no-such-domain", "0:127.0.0.1:80"])
             #expect(r.code == 1)
             #expect(r.stderr.contains("no domain named 'vctest-no-such-domain'"), "\(r.stderr)")
         }
     }
+}
+
+/// Whether `pid` is a process that has not ended (a zombie has).
+func isRunning(_ pid: Int32) -> Bool {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = stat.lastIndex(of: ")") else { return false }
+    return !stat[stat.index(close, offsetBy: 2)...].hasPrefix("Z")
 }
 
 /// A plain blocking TCP client.

@@ -19,7 +19,7 @@ extension Hypervisor {
     public static var forwardDirectory: String { runtimeDirectory + "/forwards" }
 
     /// Forwards `specs` for `name` in a process of its own, which outlives this one and serves
-    /// until it is stopped (``stop(_:timeout:)``, SIGTERM) or the domain's session ends. Returns
+    /// until it is stopped (`stop(_:)` with its record, or SIGTERM) or the domain's session ends. Returns
     /// once every port is bound; throws, leaving nothing running, when one cannot be.
     public func forwardInBackground(_ name: String, specs: [ForwardSpec], timeout: Double = 30) throws -> ForwardRecord {
         makePrivateDirectories(Self.forwardDirectory)

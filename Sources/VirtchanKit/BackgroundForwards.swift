@@ -23,8 +23,7 @@ extension Hypervisor {
     /// once every port is bound; throws, leaving nothing running, when one cannot be.
     public func forwardInBackground(_ name: String, specs: [ForwardSpec], timeout: Double = 30) throws -> ForwardRecord {
         makePrivateDirectories(Self.forwardDirectory)
-        let path = Self.forwardDirectory + "/" + (holderSocket(for: name) as NSString).lastPathComponent
-            .replacingOccurrences(of: ".sock", with: "") + "-" + String(UInt32.random(in: 0...UInt32.max), radix: 16)
+        let path = Self.forwardDirectory + "/" + fileStem(for: name) + "-" + String(UInt32.random(in: 0...UInt32.max), radix: 16)
         var pipeFDs: [Int32] = [-1, -1]
         guard pipe(&pipeFDs) == 0 else { throw VirtchanError(.io, "pipe: \(String(cString: strerror(errno)))") }
         for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }

@@ -35,13 +35,19 @@ extension Hypervisor {
     /// The socket of the holder that serves `name` on this hypervisor: one per URI and
     /// domain name, so domains of the same name on two hosts never share one.
     public func holderSocket(for name: String) -> String {
+        Self.holderDirectory + "/" + fileStem(for: name) + ".sock"
+    }
+
+    /// A file name for `name` on this hypervisor, the same for the same URI and domain name
+    /// and different otherwise: its readable part, then a hash of both.
+    func fileStem(for name: String) -> String {
         // Plain byte work: this runs in every command, before anything else is needed.
         let slug = String(decoding: name.utf8.filter { byte in
             (byte >= 0x30 && byte <= 0x39) || (byte | 0x20 >= 0x61 && byte | 0x20 <= 0x7a) || byte == 0x2e || byte == 0x5f || byte == 0x2d
         }.prefix(40), as: UTF8.self)
         let digits = Array("0123456789abcdef".utf8)
         let hash = SHA256.hash(data: Array((uri + "\n" + name).utf8)).prefix(8).flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }
-        return Self.holderDirectory + "/" + slug + "-" + String(decoding: hash, as: UTF8.self) + ".sock"
+        return slug + "-" + String(decoding: hash, as: UTF8.self)
     }
 
     // MARK: the client's side

@@ -54,10 +54,10 @@ extension Hypervisor {
         Interruption.install()
         signal(SIGPIPE, SIG_IGN)
         Self.closeInheritedDescriptors(keeping: [ready])
-        let lockFD = open(path + ".lock", O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        let lockFD = Self.takeLock(path)
         defer {
-            for suffix in [".json", ".log", ".lock"] { unlink(path + suffix) }
-            if lockFD >= 0 { close(lockFD) }
+            for suffix in Self.forwardFiles { unlink(path + suffix) }
+            if let lockFD { close(lockFD) }
         }
         func report(_ line: String) {
             _ = Array((line + "\n").utf8).withUnsafeBytes { writeFully(ready, $0) }
@@ -65,9 +65,7 @@ extension Hypervisor {
         }
         let forwarder: PortForwarder
         do {
-            guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
-                throw VirtchanError(.io, "cannot lock \(path).lock: \(String(cString: strerror(errno)))")
-            }
+            guard lockFD != nil else { throw VirtchanError(.io, "cannot lock \(path).lock: \(String(cString: strerror(errno)))") }
             forwarder = PortForwarder(session: try session(with: name, timeout: 10), specs: specs, note: log)
             try forwarder.start()
             let record = ForwardRecord(domain: name, uri: uri, pid: getpid(), forwards: forwarder.bound.map(\.description), path: path)
@@ -106,24 +104,18 @@ extension Hypervisor {
         return records.sorted { ($0.uri, $0.domain, $0.pid) < ($1.uri, $1.domain, $1.pid) }
     }
 
-    /// Whether the forward whose files start with `path` still holds its lock; when it does
-    /// not, its files go.
+    /// Whether the forward whose files start with `path` still runs; when it does not, its
+    /// files go.
     private static func isLive(_ path: String) -> Bool {
-        let fd = open(path + ".lock", O_RDWR | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else { return true }
-        for suffix in [".json", ".log", ".lock"] { unlink(path + suffix) }
-        flock(fd, LOCK_UN)
-        return false
+        isLocked(path, files: forwardFiles)
     }
+
+    /// What a background forward makes beside the path in its record.
+    static let forwardFiles = [".json", ".log", ".lock"]
 
     /// Sends SIGTERM and waits for the forward to let go of its lock; whether it did in time.
     @discardableResult
     public static func stop(_ record: ForwardRecord, timeout: Double = 5) -> Bool {
-        kill(record.pid, SIGTERM)
-        let deadline = Date().addingTimeInterval(timeout)
-        while isLive(record.path) && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
-        return !isLive(record.path)
+        terminate(record.pid, lockedAt: record.path, files: forwardFiles, timeout: timeout)
     }
 }

@@ -280,14 +280,14 @@ extension Hypervisor {
         Self.closeInheritedDescriptors(keeping: [ready, starter].compactMap { $0 })
         let socket = holderSocket(for: name)
         makePrivateDirectories(Self.holderDirectory)
-        guard let lockFD = Self.lockHolder(socket) else {
+        guard let lockFD = Self.takeLock(socket) else {
             report("held")
             return 0
         }
         // Everything the holder made goes when it ends; the lock file last, while still held,
         // so a holder starting meanwhile sees the file is not the one it locked and retries.
         defer {
-            for suffix in ["", ".json", ".log", ".lock"] { unlink(socket + suffix) }
+            for suffix in Self.holderFiles { unlink(socket + suffix) }
             close(lockFD)
         }
         // Lines of an earlier holder of this domain are of no use any more.
@@ -326,11 +326,12 @@ extension Hypervisor {
         }
     }
 
-    /// The holder's lock for `socket`, or nil while another holder has it. A lock file that a
-    /// holder ending at the same moment removed is not a lock: then try again.
-    private static func lockHolder(_ socket: String) -> Int32? {
+    /// The lock `path.lock` (a holder's, a background forward's), or nil while another process
+    /// has it. A lock file that its owner, ending at the same moment, or a listing that found it
+    /// unlocked removed is not a lock: then try again.
+    static func takeLock(_ path: String) -> Int32? {
         while true {
-            let fd = open(socket + ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
+            let fd = open(path + ".lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
             guard fd >= 0 else { return nil }
             guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
                 close(fd)
@@ -338,7 +339,7 @@ extension Hypervisor {
             }
             var held = stat()
             var named = stat()
-            if fstat(fd, &held) == 0, stat(socket + ".lock", &named) == 0, held.st_ino == named.st_ino, held.st_dev == named.st_dev {
+            if fstat(fd, &held) == 0, stat(path + ".lock", &named) == 0, held.st_ino == named.st_ino, held.st_dev == named.st_dev {
                 return fd
             }
             close(fd)
@@ -429,15 +430,22 @@ extension Hypervisor {
     /// a record and a socket behind: neither is ever taken for a live one, and both go here
     /// (under the lock, so a holder starting at this moment waits).
     private static func isLive(_ record: HolderRecord) -> Bool {
-        let fd = open(record.socket + ".lock", O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+        isLocked(record.socket, files: holderFiles)
+    }
+
+    /// What a holder makes beside its socket's path (and the socket itself).
+    static let holderFiles = ["", ".json", ".log", ".lock"]
+
+    /// Whether a process holds the lock `path.lock`; when none does, the files `path` plus
+    /// each of `files` go (under the lock, so that one taking it at this moment starts anew).
+    static func isLocked(_ path: String, files: [String]) -> Bool {
+        let fd = open(path + ".lock", O_RDWR | O_NOFOLLOW | O_CLOEXEC)
         guard fd >= 0 else { return false }
         defer { close(fd) }
-        if flock(fd, LOCK_EX | LOCK_NB) == 0 {
-            for suffix in ["", ".json", ".log", ".lock"] { unlink(record.socket + suffix) }
-            flock(fd, LOCK_UN)
-            return false
-        }
-        return true
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else { return true }
+        for suffix in files { unlink(path + suffix) }
+        flock(fd, LOCK_UN)
+        return false
     }
 
     /// Stops the holder of `name` on this hypervisor, if one runs; its clients' commands end
@@ -452,9 +460,15 @@ extension Hypervisor {
     /// Sends SIGTERM and waits for the holder to let go of its lock; whether it did in time.
     @discardableResult
     public static func stop(_ record: HolderRecord, timeout: Double = 5) -> Bool {
-        kill(record.pid, SIGTERM)
+        terminate(record.pid, lockedAt: record.socket, files: holderFiles, timeout: timeout)
+    }
+
+    /// Sends `pid` SIGTERM and waits for it to let go of the lock `path.lock` (its files then
+    /// go, as `isLocked(_:files:)` does); whether it did within `timeout` seconds.
+    static func terminate(_ pid: Int32, lockedAt path: String, files: [String], timeout: Double) -> Bool {
+        kill(pid, SIGTERM)
         let deadline = Date().addingTimeInterval(timeout)
-        while isLive(record) && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
-        return !isLive(record)
+        while isLocked(path, files: files) && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        return !isLocked(path, files: files)
     }
 }

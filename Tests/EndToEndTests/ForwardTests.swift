@@ -172,8 +172,8 @@ extension EndToEnd {
             #expect(started.out.contains("Serving in the background"), "\(started.out)")
             let record = try #require(try running().first)
             #expect(isRunning(record.pid))
-            let port = try #require(record.forwards.first?.split(separator: " ").first?.split(separator: ":").last.flatMap { UInt16($0) })
-            #expect(started.out.contains("Forwarding 127.0.0.1:\(port) -> guest 127.0.0.1:8080"), "\(started.out)")
+            let port = try #require(forwardedPort(started.out))
+            #expect(record.forwards == ["127.0.0.1:\(port) -> guest 127.0.0.1:8080"])
 
             let file = "/tmp/vctest-fwd-background"
             defer { unlink(file) }
@@ -213,6 +213,12 @@ extension EndToEnd {
             #expect(r.stderr.contains("no domain named 'vctest-no-such-domain'"), "\(r.stderr)")
         }
     }
+}
+
+/// The host port in a "Forwarding 127.0.0.1:PORT -> guest …" line of `output`.
+func forwardedPort(_ output: String) -> UInt16? {
+    output.split(separator: "\n").lazy.filter { $0.hasPrefix("Forwarding ") }
+        .compactMap { $0.split(separator: " ")[1].split(separator: ":").last.flatMap { UInt16($0) } }.first
 }
 
 /// Whether `pid` is a process that has not ended (a zombie has).

@@ -287,6 +287,15 @@ extension EndToEnd {
             #expect(r.code == 0, "\(r.stderr)")
             #expect(r.out == "over \(transport)\n")
             #expect(forward.stop() == 130)
+
+            // In the background: serves after the command returned, until --stop on that URI.
+            let background = VC.run(["forward", "-c", uri, SharedGuest.name, "0:127.0.0.1:8081", "--background"], timeout: 60)
+            #expect(background.code == 0, "\(background.stderr)")
+            let served = try #require(forwardedPort(background.out))
+            let b = VC.runProgram("/usr/bin/curl", ["-sS", "--max-time", "30", "http://127.0.0.1:\(served)/x"], timeout: 60)
+            #expect(b.out == "over \(transport)\n", "\(b.stderr)")
+            let stopped = VC.run(["forward", "--stop", "-c", uri, SharedGuest.name])
+            #expect(stopped.out.contains("Stopped forwarding 127.0.0.1:\(served)"), "\(stopped.out) \(stopped.stderr)")
             _ = VC.run(["holder", "stop", "--all"])
         }
 

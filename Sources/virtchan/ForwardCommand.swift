@@ -43,7 +43,7 @@ struct Forward: ParsableCommand {
     var stop = false
     @Flag(help: "With --stop: every background forward of this user.")
     var all = false
-    @Flag(help: "With --list: print JSON.")
+    @Flag(help: "With --list or --background: print JSON (with --background, the forward's record).")
     var json = false
     @Option(help: ArgumentHelp("Descriptor to report readiness on.", visibility: .private)) var readyFd: Int32?
     @Option(help: ArgumentHelp("Where a background forward keeps its files.", visibility: .private)) var record: String?
@@ -57,7 +57,8 @@ struct Forward: ParsableCommand {
             if stop && all == (name != nil) { throw ValidationError("--stop takes a domain name, or --all") }
             return
         }
-        if json || all { throw ValidationError("\(json ? "--json" : "--all") goes with \(json ? "--list" : "--stop")") }
+        if all { throw ValidationError("--all goes with --stop") }
+        if json && !background { throw ValidationError("--json goes with --list or --background") }
         guard let name else { throw ValidationError("name a domain, e.g. virtchan forward vm1 8080:127.0.0.1:80") }
         guard !local.isEmpty || !remote.isEmpty else {
             throw ValidationError("give a port to forward, e.g. virtchan forward \(name) 8080:127.0.0.1:80")
@@ -81,6 +82,7 @@ struct Forward: ParsableCommand {
         }
         if background {
             let record = try global.hypervisor().forwardInBackground(name, specs: specs)
+            if json { return try printJSON(record) }
             for f in record.forwards { say("Forwarding \(f)") }
             say("Serving in the background (pid \(record.pid)); stop with: virtchan forward --stop \(name)")
             return

@@ -194,9 +194,11 @@ extension EndToEnd {
             #expect(curl(port).code == 7) // curl: could not connect
             #expect(leftFiles(record).isEmpty, "\(leftFiles(record))")
 
-            // Killed outright: --list no longer shows it, and its files go.
-            try #require(VC.run(["forward", SharedGuest.name, "0:127.0.0.1:8080", "--background"], timeout: 60).code == 0)
-            let killed = try #require(try running().first)
+            // Killed outright: --list no longer shows it, and its files go. (--json: its record.)
+            let json = VC.run(["forward", SharedGuest.name, "0:127.0.0.1:8080", "--background", "--json"], timeout: 60)
+            try #require(json.code == 0, "\(json.stderr)")
+            let killed = try JSONDecoder().decode(ForwardRecord.self, from: Data(json.out.utf8))
+            #expect(try running() == [killed])
             kill(killed.pid, SIGKILL)
             #expect(eventually(10) { (try? running().isEmpty) == true })
             #expect(leftFiles(killed).isEmpty, "\(leftFiles(killed))")

@@ -19,8 +19,9 @@ extension Hypervisor {
     public static var forwardDirectory: String { runtimeDirectory + "/forwards" }
 
     /// Forwards `specs` for `name` in a process of its own, which outlives this one and serves
-    /// until it is stopped (`stop(_:)` with its record, or SIGTERM) or the domain's session ends. Returns
-    /// once every port is bound; throws, leaving nothing running, when one cannot be.
+    /// until it is stopped (`stop(_:)` with its record, or SIGTERM) or the domain's session
+    /// ends. Returns once every port is bound; throws, leaving nothing running, when one
+    /// cannot be.
     public func forwardInBackground(_ name: String, specs: [ForwardSpec], timeout: Double = 30) throws -> ForwardRecord {
         makePrivateDirectories(Self.forwardDirectory)
         let path = Self.forwardDirectory + "/" + fileStem(for: name) + "-" + String(UInt32.random(in: 0...UInt32.max), radix: 16)

@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import VirtchanProtocol
 import VirtchanProvisioning
@@ -46,7 +45,7 @@ extension Hypervisor {
             (byte >= 0x30 && byte <= 0x39) || (byte | 0x20 >= 0x61 && byte | 0x20 <= 0x7a) || byte == 0x2e || byte == 0x5f || byte == 0x2d
         }.prefix(40), as: UTF8.self)
         let digits = Array("0123456789abcdef".utf8)
-        let hash = SHA256.hash(data: Array((uri + "\n" + name).utf8)).prefix(8).flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }
+        let hash = SHA256Digest.hash(Array((uri + "\n" + name).utf8)).prefix(8).flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }
         return slug + "-" + String(decoding: hash, as: UTF8.self)
     }
 

@@ -29,9 +29,8 @@ public final class Agent: @unchecked Sendable {
     let options: AgentOptions
     let log: AgentLog
     var control: FramedConnection?
-    /// The host end of the control port is closed; stop polling it until SIGIO or a re-check.
-    var controlHup = false
-    var lastHupCheck: UInt64 = 0
+    /// Whether the host end of the control port is closed.
+    var controlHost = HostWatch(fd: -1)
     var sessionActive = false
     /// The hello's nonce and the challenge sent back, until the host proves the key.
     var pendingAuth: (nonce: [UInt8], challenge: [UInt8])?
@@ -92,6 +91,12 @@ public final class Agent: @unchecked Sendable {
         }
         log.info("stopping")
         endSession(reason: "agent stopping")
+        // A host still connected learns at once that nothing more will be answered, and waits
+        // for the next agent instead of sending requests that nobody reads.
+        if let control, !controlHost.away {
+            control.send(Frame(.agentStopping, id: 0))
+            flushControl(control)
+        }
         return 0
     }
 
@@ -104,6 +109,7 @@ public final class Agent: @unchecked Sendable {
         fds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
         let controlEvents = Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0)
         let stdinQueued = execs.values.reduce(0) { $0 + ($1.inputWindowed ? 0 : $1.stdinBuffer.count) }
+        let controlHup = controlHost.away
         let wantControlInput = !controlHup && stdinQueued < stdinHighWater
         fds.append(pollfd(fd: controlHup ? -1 : control.fd,
                           events: wantControlInput ? controlEvents : controlEvents & ~Int16(POLLIN), revents: 0))
@@ -143,7 +149,7 @@ public final class Agent: @unchecked Sendable {
             }
         }
         var dataSlot = -1
-        if let t = transfer, !t.dataHup {
+        if let t = transfer, !t.dataHost.away {
             dataSlot = fds.count
             var ev = Int16(0)
             if t.kind == .push { ev |= Int16(POLLIN) }
@@ -154,8 +160,8 @@ public final class Agent: @unchecked Sendable {
         var timeout: Int32 = -1
         if controlHup { timeout = 250 }
         if execs.values.contains(where: { $0.exit != nil }) { timeout = 50 }
-        if let t = transfer, t.dataHup || t.phase == .awaitingAck { timeout = 100 }
-        if let t = transfer, t.kind == .pull, t.phase == .streaming, t.data.pendingOutput < FrameLimits.dataChunk, !t.dataHup {
+        if let t = transfer, t.dataHost.away || t.phase == .awaitingAck { timeout = 100 }
+        if let t = transfer, t.kind == .pull, t.phase == .streaming, t.data.pendingOutput < FrameLimits.dataChunk, !t.dataHost.away {
             timeout = 0
         }
         let rc = poll(&fds, nfds_t(fds.count), timeout)
@@ -167,9 +173,7 @@ public final class Agent: @unchecked Sendable {
 
         if fds[0].revents != 0 { handleSignals() }
         let now = monotonicNanos()
-        if controlHup && now - lastHupCheck >= 250_000_000 {
-            controlHup = false
-        }
+        if controlHost.awayLonger(than: 250_000_000, now: now) { controlHost.recheck() }
 
         let cre = fds[1].revents
         if cre & Int16(POLLIN) != 0 {
@@ -177,7 +181,7 @@ public final class Agent: @unchecked Sendable {
         } else if cre & Int16(POLLHUP | POLLERR) != 0 {
             hostGone(control)
         }
-        if self.control != nil, !controlHup, control.pendingOutput > 0, fds[1].revents & Int16(POLLOUT) != 0 || cre == 0 {
+        if self.control != nil, !controlHost.away, control.pendingOutput > 0, fds[1].revents & Int16(POLLOUT) != 0 || cre == 0 {
             flushControl(control)
         }
 
@@ -199,7 +203,7 @@ public final class Agent: @unchecked Sendable {
         if let t = transfer {
             serviceTransfer(t, revents: dataSlot >= 0 ? fds[dataSlot].revents : 0)
         }
-        if let c = self.control, c.pendingOutput > 0, !controlHup { flushControl(c) }
+        if let c = self.control, c.pendingOutput > 0, !controlHost.away { flushControl(c) }
     }
 
     func handleSignals() {
@@ -207,8 +211,8 @@ public final class Agent: @unchecked Sendable {
             switch sig {
             case SIGCHLD: reapChildren()
             case SIGIO:
-                controlHup = false
-                transfer?.dataHup = false
+                controlHost.recheck()
+                transfer?.dataHost.recheck()
             case SIGTERM, SIGINT: stopping = true
             default: break
             }
@@ -256,8 +260,7 @@ public final class Agent: @unchecked Sendable {
             log.info("host disconnected from the control port")
         }
         endSession(reason: "host disconnected")
-        controlHup = true
-        lastHupCheck = monotonicNanos()
+        controlHost.hostLeft()
     }
 
     /// Forgets the session: kills its processes, abandons its transfer, drops queued bytes.

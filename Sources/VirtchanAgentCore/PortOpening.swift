@@ -11,10 +11,9 @@ extension Agent {
             }
             switch options.ports.open(options.controlPort) {
             case .success(let fd):
-                watchHostConnections(fd)
                 let c = FramedConnection(fd: fd)
                 control = c
-                controlHup = false
+                controlHost = HostWatch(fd: fd)
                 log.info("control port \(options.controlPort) open")
                 // A host that stayed connected while this agent (re)started learns at once that
                 // its session is gone; with no host connected, the frame is dropped unsent.
@@ -43,7 +42,6 @@ extension Agent {
     func openDataPort() throws(TransferFailure) -> Int32 {
         switch options.ports.open(options.dataPort) {
         case .success(let fd):
-            watchHostConnections(fd)
             return fd
         case .failure(.missing):
             throw TransferFailure(.unsupported, "this guest has no port named \(options.dataPort)")
@@ -52,10 +50,54 @@ extension Agent {
         }
     }
 
-    /// SIGIO on every host connect and disconnect wakes the loop while it ignores POLLHUP.
-    private func watchHostConnections(_ fd: Int32) {
-        _ = fcntl(fd, F_SETOWN, getpid())
-        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC)
+}
+
+/// Whether the host end of a port is away, and how the loop learns that it is back.
+///
+/// While no host is connected a port polls POLLHUP at once, every time, so the loop leaves it
+/// out of its poll set and waits for SIGIO or a timed re-check. The kernel raises SIGIO on a
+/// port with O_ASYNC when the host connects, but also for every buffer of data that arrives;
+/// so O_ASYNC is on only while the host is away. (On all the time, it cost the guest a signal
+/// for every request.)
+struct HostWatch {
+    let fd: Int32
+    /// Leave the port out of the poll set: its host end is closed.
+    private(set) var away = false
+    private(set) var awaySince: UInt64 = 0
+
+    init(fd: Int32) {
+        self.fd = fd
+        if fd >= 0 { _ = fcntl(fd, F_SETOWN, getpid()) }
+    }
+
+    /// The host end closed (the port polled POLLHUP, or a write failed): stop polling the port
+    /// until SIGIO says the host is back, or ``recheck()``. With `looking`, the port is polled
+    /// once more after SIGIO is asked for, since a host that came back just before raised none.
+    mutating func hostLeft(looking: Bool = true) {
+        guard fd >= 0 else { return }
+        asyncSignals(true)
+        away = true
+        awaySince = monotonicNanos()
+        if looking {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 0) == 1 && p.revents & Int16(POLLHUP) == 0 { recheck() }
+        }
+    }
+
+    /// SIGIO came, or the wait is long enough: poll the port again.
+    mutating func recheck() {
+        guard away else { return }
+        away = false
+        asyncSignals(false)
+    }
+
+    func awayLonger(than nanos: UInt64, now: UInt64) -> Bool { away && now - awaySince >= nanos }
+
+    private func asyncSignals(_ on: Bool) {
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0 else { return }
+        let wanted = on ? flags | O_ASYNC : flags & ~O_ASYNC
+        if wanted != flags { _ = fcntl(fd, F_SETFL, wanted) }
     }
 }
 

@@ -86,8 +86,8 @@ extension Agent {
             if t.dataConnected {
                 return abortTransfer(t, TransferFailure(errno: error.errno, "writing the data port"))
             }
-            t.dataHup = true
-            t.lastHupCheck = monotonicNanos()
+            // Not a POLLHUP: looking again at once could spin on a port that keeps failing.
+            t.dataHost.hostLeft(looking: false)
         }
     }
 

@@ -24,15 +24,16 @@ final class Transfer {
     var phase = Phase.streaming
     /// Whether the host's end of the data port has been seen connected.
     var dataConnected = false
-    var dataHup = false
+    /// Whether the host end of the data port is closed.
+    var dataHost: HostWatch
     let startedAt = monotonicNanos()
-    var lastHupCheck: UInt64 = 0
 
     init(id: UInt32, kind: Kind, dataFD: Int32, path: String, fileFD: Int32, tempPath: String,
          mode: UInt32, expectedSize: UInt64, wantSHA256: Bool) {
         self.id = id
         self.kind = kind
         data = FramedConnection(fd: dataFD, maxPayload: FrameLimits.dataChunk + 4096, readBufferSize: 64 * 1024)
+        dataHost = HostWatch(fd: dataFD)
         self.path = path
         self.fileFD = fileFD
         self.tempPath = tempPath
@@ -77,9 +78,9 @@ extension Agent {
 
     func serviceTransfer(_ t: Transfer, revents: Int16) {
         let now = monotonicNanos()
-        if t.dataHup {
+        if t.dataHost.away {
             // Waiting for the host to (re)appear on the data socket; SIGIO or a re-check ends the wait.
-            if now - t.lastHupCheck > 100_000_000 { t.dataHup = false }
+            if t.dataHost.awayLonger(than: 100_000_000, now: now) { t.dataHost.recheck() }
             if now - t.startedAt > 15_000_000_000 && !t.dataConnected {
                 abortTransfer(t, TransferFailure(.aborted, "the host never connected to the data channel"))
             }
@@ -99,8 +100,7 @@ extension Agent {
         if t.dataConnected {
             abortTransfer(t, TransferFailure(.aborted, "the host closed the data channel mid-transfer"))
         } else {
-            t.dataHup = true
-            t.lastHupCheck = monotonicNanos()
+            t.dataHost.hostLeft()
         }
     }
 }

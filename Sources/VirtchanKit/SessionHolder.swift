@@ -74,6 +74,15 @@ public final class SessionHolder {
     private var dataHolder: Client?
     private var lastHeard: UInt64
     private var pingSent: UInt64 = 0
+    /// The agent said it is stopping: until a new session, hellos wait for the next agent.
+    private var agentStopping = false
+    /// An agent heard from this recently answers a client's hello by itself, with no ping: a
+    /// script's commands one after another each save a round trip to the guest.
+    private static let freshness: UInt64 = 500_000_000
+
+    private var agentAnswersForItself: Bool {
+        !agentStopping && pingSent == 0 && monotonicNanos() - lastHeard < Self.freshness
+    }
     private var idleSince: UInt64
     /// The socket is gone and no new client can come; serve those left, then end.
     private var draining = false
@@ -139,6 +148,11 @@ public final class SessionHolder {
                 var restarted = false
                 while let frame = control.decoder.next() {
                     if frame.type == .agentStarted { restarted = true; continue }
+                    if frame.type == .agentStopping {
+                        log("the agent is stopping (the guest shuts down or reboots?)")
+                        agentStopping = true
+                        continue
+                    }
                     fromAgent(frame)
                 }
                 if restarted, let end = renewSession("restarted") { return end }
@@ -233,6 +247,7 @@ public final class SessionHolder {
                 log("new session (agent \(agent.hello.agentVersion))")
                 lastHeard = monotonicNanos()
                 pingSent = 0
+                agentStopping = false
                 answerHellos()
                 return nil
             } catch {
@@ -280,12 +295,12 @@ public final class SessionHolder {
         while clients.contains(where: { $0 === c }), let frame = c.conn.decoder.next() {
             switch frame.type {
             case .hello:
-                // Answered once the agent has answered a ping sent now: a client must not be
-                // told the agent is there while it restarts or hangs. (Even one heard from a
-                // moment ago may be restarting: a reboot would then fail the client's first
-                // request instead of letting it wait for the new agent.)
+                // A client must not be told the agent is there while it restarts or hangs: the
+                // hello is answered once the agent has answered a ping sent now, or at once when
+                // the agent spoke a moment ago and has not said it is stopping. (A guest reset
+                // within that moment fails the client's first request, saying so.)
                 guard let hello = try? Hello.decode(frame) else { continue }
-                if c.startedHolder {
+                if c.startedHolder || agentAnswersForItself {
                     c.startedHolder = false
                     c.conn.send(helloAck(nonce: hello.nonce), id: frame.id)
                     continue

@@ -10,6 +10,9 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case error = 0x07
     case authProof = 0x08
     case agentStarted = 0x09
+    /// Sent by the agent, unasked and with no body, when it stops (SIGTERM: the guest shuts down or
+    /// reboots, or its service is stopped). Hosts that predate it skip it as an unknown type.
+    case agentStopping = 0x0A
 
     case execStart = 0x10
     case execStarted = 0x11

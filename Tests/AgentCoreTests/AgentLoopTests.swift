@@ -97,6 +97,11 @@ struct RelayedPorts: PortOpener {
 @Suite(.serialized) struct AgentLoopTests {
     /// Runs an agent with `key` while `body` talks to it as domain `name`.
     func withAgent(key: AgentKey?, _ body: (_ endpoint: AgentEndpoint, _ dir: String) throws -> Void) throws {
+        try withAgent(key: key) { endpoint, dir, _ in try body(endpoint, dir) }
+    }
+
+    /// The same, handing `body` the agent too (to stop it); `stopped` says when it has.
+    func withAgent(key: AgentKey?, _ body: (_ endpoint: AgentEndpoint, _ dir: String, _ agent: (stop: () -> Void, stopped: Flag)) throws -> Void) throws {
         let dir = NSTemporaryDirectory() + "vc-agentloop-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -119,7 +124,39 @@ struct RelayedPorts: PortOpener {
         }
         let name = "agentloop-\(getpid())"
         defer { ChannelLock.removeLocks(of: name) }
-        try body(AgentEndpoint(domain: name, controlSocket: control.path, dataSocket: data.path, consoleLog: nil, key: key), dir)
+        try body(AgentEndpoint(domain: name, controlSocket: control.path, dataSocket: data.path, consoleLog: nil, key: key), dir,
+                 (stop: { agent.stop() }, stopped: stopped))
+    }
+
+    /// An agent told to stop (the guest shuts down or reboots) says so to the host still
+    /// connected, so that its session holder waits for the next agent.
+    @Test func aHostStillConnectedHearsTheAgentStop() throws {
+        try withAgent(key: nil) { endpoint, _, agent in
+            // The host's end, as a session holder has it: connected, between requests.
+            let fd = try UnixSocket.connect(endpoint.controlSocket)
+            defer { close(fd) }
+            let conn = FramedConnection(fd: fd)
+            var heard: [MessageType] = []
+            func listen(until done: () -> Bool) {
+                let deadline = Date().addingTimeInterval(10)
+                while !done() && Date() < deadline {
+                    var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                    guard poll(&p, 1, 100) > 0 else { continue }
+                    guard case .data = try? conn.fill() else { return }
+                    while let frame = conn.decoder.next() { heard.append(frame.type) }
+                }
+            }
+            conn.send(Hello(nonce: [1, 2, 3, 4], client: "test").frame(id: 1))
+            conn.send(Frame(.ping, id: 7))
+            try conn.flush()
+            listen { heard.contains(.pong) }
+            #expect(heard.contains(.helloAck) && heard.contains(.pong))
+            agent.stop()
+            listen { heard.contains(.agentStopping) }
+            #expect(heard.last == .agentStopping, "frames heard: \(heard)")
+            for _ in 0..<500 where !agent.stopped.isSet { usleep(10_000) }
+            #expect(agent.stopped.isSet)
+        }
     }
 
     @Test func aKeyedAgentServesPingInfoAndExecToTheHostThatHoldsItsKey() throws {

@@ -116,6 +116,25 @@ extension EndToEnd {
             #expect(eventually(10) { VC.guest("kill -0 \(pid) 2>/dev/null && echo alive").out.isEmpty })
         }
 
+        /// A command given just after the agent stopped (as at a shutdown or reboot: SIGTERM)
+        /// runs on the next agent instead of failing: the agent says it stops, and the holder
+        /// then holds new commands back until the next agent answers.
+        @Test func aCommandRightAfterTheAgentStopsWaitsForTheNextOne() throws {
+            try SharedGuest.require()
+            #expect(VC.run(["ping", name, "-n", "1"]).code == 0)
+            let log = try #require(holder()).socket + ".log"
+            func stops() -> Int {
+                ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").components(separatedBy: "the agent is stopping").count - 1
+            }
+            let before = stops()
+            let r = VC.run(["exec", name, "-n", "--", "sh", "-c", "(sleep 0.3; kill $(pidof virtchan-agent)) >/dev/null 2>&1 &"])
+            #expect(r.code == 0, "\(r.stderr)")
+            #expect(eventually(10, interval: 0.01) { stops() > before }, "the holder never heard the agent stop")
+            let next = VC.run(["exec", name, "-n", "--", "echo", "next"], timeout: 60)
+            #expect(next.code == 0, "\(next.stderr)")
+            #expect(next.out == "next\n")
+        }
+
         @Test func persistZeroEndsTheHolderWithTheLastCommand() throws {
             try SharedGuest.require()
             _ = VC.run(["holder", "stop", name])

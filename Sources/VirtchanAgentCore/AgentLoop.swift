@@ -109,9 +109,9 @@ public final class Agent: @unchecked Sendable {
         fds.append(pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0))
         let controlEvents = Int16(POLLIN) | (control.pendingOutput > 0 ? Int16(POLLOUT) : 0)
         let stdinQueued = execs.values.reduce(0) { $0 + ($1.inputWindowed ? 0 : $1.stdinBuffer.count) }
-        let controlHup = controlHost.away
-        let wantControlInput = !controlHup && stdinQueued < stdinHighWater
-        fds.append(pollfd(fd: controlHup ? -1 : control.fd,
+        let controlAway = controlHost.away
+        let wantControlInput = !controlAway && stdinQueued < stdinHighWater
+        fds.append(pollfd(fd: controlAway ? -1 : control.fd,
                           events: wantControlInput ? controlEvents : controlEvents & ~Int16(POLLIN), revents: 0))
         // Per exec: the poll slots of its stdin, stdout and stderr (-1: not polled).
         var execSlots: [(exec: ExecProcess, stdin: Int, stdout: Int, stderr: Int)] = []
@@ -158,7 +158,7 @@ public final class Agent: @unchecked Sendable {
         }
 
         var timeout: Int32 = -1
-        if controlHup { timeout = 250 }
+        if controlAway { timeout = 250 }
         if execs.values.contains(where: { $0.exit != nil }) { timeout = 50 }
         if let t = transfer, t.dataHost.away || t.phase == .awaitingAck { timeout = 100 }
         if let t = transfer, t.kind == .pull, t.phase == .streaming, t.data.pendingOutput < FrameLimits.dataChunk, !t.dataHost.away {

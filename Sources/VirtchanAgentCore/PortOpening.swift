@@ -49,7 +49,6 @@ extension Agent {
             throw TransferFailure(errno: e, "cannot open the data port \(location)")
         }
     }
-
 }
 
 /// Whether the host end of a port is away, and how the loop learns that it is back.

@@ -76,11 +76,11 @@ public final class SessionHolder {
     private var pingSent: UInt64 = 0
     /// The agent said it is stopping: until a new session, hellos wait for the next agent.
     private var agentStopping = false
-    /// An agent heard from this recently answers a client's hello by itself, with no ping: a
-    /// script's commands one after another each save a round trip to the guest.
+    /// An agent heard from this recently vouches for itself: a client's hello is answered with
+    /// no ping, so a script's commands one after another each save a round trip to the guest.
     private static let freshness: UInt64 = 500_000_000
 
-    private var agentAnswersForItself: Bool {
+    private var agentSpokeJustNow: Bool {
         !agentStopping && pingSent == 0 && monotonicNanos() - lastHeard < Self.freshness
     }
     private var idleSince: UInt64
@@ -300,7 +300,7 @@ public final class SessionHolder {
                 // the agent spoke a moment ago and has not said it is stopping. (A guest reset
                 // within that moment fails the client's first request, saying so.)
                 guard let hello = try? Hello.decode(frame) else { continue }
-                if c.startedHolder || agentAnswersForItself {
+                if c.startedHolder || agentSpokeJustNow {
                     c.startedHolder = false
                     c.conn.send(helloAck(nonce: hello.nonce), id: frame.id)
                     continue

@@ -223,6 +223,10 @@ public enum TcpSocket {
         return (fd, describe(storage))
     }
 
+    /// Whether `host` is what these sockets take: an IP literal (IPv6 in brackets or not) or
+    /// `localhost`.
+    public static func isAddress(_ host: String) -> Bool { (try? resolve(host, 0)) != nil }
+
     static func resolve(_ host: String, _ port: UInt16) throws(SystemError) -> (Int32, [UInt8]) {
         let name = host == "localhost" ? "127.0.0.1" : host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
         var v4 = sockaddr_in()

@@ -6,7 +6,8 @@ import VirtchanProtocol
 /// Local (`-L`): the host listens on BIND:PORT (default 127.0.0.1), and each connection
 /// reaches HOST:HOSTPORT as the guest sees it. Remote (`-R`): the guest listens on BIND:PORT
 /// (default 127.0.0.1), and each connection reaches HOST:HOSTPORT as this host sees it.
-/// Addresses are IP literals (IPv6 in brackets) or `localhost`; PORT 0 picks a free one.
+/// The guest's side takes IP literals (IPv6 in brackets) or `localhost`; this host's side may
+/// also be a name (see ``resolved()``). PORT 0 picks a free one.
 public struct ForwardSpec: Sendable, Equatable, CustomStringConvertible {
     public enum Direction: Sendable { case local, remote }
     public var direction: Direction
@@ -44,6 +45,46 @@ public struct ForwardSpec: Sendable, Equatable, CustomStringConvertible {
 
     public var description: String {
         "\(bindHost):\(bindPort):\(targetHost):\(targetPort)"
+    }
+
+    /// The address this host binds (`-L`) or connects to (`-R`).
+    public var hostSide: String { direction == .local ? bindHost : targetHost }
+    /// The address the guest connects to (`-L`) or binds (`-R`).
+    public var guestSide: String { direction == .local ? targetHost : bindHost }
+
+    /// This spec with a name on this host's side looked up once, now, in this host's name
+    /// service (as ssh does), so that a name that does not resolve fails at start and not at
+    /// each connection. A name on the guest's side is refused: the agent looks up no names,
+    /// since a slow lookup would stall its one loop.
+    public func resolved() throws(TransportError) -> ForwardSpec {
+        guard TcpSocket.isAddress(guestSide) else {
+            throw TransportError(.invalidArgument, "'\(guestSide)' in \(self) is a name: in the guest give an IP address or localhost (the agent looks up no names)")
+        }
+        guard !TcpSocket.isAddress(hostSide) else { return self }
+        var spec = self
+        let address = try Self.lookUp(hostSide)
+        if direction == .local { spec.bindHost = address } else { spec.targetHost = address }
+        return spec
+    }
+
+    /// The first address `name` has in this host's name service, as a literal (IPv6 in brackets).
+    static func lookUp(_ name: String) throws(TransportError) -> String {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(name, nil, &hints, &list)
+        defer { if let list { freeaddrinfo(list) } }
+        guard rc == 0, let first = list?.pointee else {
+            let why = rc == EAI_SYSTEM ? String(cString: strerror(errno)) : String(cString: gai_strerror(rc))
+            throw TransportError(.invalidArgument, "cannot look up '\(name)' on this host: \(why)")
+        }
+        var text = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        guard getnameinfo(first.ai_addr, first.ai_addrlen, &text, socklen_t(text.count), nil, 0, NI_NUMERICHOST) == 0 else {
+            throw TransportError(.invalidArgument, "cannot look up '\(name)' on this host")
+        }
+        let address = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return first.ai_family == AF_INET6 ? "[\(address)]" : address
     }
 }
 
@@ -93,7 +134,9 @@ public final class PortForwarder {
         guard session.hello.capabilities.contains(Capability.tcpForward) else {
             throw TransportError(.invalidArgument, "the agent in \(session.endpoint.domain) does not forward TCP connections (version \(session.hello.agentVersion)); update the agent")
         }
-        for spec in specs {
+        var resolved: [ForwardSpec] = []
+        for spec in specs { resolved.append(try spec.resolved()) }
+        for spec in resolved {
             switch spec.direction {
             case .local:
                 do {

@@ -11,8 +11,9 @@ struct Forward: ParsableCommand {
         BIND:PORT (default 127.0.0.1) and connects each client to GUEST_HOST:GUEST_PORT as the \
         guest sees it (127.0.0.1 is the guest's own loopback). -R [BIND:]GUEST_PORT:HOST:PORT \
         listens in the guest and connects each client to HOST:PORT as this host sees it: a \
-        guest with no network reaches a package cache or proxy on the host. Addresses are IP \
-        addresses or localhost; port 0 picks a free port, printed at start.
+        guest with no network reaches a package cache or proxy on the host. The guest's side \
+        takes IP addresses or localhost; this host's side may also be a name, looked up once at \
+        start. Port 0 picks a free port, printed at start.
 
         No network is involved: every connection is carried on the domain's control channel, \
         each with its own flow control, so a stalled one holds up no other, nor any exec or \
@@ -68,6 +69,10 @@ struct Forward: ParsableCommand {
         }
         for text in remote where ForwardSpec(text, direction: .remote) == nil {
             throw ValidationError("-R '\(text)' is not [BIND:]GUEST_PORT:HOST:PORT")
+        }
+        let specs = local.compactMap { ForwardSpec($0, direction: .local) } + remote.compactMap { ForwardSpec($0, direction: .remote) }
+        for spec in specs where !TcpSocket.isAddress(spec.guestSide) {
+            throw ValidationError("'\(spec.guestSide)' is a name: in the guest give an IP address or localhost (the agent looks up no names)")
         }
     }
 

@@ -156,4 +156,44 @@ extension AgentLoopTests {
         #expect(ForwardSpec("x:127.0.0.1:80", direction: .local) == nil)
         #expect(ForwardSpec("8080:127.0.0.1:0", direction: .local) == nil)
     }
+
+    /// This host's side may be a name, looked up once when the forward starts; the guest's side
+    /// may not (the agent looks up none), and a name that does not resolve fails at start.
+    @Test func namesAreLookedUpOnThisHostsSideOnly() throws {
+        var buffer = [CChar](repeating: 0, count: 256)
+        gethostname(&buffer, buffer.count)
+        let me = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        // What this host's name service says of its own name, as `getent` reads it.
+        let getent = Process()
+        getent.executableURL = URL(fileURLWithPath: "/usr/bin/getent")
+        getent.arguments = ["ahosts", me]
+        let pipe = Pipe()
+        getent.standardOutput = pipe
+        try getent.run()
+        let listed = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            .split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) }
+        getent.waitUntilExit()
+        let local = try #require(ForwardSpec("\(me):0:127.0.0.1:80", direction: .local))
+        let remote = try #require(ForwardSpec("8080:\(me):3128", direction: .remote))
+        if listed.isEmpty {
+            #expect(throws: TransportError.self) { try local.resolved() }
+        } else {
+            let bound = try local.resolved()
+            #expect(listed.contains(bound.bindHost.trimmingCharacters(in: CharacterSet(charactersIn: "[]"))), "\(bound) vs \(listed)")
+            #expect(bound.targetHost == "127.0.0.1" && bound.bindPort == 0 && bound.targetPort == 80)
+            let reached = try remote.resolved()
+            #expect(listed.contains(reached.targetHost.trimmingCharacters(in: CharacterSet(charactersIn: "[]"))))
+            #expect(reached.bindHost == "127.0.0.1")
+        }
+        // Addresses and localhost are taken as they are.
+        let plain = try #require(ForwardSpec("[::1]:0:localhost:80", direction: .local))
+        #expect(try plain.resolved() == plain)
+        // A name in the guest is refused, before anything is looked up.
+        let guestName = try #require(ForwardSpec("8080:\(me):80", direction: .local))
+        let refused = #expect(throws: TransportError.self) { try guestName.resolved() }
+        #expect(refused?.message.contains("the agent looks up no names") == true)
+        let unknown = try #require(ForwardSpec("3142:no-such-host.invalid:3142", direction: .remote))
+        let failed = #expect(throws: TransportError.self) { try unknown.resolved() }
+        #expect(failed?.message.contains("cannot look up 'no-such-host.invalid'") == true)
+    }
 }

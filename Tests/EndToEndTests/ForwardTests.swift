@@ -210,6 +210,15 @@ extension EndToEnd {
             #expect(VC.run(["forward", "--list", SharedGuest.name]).code == 64)
             #expect(VC.run(["forward", "--stop"]).code == 64)
             #expect(VC.run(["forward", SharedGuest.name, "0:127.0.0.1:80", "--background", "--stop"]).code == 64)
+            // The guest's side takes no names; this host's side does, and one that does not
+            // resolve fails at start, with nothing left running.
+            let named = VC.run(["forward", SharedGuest.name, "0:db.internal:5432"])
+            #expect(named.code == 64)
+            #expect(named.stderr.contains("'db.internal' is a name"), "\(named.stderr)")
+            let unknown = VC.run(["forward", SharedGuest.name, "-R", "0:no-such-host.invalid:3128", "--background"], timeout: 60)
+            #expect(unknown.code == 1)
+            #expect(unknown.stderr.contains("cannot look up 'no-such-host.invalid'"), "\(unknown.stderr)")
+            #expect(!VC.run(["forward", "--list"]).out.contains(SharedGuest.name))
             let r = VC.run(["forward", "vctest-no-such-domain", "0:127.0.0.1:80"])
             #expect(r.code == 1)
             #expect(r.stderr.contains("no domain named 'vctest-no-such-domain'"), "\(r.stderr)")

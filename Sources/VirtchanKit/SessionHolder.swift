@@ -151,6 +151,8 @@ public final class SessionHolder {
                     if frame.type == .agentStopping {
                         log("the agent is stopping (the guest shuts down or reboots?)")
                         agentStopping = true
+                        // It has ended its commands and transfers: nothing in flight will end.
+                        failRequests(becauseTheAgent: "stopped (the guest shuts down or reboots?)")
                         continue
                     }
                     fromAgent(frame)
@@ -227,19 +229,8 @@ public final class SessionHolder {
     /// a new session begins as soon as the agent answers; clients wait meanwhile, and their
     /// connections stay. Returns why the holder must end instead, or nil.
     private func renewSession(_ what: String) -> String? {
-        let domain = agent.endpoint.domain
         log("the agent \(what); starting a new session")
-        for (_, route) in routes {
-            route.client.conn.send(ErrorMessage(.agentRestarted, errno: 0, "the agent in \(domain) \(what) (did the guest reboot?); what this request did is unknown"),
-                                   id: route.clientID)
-            route.client.requests[route.clientID] = nil
-        }
-        routes = [:]
-        dataDirty = true
-        for c in clients {
-            c.paused = []
-            _ = try? c.conn.flush()
-        }
+        failRequests(becauseTheAgent: "\(what) (did the guest reboot?)")
         let giveUp = monotonicNanos() + 300_000_000_000
         while true {
             do {
@@ -254,6 +245,22 @@ public final class SessionHolder {
                 if error.code != .timeout { return "the control channel failed: \(error)" }
                 if monotonicNanos() > giveUp { return "the agent did not come back within 300 s" }
             }
+        }
+    }
+
+    /// Ends every request in flight with an error that says why: the agent that had them is gone.
+    private func failRequests(becauseTheAgent what: String) {
+        let domain = agent.endpoint.domain
+        for (_, route) in routes {
+            route.client.conn.send(ErrorMessage(.agentRestarted, errno: 0, "the agent in \(domain) \(what); what this request did is unknown"),
+                                   id: route.clientID)
+            route.client.requests[route.clientID] = nil
+        }
+        routes = [:]
+        dataDirty = true
+        for c in clients {
+            c.paused = []
+            _ = try? c.conn.flush()
         }
     }
 

@@ -304,8 +304,8 @@ public enum RemoteErrorCode: UInt32, Sendable {
     case tooLarge = 15
     /// The peer has not proven the domain's key.
     case unauthenticated = 16
-    /// From a session holder: the agent restarted (or stopped answering) while the request was
-    /// in flight, so what it did is unknown.
+    /// From a session holder: the agent restarted, said it stops, or stopped answering while the
+    /// request was in flight, so what it did is unknown.
     case agentRestarted = 17
 }
 

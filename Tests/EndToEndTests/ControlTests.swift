@@ -431,6 +431,19 @@ extension EndToEnd {
             #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0)
         }
 
+        /// An agent told to stop (SIGTERM, as at a shutdown or a reboot) ends the commands it
+        /// ran, and the holder ends each of them at once with an error that says so.
+        @Test func aStoppedAgentEndsItsCommandsSayingSo() throws {
+            try SharedGuest.require()
+            let r = VC.run(["exec", name, "-n", "--", "sh", "-c", "kill $(pidof virtchan-agent); sleep 60"], timeout: 60)
+            #expect(r.code == 125)
+            #expect(r.stderr.contains("the agent in \(name) stopped (the guest shuts down or reboots?)"), "\(r.stderr)")
+            #expect(r.seconds < 30)
+            let w = VC.run(["wait", name, "--timeout", "30"])
+            #expect(w.code == 0, "\(w.stderr)")
+            #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0)
+        }
+
         private func restartAgent() {
             _ = VC.run(["exec", name, "-n", "--", "sh", "-c", "kill $(pidof virtchan-agent)"], timeout: 30)
             Thread.sleep(forTimeInterval: 0.5)

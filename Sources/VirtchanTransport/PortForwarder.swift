@@ -57,14 +57,19 @@ public struct ForwardSpec: Sendable, Equatable, CustomStringConvertible {
     /// each connection. A name on the guest's side is refused: the agent looks up no names,
     /// since a slow lookup would stall its one loop.
     public func resolved() throws(TransportError) -> ForwardSpec {
-        guard TcpSocket.isAddress(guestSide) else {
-            throw TransportError(.invalidArgument, "'\(guestSide)' in \(self) is a name: in the guest give an IP address or localhost (the agent looks up no names)")
-        }
+        try checkGuestSide()
         guard !TcpSocket.isAddress(hostSide) else { return self }
         var spec = self
         let address = try Self.lookUp(hostSide)
         if direction == .local { spec.bindHost = address } else { spec.targetHost = address }
         return spec
+    }
+
+    /// Throws unless the guest's side is an address or `localhost`.
+    public func checkGuestSide() throws(TransportError) {
+        guard TcpSocket.isAddress(guestSide) else {
+            throw TransportError(.invalidArgument, "'\(guestSide)' is a name: in the guest give an IP address or localhost (the agent looks up no names)")
+        }
     }
 
     /// The first address `name` has in this host's name service, as a literal (IPv6 in brackets).

@@ -70,17 +70,20 @@ struct Forward: ParsableCommand {
         for text in remote where ForwardSpec(text, direction: .remote) == nil {
             throw ValidationError("-R '\(text)' is not [BIND:]GUEST_PORT:HOST:PORT")
         }
-        let specs = local.compactMap { ForwardSpec($0, direction: .local) } + remote.compactMap { ForwardSpec($0, direction: .remote) }
-        for spec in specs where !TcpSocket.isAddress(spec.guestSide) {
-            throw ValidationError("'\(spec.guestSide)' is a name: in the guest give an IP address or localhost (the agent looks up no names)")
+        for spec in specs {
+            do { try spec.checkGuestSide() } catch { throw ValidationError(error.message) }
         }
+    }
+
+    /// The forwards asked for (those that parse: validate() has refused the others).
+    var specs: [ForwardSpec] {
+        local.compactMap { ForwardSpec($0, direction: .local) } + remote.compactMap { ForwardSpec($0, direction: .remote) }
     }
 
     func run() throws {
         if list { return try listBackground() }
         if stop { return try stopBackground() }
         guard let name else { return }
-        let specs = local.compactMap { ForwardSpec($0, direction: .local) } + remote.compactMap { ForwardSpec($0, direction: .remote) }
         if let readyFd, let record {
             let status = global.hypervisor().serveForwards(name, specs: specs, path: record, ready: readyFd)
             throw ExitCode(status)

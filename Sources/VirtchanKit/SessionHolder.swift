@@ -149,7 +149,8 @@ public final class SessionHolder {
                 while let frame = control.decoder.next() {
                     if frame.type == .agentStarted { restarted = true; continue }
                     if frame.type == .agentStopping {
-                        log("the agent is stopping (the guest shuts down or reboots?)")
+                        // Logged once per session: a guest that repeats it must not fill the log.
+                        if !agentStopping { log("the agent is stopping (the guest shuts down or reboots?)") }
                         agentStopping = true
                         // It has ended its commands and transfers: nothing in flight will end.
                         failRequests(becauseTheAgent: "stopped (the guest shuts down or reboots?)")

@@ -37,7 +37,7 @@ enum GuestSystem {
                 ? UnsafeRawPointer(addr).advanced(by: MemoryLayout<sockaddr_in>.offset(of: \sockaddr_in.sin_addr)!)
                 : UnsafeRawPointer(addr).advanced(by: MemoryLayout<sockaddr_in6>.offset(of: \sockaddr_in6.sin6_addr)!)
             guard inet_ntop(family, source, &text, socklen_t(text.count)) != nil else { continue }
-            let address = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) + "/" + String(prefixLength(e.pointee.ifa_netmask, family: family))
+            let address = string(fromCBuffer: text) + "/" + String(prefixLength(e.pointee.ifa_netmask, family: family))
             let interfaceName = String(cString: name)
             if let i = result.firstIndex(where: { $0.name == interfaceName }) {
                 result[i].addresses.append(address)

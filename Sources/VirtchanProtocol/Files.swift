@@ -1,5 +1,10 @@
 import Glibc
 
+/// The text in a buffer a C function filled, up to its first NUL (or the whole buffer).
+public func string(fromCBuffer chars: [CChar]) -> String {
+    String(decoding: chars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
 /// The whole content of a small file (sysfs, procfs, a config or state file), or nil when it
 /// cannot be opened or read.
 public func readSmallFile(_ path: String, limit: Int = 1 << 20) -> String? {

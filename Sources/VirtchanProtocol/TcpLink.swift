@@ -244,10 +244,6 @@ public enum TcpSocket {
         throw SystemError("'\(host)' is not an IP address or localhost", errno: EINVAL)
     }
 
-    private static func cText(_ chars: [CChar]) -> String {
-        String(decoding: chars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
     static func describe(_ storage: sockaddr_storage) -> String {
         var text = [CChar](repeating: 0, count: 64)
         var s = storage
@@ -255,10 +251,10 @@ public enum TcpSocket {
             let port = UInt16(raw[2]) << 8 | UInt16(raw[3])
             if storage.ss_family == sa_family_t(AF_INET) {
                 inet_ntop(AF_INET, raw.baseAddress! + 4, &text, socklen_t(text.count))
-                return "\(cText(text)):\(port)"
+                return "\(string(fromCBuffer: text)):\(port)"
             }
             inet_ntop(AF_INET6, raw.baseAddress! + 8, &text, socklen_t(text.count))
-            return "[\(cText(text))]:\(port)"
+            return "[\(string(fromCBuffer: text))]:\(port)"
         }
     }
 }

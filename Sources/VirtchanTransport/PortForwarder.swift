@@ -88,7 +88,7 @@ public struct ForwardSpec: Sendable, Equatable, CustomStringConvertible {
         guard getnameinfo(first.ai_addr, first.ai_addrlen, &text, socklen_t(text.count), nil, 0, NI_NUMERICHOST) == 0 else {
             throw TransportError(.invalidArgument, "cannot look up '\(name)' on this host")
         }
-        let address = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let address = string(fromCBuffer: text)
         return first.ai_family == AF_INET6 ? "[\(address)]" : address
     }
 }

@@ -1,6 +1,14 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+// libstdc++ and libgcc go into the executables rather than being loaded at every start: the
+// library path is searched in `Linking/` first, whose `libstdc++.so` is a linker script that
+// names the static archive. Measured on `virtchan exec` with a warm holder: 1.2 ms less per
+// command (README, "Speed").
+let staticCxx: [LinkerSetting] = [
+    .unsafeFlags(["-L", Context.packageDirectory + "/Linking", "-Xclang-linker", "-static-libgcc", "-Xlinker", "--no-export-dynamic"]),
+]
+
 let package = Package(
     name: "virtchan",
     products: [
@@ -43,8 +51,8 @@ let package = Package(
         .executableTarget(name: "virtchan", dependencies: [
             "VirtchanKit",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
-        ]),
-        .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore", "VirtchanProtocol"]),
+        ], linkerSettings: staticCxx),
+        .executableTarget(name: "virtchan-agent", dependencies: ["VirtchanAgentCore", "VirtchanProtocol"], linkerSettings: staticCxx),
         // Scripts/bench: virtchan against qemu-guest-agent and the bare port, in process.
         .executableTarget(name: "virtchan-bench", dependencies: ["VirtchanKit"]),
         // A program that uses VirtchanKit's public API only; built with everything else.

@@ -39,8 +39,10 @@ let package = Package(
             "VirtchanProtocol",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
+        // The agent's process start: vfork and execve, resetting only the signals it must.
+        .target(name: "CSpawn"),
         // Guest side: port discovery, poll loop, handlers. Stays free of Foundation.
-        .target(name: "VirtchanAgentCore", dependencies: ["VirtchanProtocol"]),
+        .target(name: "VirtchanAgentCore", dependencies: ["CSpawn", "VirtchanProtocol"]),
         // The host side as one library: domains, sessions, exec, transfers, bootstrap.
         .target(name: "VirtchanKit", dependencies: [
             "VirtchanProvisioning", "VirtchanTransport", "VirtchanProtocol",

@@ -1,8 +1,7 @@
+import CSpawn
 import Glibc
 import VirtchanProtocol
 
-/// glibc's POSIX_SPAWN_SETSID, which the Glibc module does not export.
-private let spawnSetSID: Int32 = 0x80
 /// TIOCSPTLCK and TIOCGPTN (asm-generic ioctls), macros Swift cannot import.
 private let tiocSPTLCK: UInt = 0x4004_5431
 private let tiocGPTN: UInt = 0x8004_5430
@@ -79,19 +78,22 @@ struct SpawnFailure: Error {
 enum Spawner {
     static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+    /// Dispositions a child must not inherit: every signal with a handler here (the handler
+    /// would be the agent's code, which the child cannot run), and those the agent ignores or
+    /// handles that programs expect at their default. Taken at the first spawn: the agent's
+    /// handlers (and the Swift runtime's) are in place before it serves anything.
+    private static let resetSignals: sigset_t = {
+        var set = sigset_t()
+        sigemptyset(&set)
+        vc_add_handled_signals(&set)
+        for sig in [SIGPIPE, SIGCHLD, SIGIO, SIGTERM, SIGINT, SIGHUP, SIGQUIT] { sigaddset(&set, sig) }
+        return set
+    }()
+
     static func spawn(_ request: ExecStart, id: UInt32) throws(SpawnFailure) -> ExecProcess {
         guard let command = request.argv.first, !command.isEmpty else {
             throw SpawnFailure(code: .badRequest, errno: 0, message: "no command given")
         }
-        // The agent is single-threaded, so changing its own directory around the spawn is safe.
-        if !request.cwd.isEmpty {
-            guard chdir(request.cwd) == 0 else {
-                let e = errno
-                throw SpawnFailure(code: remoteCode(forErrno: e), errno: e, message: "cannot change to \(request.cwd): \(errnoText(e))")
-            }
-        }
-        defer { if !request.cwd.isEmpty { _ = chdir("/") } }
-
         var env: [String: String] = ["PATH": defaultPath, "HOME": "/root"]
         if request.tty { env["TERM"] = "xterm-256color" }
         for item in request.env {
@@ -101,22 +103,16 @@ enum Spawner {
             env[String(item[..<eq])] = String(item[item.index(after: eq)...])
         }
 
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-
+        // The agent's ends, and the child's ends (closed here once the child has them).
         var parentFDs: [Int32] = []
         var childFDs: [Int32] = []
         func cleanup() {
             for fd in parentFDs { close(fd) }
             for fd in childFDs { close(fd) }
         }
-
         var stdinParent: Int32 = -1, stdoutParent: Int32 = -1, stderrParent: Int32 = -1
-        var flags = Int32(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)
+        var childStdio: [Int32] = [-1, -1, -1]
+        var slavePath: String?
         if request.tty {
             let master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC)
             var unlock: Int32 = 0
@@ -126,21 +122,14 @@ enum Spawner {
                 if master >= 0 { close(master) }
                 throw SpawnFailure(code: .failed, errno: e, message: "cannot allocate a pseudo-terminal: \(errnoText(e))")
             }
-            let slavePath = "/dev/pts/\(number)"
+            slavePath = "/dev/pts/\(number)"
             var size = winsize(ws_row: request.rows, ws_col: request.cols, ws_xpixel: 0, ws_ypixel: 0)
             _ = ioctl(master, UInt(TIOCSWINSZ), &size)
             parentFDs.append(master)
-            // A new session whose first tty open makes the slave its controlling terminal.
-            flags |= spawnSetSID
-            posix_spawn_file_actions_addopen(&actions, 0, slavePath, O_RDWR, 0)
-            posix_spawn_file_actions_adddup2(&actions, 0, 1)
-            posix_spawn_file_actions_adddup2(&actions, 0, 2)
             stdinParent = master
             stdoutParent = master
         } else {
-            flags |= Int32(POSIX_SPAWN_SETPGROUP)
-            posix_spawnattr_setpgroup(&attr, 0)
-            for (childFD, parentReads) in [(Int32(0), false), (1, true), (2, true)] {
+            for (childFD, parentReads) in [(0, false), (1, true), (2, true)] {
                 guard let p = makePipe() else {
                     let e = errno
                     cleanup()
@@ -149,7 +138,7 @@ enum Spawner {
                 let (parentEnd, childEnd) = parentReads ? (p.read, p.write) : (p.write, p.read)
                 parentFDs.append(parentEnd)
                 childFDs.append(childEnd)
-                posix_spawn_file_actions_adddup2(&actions, childEnd, childFD)
+                childStdio[childFD] = childEnd
                 switch childFD {
                 case 0: stdinParent = parentEnd
                 case 1: stdoutParent = parentEnd
@@ -157,14 +146,6 @@ enum Spawner {
                 }
             }
         }
-        posix_spawnattr_setflags(&attr, Int16(flags))
-        var noSignals = sigset_t()
-        sigemptyset(&noSignals)
-        posix_spawnattr_setsigmask(&attr, &noSignals)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for sig in [SIGPIPE, SIGCHLD, SIGIO, SIGTERM, SIGINT, SIGHUP, SIGQUIT] { sigaddset(&defaults, sig) }
-        posix_spawnattr_setsigdefault(&attr, &defaults)
 
         let argv = request.argv.map { strdup($0) } + [nil]
         let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
@@ -173,17 +154,40 @@ enum Spawner {
             for p in envp { free(p) }
         }
         var pid: pid_t = 0
-        let rc = command.contains("/")
-            ? posix_spawn(&pid, command, &actions, &attr, argv, envp)
-            : posix_spawnp(&pid, command, &actions, &attr, argv, envp)
+        var stage: Int32 = 0
+        let rc = command.withCString { file in
+            (env["PATH"] ?? "").withCString { searchPath in
+                withOptionalCString(request.cwd.isEmpty ? nil : request.cwd) { cwd in
+                    withOptionalCString(slavePath) { tty in
+                        withUnsafePointer(to: Self.resetSignals) { reset in
+                            argv.withUnsafeBufferPointer { av in
+                                envp.withUnsafeBufferPointer { ev in
+                                    var spawnRequest = vc_spawn_request(
+                                        file: file, search_path: searchPath, argv: av.baseAddress, envp: ev.baseAddress,
+                                        cwd: cwd, tty: tty, stdin_fd: childStdio[0], stdout_fd: childStdio[1],
+                                        stderr_fd: childStdio[2], reset: reset)
+                                    return vc_spawn(&spawnRequest, &pid, &stage)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
         for fd in childFDs { close(fd) }
         childFDs = []
         guard rc == 0 else {
             cleanup()
-            switch rc {
-            case ENOENT:
+            switch (Int(stage), rc) {
+            case (VC_SPAWN_CWD, _):
+                throw SpawnFailure(code: remoteCode(forErrno: rc), errno: rc, message: "cannot change to \(request.cwd): \(errnoText(rc))")
+            case (VC_SPAWN_STDIO, _):
+                throw SpawnFailure(code: .failed, errno: rc, message: "cannot give \(command) its standard streams: \(errnoText(rc))")
+            case (VC_SPAWN_FORK, _):
+                throw SpawnFailure(code: .failed, errno: rc, message: "cannot start \(command): \(errnoText(rc))")
+            case (_, ENOENT):
                 throw SpawnFailure(code: .commandNotFound, errno: rc, message: "\(command): command not found")
-            case EACCES, EPERM:
+            case (_, EACCES), (_, EPERM):
                 throw SpawnFailure(code: .permission, errno: rc, message: "\(command): permission denied")
             default:
                 throw SpawnFailure(code: .failed, errno: rc, message: "\(command): \(errnoText(rc))")
@@ -192,4 +196,10 @@ enum Spawner {
         for fd in parentFDs { setNonBlocking(fd) }
         return ExecProcess(id: id, pid: pid, tty: request.tty, stdin: stdinParent, stdout: stdoutParent, stderr: stderrParent)
     }
+}
+
+/// Runs `body` with a C string of `text`, or with nil.
+private func withOptionalCString<R>(_ text: String?, _ body: (UnsafePointer<CChar>?) -> R) -> R {
+    guard let text else { return body(nil) }
+    return text.withCString { body($0) }
 }

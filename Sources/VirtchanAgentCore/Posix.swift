@@ -1,3 +1,4 @@
+import CSpawn
 import Glibc
 import VirtchanProtocol
 
@@ -87,11 +88,7 @@ func writeAll(_ fd: Int32, _ p: UnsafeRawPointer, _ count: Int) -> Int32 {
 /// pipe(2) with both ends close-on-exec, optionally non-blocking.
 func makePipe(nonBlocking: Bool = false) -> (read: Int32, write: Int32)? {
     var fds: [Int32] = [0, 0]
-    guard pipe(&fds) == 0 else { return nil }
-    for fd in fds {
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        if nonBlocking { setNonBlocking(fd) }
-    }
+    guard vc_pipe2(&fds, O_CLOEXEC | (nonBlocking ? O_NONBLOCK : 0)) == 0 else { return nil }
     return (fds[0], fds[1])
 }
 

@@ -183,6 +183,56 @@ struct RelayedPorts: PortOpener {
         }
     }
 
+    /// How a command starts: looked up in the PATH it is given, in its own process group,
+    /// with no signal blocked and SIGPIPE at its default (the agent blocks every signal around
+    /// the start and ignores SIGPIPE); and each way it can fail to start.
+    @Test func aCommandStartsAsAShellWouldStartIt() throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, dir in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            let bin = dir + "/bin"
+            try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: true)
+            FileManager.default.createFile(atPath: bin + "/greet", contents: Data("#!/bin/sh\necho hello from $0\n".utf8),
+                                           attributes: [.posixPermissions: 0o755])
+            FileManager.default.createFile(atPath: bin + "/locked", contents: Data("#!/bin/sh\n".utf8),
+                                           attributes: [.posixPermissions: 0o644])
+
+            let found = try ExecClient.capture(session, ["greet"], env: ["PATH=/no/such/dir:" + bin])
+            #expect(found.stdoutText == "hello from \(bin)/greet\n")
+            #expect(found.status == 0)
+
+            // /proc/self/stat: pid is field 1 and the process group field 5; status has the masks.
+            let stat = try ExecClient.capture(session, ["cat", "/proc/self/stat", "/proc/self/status"])
+            let fields = stat.stdoutText.split(separator: " ")
+            #expect(fields.count > 5 && fields[0] == fields[4], "\(stat.stdoutText.prefix(80))")
+            func mask(_ name: String) -> UInt64? {
+                stat.stdoutText.split(separator: "\n").first { $0.hasPrefix(name + ":") }
+                    .flatMap { UInt64($0.dropFirst(name.count + 1).trimmingCharacters(in: .whitespaces), radix: 16) }
+            }
+            #expect(mask("SigBlk") == 0)
+            let sigpipeBit = UInt64(1) << (UInt64(SIGPIPE) - 1)
+            #expect(mask("SigIgn").map { $0 & sigpipeBit } == 0)
+
+            for (argv, code, text) in [(["no-such-command"], RemoteErrorCode.commandNotFound, "no-such-command: command not found"),
+                                       (["locked"], .permission, "locked: permission denied"),
+                                       ([bin + "/locked"], .permission, "permission denied")] {
+                let error = #expect(throws: TransportError.self) {
+                    _ = try ExecClient.capture(session, argv, env: ["PATH=" + bin])
+                }
+                #expect(error?.remote?.remoteCode == code)
+                #expect(error?.message.contains(text) == true, "\(String(describing: error))")
+            }
+            var elsewhere = ExecOptions(argv: ["true"])
+            elsewhere.cwd = dir + "/missing"
+            elsewhere.forwardStdin = false
+            let error = #expect(throws: TransportError.self) {
+                _ = try ExecClient.run(session, elsewhere, stdin: 0, terminal: 1) { _, _ in true }
+            }
+            #expect(error?.message.contains("cannot change to \(dir)/missing") == true, "\(String(describing: error))")
+            // Nothing of the failed starts is left: the next command runs as usual.
+            #expect(try ExecClient.capture(session, ["true"]).status == 0)
+        }
+    }
+
     @Test func aHostWithoutTheKeyIsServedNothing() throws {
         try withAgent(key: AgentKey.generate()) { endpoint, _ in
             var wrong = endpoint

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -22,30 +23,44 @@ static int place(int from, int to) {
     return dup2(from, to) < 0 ? -1 : 0;
 }
 
-// Tries each folder of the search path in turn, the way execvp does: a folder where the file
-// exists but cannot be run is remembered, and reported if no later folder has it.
-static int exec_searching(const vc_spawn_request *r) {
-    if (strchr(r->file, '/')) {
-        execve(r->file, r->argv, r->envp);
-        return errno;
-    }
+// Finds `r->file` in the search path the way execvp does, but before the child starts and with
+// stat rather than execve: a failed execve costs the kernel a new address space and a copy of
+// the arguments (90 us each under TCG, against the 0.4 ms a whole spawn takes), and a command
+// in the last folder of PATH made five of them. A folder where the name exists but cannot be
+// run is remembered and reported if no later folder has it. A relative folder is taken from
+// the command's working folder.
+static int look_up(const vc_spawn_request *r, char *found, size_t size) {
     size_t name = strlen(r->file);
+    if (strchr(r->file, '/')) {
+        if (name + 1 > size) return ENAMETOOLONG;
+        memcpy(found, r->file, name + 1);
+        return 0;
+    }
     int found_unusable = 0;
     const char *p = r->search_path ? r->search_path : "";
-    char candidate[PATH_MAX];
     for (;;) {
         const char *end = strchrnul(p, ':');
         size_t dir = (size_t)(end - p);
-        if (dir + 1 + name < sizeof candidate) {
-            // An empty entry is the working folder.
-            if (dir == 0) { candidate[0] = '.'; dir = 1; } else { memcpy(candidate, p, dir); }
-            candidate[dir] = '/';
-            memcpy(candidate + dir + 1, r->file, name + 1);
-            execve(candidate, r->argv, r->envp);
-            switch (errno) {
-            case EACCES: found_unusable = 1; break;
-            case ENOENT: case ENOTDIR: case ESTALE: case ENODEV: case ETIMEDOUT: case ELOOP: case ENAMETOOLONG: break;
-            default: return errno;
+        const char *base = "";
+        size_t base_length = 0;
+        if (dir == 0 || p[0] != '/') {
+            // An empty entry is the working folder itself.
+            base = r->cwd ? r->cwd : ".";
+            base_length = strlen(base);
+        }
+        if (base_length + 1 + dir + 1 + name < size) {
+            char *out = found;
+            if (base_length) { memcpy(out, base, base_length); out += base_length; if (dir) *out++ = '/'; }
+            memcpy(out, p, dir);
+            out += dir;
+            *out++ = '/';
+            memcpy(out, r->file, name + 1);
+            struct stat st;
+            if (stat(found, &st) == 0) {
+                if (S_ISREG(st.st_mode) && faccessat(AT_FDCWD, found, X_OK, AT_EACCESS) == 0) return 0;
+                found_unusable = 1;
+            } else if (errno == EACCES) {
+                found_unusable = 1;
             }
         }
         if (*end == '\0') break;
@@ -56,7 +71,7 @@ static int exec_searching(const vc_spawn_request *r) {
 
 // Runs in the vfork child, on the parent's stack and memory: only system calls, then execve
 // or _exit.
-static void child(const vc_spawn_request *r, struct outcome *out) {
+static void child(const vc_spawn_request *r, const char *program, struct outcome *out) {
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
@@ -78,8 +93,9 @@ static void child(const vc_spawn_request *r, struct outcome *out) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
+    execve(program, r->argv, r->envp);
     out->stage = VC_SPAWN_EXEC;
-    out->error = exec_searching(r);
+    out->error = errno;
     _exit(127);
 failed:
     out->stage = stage;
@@ -89,12 +105,18 @@ failed:
 
 int vc_spawn(const vc_spawn_request *request, pid_t *pid, int *stage) {
     struct outcome out = { 0, VC_SPAWN_EXEC };
+    char program[PATH_MAX];
+    int missing = look_up(request, program, sizeof program);
+    if (missing) {
+        *stage = VC_SPAWN_EXEC;
+        return missing;
+    }
     // No handler may run in the child while it shares the parent's memory.
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     pid_t p = vfork();
-    if (p == 0) child(request, &out);
+    if (p == 0) child(request, program, &out);
     int saved = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (p < 0) {

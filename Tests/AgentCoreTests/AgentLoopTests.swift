@@ -191,14 +191,26 @@ struct RelayedPorts: PortOpener {
             let session = try AgentSession.connect(endpoint, timeout: 10)
             let bin = dir + "/bin"
             try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: true)
-            FileManager.default.createFile(atPath: bin + "/greet", contents: Data("#!/bin/sh\necho hello from $0\n".utf8),
-                                           attributes: [.posixPermissions: 0o755])
-            FileManager.default.createFile(atPath: bin + "/locked", contents: Data("#!/bin/sh\n".utf8),
-                                           attributes: [.posixPermissions: 0o644])
+            #expect(FileManager.default.createFile(atPath: bin + "/greet", contents: Data("#!/bin/sh\necho hello from $0\n".utf8),
+                                           attributes: [.posixPermissions: 0o755]))
+            #expect(FileManager.default.createFile(atPath: bin + "/locked", contents: Data("#!/bin/sh\n".utf8),
+                                           attributes: [.posixPermissions: 0o644]))
 
             let found = try ExecClient.capture(session, ["greet"], env: ["PATH=/no/such/dir:" + bin])
             #expect(found.stdoutText == "hello from \(bin)/greet\n")
             #expect(found.status == 0)
+            // An empty PATH entry is the command's working folder.
+            var here = ExecOptions(argv: ["greet"])
+            here.env = ["PATH="]
+            here.cwd = bin
+            here.forwardStdin = false
+            var printed: [UInt8] = []
+            let ran = try ExecClient.run(session, here, stdin: 0, terminal: 1) { stream, bytes in
+                if stream == .stdout { printed += Array(bytes) }
+                return true
+            }
+            #expect(String(decoding: printed, as: UTF8.self) == "hello from \(bin)/greet\n")
+            #expect(ran.exit?.code == 0)
 
             // /proc/self/stat: pid is field 1 and the process group field 5; status has the masks.
             let stat = try ExecClient.capture(session, ["cat", "/proc/self/stat", "/proc/self/status"])

@@ -256,6 +256,17 @@ public final class Agent: @unchecked Sendable {
     }
 
     func hostGone(_ control: FramedConnection) {
+        // A host's first bytes can arrive before the guest kernel has taken in that the host
+        // connected (the port's data is served at once, its connect event later from a work
+        // queue), so a port whose hello was just read can read as closed for a moment. A
+        // handshake that waits for the key proof is therefore kept, its answer still queued
+        // for when the host end is back; it grants nothing until the proof comes, and the next
+        // hello of any other host replaces it. (Ended, it cost that host a second, until it
+        // sent its hello again.)
+        if pendingAuth != nil && execs.isEmpty && transfer == nil && tcpLinks.isEmpty && tcpListeners.isEmpty {
+            controlHost.hostLeft()
+            return
+        }
         if sessionActive || !execs.isEmpty || transfer != nil {
             log.info("host disconnected from the control port")
         }

@@ -157,7 +157,8 @@ enum Spawner {
         var stage: Int32 = 0
         let rc = command.withCString { file in
             (env["PATH"] ?? "").withCString { searchPath in
-                withOptionalCString(request.cwd.isEmpty ? nil : request.cwd) { cwd in
+                // An empty cwd is the root, as the protocol says, whatever the agent's own.
+                (request.cwd.isEmpty ? "/" : request.cwd).withCString { cwd in
                     withOptionalCString(slavePath) { tty in
                         withUnsafePointer(to: Self.resetSignals) { reset in
                             argv.withUnsafeBufferPointer { av in

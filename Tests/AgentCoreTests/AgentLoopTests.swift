@@ -183,9 +183,10 @@ struct RelayedPorts: PortOpener {
         }
     }
 
-    /// How a command starts: looked up in the PATH it is given, in its own process group,
-    /// with no signal blocked and SIGPIPE at its default (the agent blocks every signal around
-    /// the start and ignores SIGPIPE); and each way it can fail to start.
+    /// How a command starts: looked up in the PATH it is given, in the root unless told
+    /// otherwise, in its own process group, with no signal blocked and SIGPIPE at its default
+    /// (the agent blocks every signal around the start and ignores SIGPIPE); and each way it
+    /// can fail to start.
     @Test func aCommandStartsAsAShellWouldStartIt() throws {
         try withAgent(key: AgentKey.generate()) { endpoint, dir in
             let session = try AgentSession.connect(endpoint, timeout: 10)
@@ -199,6 +200,9 @@ struct RelayedPorts: PortOpener {
             let found = try ExecClient.capture(session, ["greet"], env: ["PATH=/no/such/dir:" + bin])
             #expect(found.stdoutText == "hello from \(bin)/greet\n")
             #expect(found.status == 0)
+            // With no working folder asked for, a command runs in the root, whatever the agent's.
+            #expect(FileManager.default.currentDirectoryPath != "/")
+            #expect(try ExecClient.capture(session, ["pwd"]).stdoutText == "/\n")
             // An empty PATH entry is the command's working folder.
             var here = ExecOptions(argv: ["greet"])
             here.env = ["PATH="]

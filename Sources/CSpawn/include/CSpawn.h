@@ -13,7 +13,7 @@ typedef struct {
     const char *search_path;
     char *const *argv;
     char *const *envp;
-    /// The child's working folder; NULL: the agent's.
+    /// The child's working folder; NULL: the agent's (the agent always names one).
     const char *cwd;
     /// A pseudo-terminal's slave: opened as 0, 1 and 2 in a new session, whose controlling
     /// terminal it becomes. NULL: `stdin_fd`, `stdout_fd` and `stderr_fd` become 0, 1 and 2,

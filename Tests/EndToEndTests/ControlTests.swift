@@ -23,7 +23,7 @@ final class Background: @unchecked Sendable {
             for line in String(decoding: data, as: UTF8.self).split(separator: "\n") { self.lines.append((Date(), String(line))) }
             self.lock.unlock()
         }
-        try process.run()
+        try launch(process)
     }
 
     var seen: [(Date, String)] {
@@ -142,7 +142,7 @@ extension EndToEnd {
             p.standardInput = FileHandle.nullDevice
             p.standardOutput = FileHandle(fileDescriptor: slave, closeOnDealloc: false)
             p.standardError = FileHandle(fileDescriptor: slave, closeOnDealloc: false)
-            try p.run()
+            try launch(p)
             close(slave)
             defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
 

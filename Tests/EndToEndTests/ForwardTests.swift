@@ -137,8 +137,7 @@ extension EndToEnd {
             // Not this process's output: a server left behind must not hold the test runner's pipe.
             httpd.standardOutput = FileHandle.nullDevice
             httpd.standardError = FileHandle.nullDevice
-            try httpd.run()
-            // SIGKILL: the runner may have SIGTERM blocked, and the child inherits that.
+            try launch(httpd)
             defer { kill(httpd.processIdentifier, SIGKILL); _ = reap(httpd, until: Date().addingTimeInterval(5)) }
             // The server listens a moment after it starts; the guest's request must not be first.
             let serving = eventually(10) {

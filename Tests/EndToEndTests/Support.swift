@@ -91,7 +91,7 @@ enum VC {
         let inPipe = Pipe()
         p.standardInput = stdin == nil ? FileHandle.nullDevice : inPipe
         let start = Date()
-        do { try p.run() } catch { return RunResult(code: -1, stdout: Data(), stderr: "\(error)", seconds: 0) }
+        do { try launch(p) } catch { return RunResult(code: -1, stdout: Data(), stderr: "\(error)", seconds: 0) }
         if let stdin {
             let writer = inPipe.fileHandleForWriting
             DispatchQueue.global().async {
@@ -154,6 +154,18 @@ func sameBytes(_ a: String, _ b: String) -> Bool {
 /// Whichever reaps the child first, this or Process's own SIGCHLD handler, the code is the same;
 /// reaping here as well covers a child that Process was seen to miss (one that exited while a
 /// daemon it started forked, as `libvirtd -d` does), which left its waitUntilExit hanging.
+/// Starts `process` with no signal blocked. The test runner's threads block most signals and a
+/// child starts with its parent thread's mask: a `libvirtd -d` that Scripts/remote-host started
+/// from here ignored SIGTERM for as long as it ran (each restart then waited 15 s for it before
+/// SIGKILL).
+func launch(_ process: Process) throws {
+    var none = sigset_t(), old = sigset_t()
+    sigemptyset(&none)
+    pthread_sigmask(SIG_SETMASK, &none, &old)
+    defer { pthread_sigmask(SIG_SETMASK, &old, nil) }
+    try process.run()
+}
+
 func reap(_ process: Process, until deadline: Date) -> Int32? {
     let pid = process.processIdentifier
     var status: Int32 = 0

@@ -150,10 +150,6 @@ func sameBytes(_ a: String, _ b: String) -> Bool {
     VC.runProgram("/usr/bin/cmp", ["-s", a, b]).code == 0
 }
 
-/// Waits for `process` until `deadline`; its exit code (128+N when signal N ended it), or nil.
-/// Whichever reaps the child first, this or Process's own SIGCHLD handler, the code is the same;
-/// reaping here as well covers a child that Process was seen to miss (one that exited while a
-/// daemon it started forked, as `libvirtd -d` does), which left its waitUntilExit hanging.
 /// Starts `process` with no signal blocked. The test runner's threads block most signals and a
 /// child starts with its parent thread's mask: a `libvirtd -d` that Scripts/remote-host started
 /// from here ignored SIGTERM for as long as it ran (each restart then waited 15 s for it before
@@ -166,6 +162,10 @@ func launch(_ process: Process) throws {
     try process.run()
 }
 
+/// Waits for `process` until `deadline`; its exit code (128+N when signal N ended it), or nil.
+/// Whichever reaps the child first, this or Process's own SIGCHLD handler, the code is the same;
+/// reaping here as well covers a child that Process was seen to miss (one that exited while a
+/// daemon it started forked, as `libvirtd -d` does), which left its waitUntilExit hanging.
 func reap(_ process: Process, until deadline: Date) -> Int32? {
     let pid = process.processIdentifier
     var status: Int32 = 0

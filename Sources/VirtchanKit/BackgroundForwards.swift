@@ -35,13 +35,13 @@ extension Hypervisor {
         for spec in specs where spec.direction == .remote { args += ["-R", spec.description] }
         args += ["--", name] + specs.filter { $0.direction == .local }.map(\.description)
         try Self.spawnDetached(args, ready: pipeFDs[1], log: path + ".log", what: "the background forward")
-        let line = Self.readLine(pipeFDs[0], timeout: timeout + 5)
-        if line == "ready", let data = FileManager.default.contents(atPath: path + ".json"),
-           let record = try? JSONDecoder().decode(ForwardRecord.self, from: data) {
-            return record
+        let what = "the background forward of \(name)"
+        let line = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, what: what, log: path + ".log")
+        guard line == "ready", let data = FileManager.default.contents(atPath: path + ".json"),
+              let record = try? JSONDecoder().decode(ForwardRecord.self, from: data) else {
+            throw TransportError(.agentGone, "\(what) ended before it served (see \(path).log)")
         }
-        if let line, line.hasPrefix("error ") { throw Self.decodeReadyError(String(line.dropFirst(6))) }
-        throw TransportError(.agentGone, "the background forward of \(name) ended before it served (see \(path).log)")
+        return record
     }
 
     /// Serves `specs` for `name` until SIGTERM, SIGINT or the end of the domain's session (the

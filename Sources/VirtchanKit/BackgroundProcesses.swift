@@ -55,8 +55,11 @@ extension Hypervisor {
         throw VirtchanError(.invalidRequest, "no virtchan executable to run in the background: install virtchan on PATH, set VIRTCHAN_EXECUTABLE, or open the Hypervisor with sharing: .direct")
     }
 
-    /// The one line a background process writes on its ready pipe (nothing comes after it).
-    static func readLine(_ fd: Int32, timeout: Double) -> String? {
+    /// The line a background process reports on its ready pipe (`ready`, `held`), waiting at
+    /// most `timeout`; throws what it reported as `error ...`, or that it ended without a
+    /// word, or that it is still starting. `what` names it ("the session holder of vm1"),
+    /// `log` is its log.
+    static func readyLine(_ fd: Int32, timeout: Double, what: String, log: String) throws -> String {
         var bytes: [UInt8] = []
         let deadline = Date().addingTimeInterval(timeout)
         var chunk = [UInt8](repeating: 0, count: 512)
@@ -64,15 +67,21 @@ extension Hypervisor {
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             let left = Int32(max(0, deadline.timeIntervalSinceNow) * 1000)
             let rc = poll(&p, 1, left)
-            if rc == 0 { return nil }
-            if rc < 0 { if errno == EINTR { continue }; return nil }
-            let n = read(fd, &chunk, chunk.count)
+            if rc < 0 && errno == EINTR { continue }
+            if rc == 0 {
+                // Still starting: waiting on libvirt, which answers nothing about a domain while
+                // its libvirtd waits to open one of the domain's channels (see ChannelStream).
+                throw TransportError(.busy, "\(what) did not start serving within \(formatSeconds(timeout)) (see \(log)): libvirt has not answered it, as happens while libvirtd waits for another client to let go of one of the domain's channels; it ends by itself once libvirt answers")
+            }
+            let n = rc < 0 ? -1 : read(fd, &chunk, chunk.count)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             bytes += chunk[0..<n]
         }
-        let line = bytes.prefix { $0 != 10 }
-        return line.isEmpty ? nil : String(decoding: line, as: UTF8.self)
+        let line = String(decoding: bytes.prefix { $0 != 10 }, as: UTF8.self)
+        if line.hasPrefix("error ") { throw decodeReadyError(String(line.dropFirst(6))) }
+        guard !line.isEmpty else { throw TransportError(.agentGone, "\(what) ended before it served (see \(log))") }
+        return line
     }
 
     /// Errors cross from a background process as `error LAYER CODE MESSAGE`, so the command

@@ -140,12 +140,17 @@ extension Hypervisor {
         } else {
             try spawnHolder(for: name, persist: persist, timeout: timeout, ready: pipeFDs[1], log: log)
         }
-        let line = Self.readLine(pipeFDs[0], timeout: timeout + 5)
+        let line: String
+        do {
+            line = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, what: "the session holder of \(name)", log: log)
+        } catch {
+            if let link { close(link) }
+            throw error
+        }
         if line == "ready" { return .ready(link) }
         if let link { close(link) }
         if line == "held" { return .alreadyHeld }
-        if let line, line.hasPrefix("error ") { throw Self.decodeReadyError(String(line.dropFirst(6))) }
-        throw TransportError(.agentGone, "the session holder of \(name) ended before it served (see \(holderSocket(for: name)).log)")
+        throw TransportError(.agentGone, "the session holder of \(name) ended before it served (see \(log))")
     }
 
     /// Runs `virtchan holder serve` for `name` in a session of its own, `ready` as its fd 3.
@@ -173,11 +178,24 @@ extension Hypervisor {
     /// ``SessionHolder/init(agent:listener:socketPath:options:openData:starter:log:)``).
     public func serveHolder(_ name: String, options: SessionHolder.Options, timeout: Double, ready: Int32?,
                             starter: Int32? = nil) -> Int32 {
-        func report(_ line: String) {
-            guard let ready else { return }
+        let status = serve(name, options: options, timeout: timeout, ready: ready, starter: starter)
+        // After the holder's files are gone: a channel that libvirt has not opened yet must
+        // still be closed by this process (see ChannelStream.settleAbandonedOpens).
+        ChannelStream.settleAbandonedOpens()
+        return status
+    }
+
+    private func serve(_ name: String, options: SessionHolder.Options, timeout: Double, ready: Int32?,
+                       starter: Int32?) -> Int32 {
+        /// Whether the line reached the command that started this holder (it stops waiting
+        /// after its timeout).
+        @discardableResult
+        func report(_ line: String) -> Bool {
+            guard let ready else { return true }
             let bytes = Array((line + "\n").utf8)
-            _ = bytes.withUnsafeBytes { writeFully(ready, $0) }
+            let delivered = bytes.withUnsafeBytes { writeFully(ready, $0) }
             close(ready)
+            return delivered
         }
         func log(_ line: String) {
             _ = Array("virtchan holder \(name): \(line)\n".utf8).withUnsafeBytes { writeFully(2, $0) }
@@ -207,7 +225,12 @@ extension Hypervisor {
             setNonBlocking(listener)
             // The command that started this holder waits for nothing but the socket, and its
             // hello is answered before the record for `holder list` is written.
-            report("ready")
+            guard report("ready") else {
+                // Nobody waits for this holder any more (it took longer than its starter's
+                // timeout, waiting on libvirt): end rather than keep the channel from others.
+                log("the command that started this holder stopped waiting for it; ending")
+                return 0
+            }
             let holder = SessionHolder(agent: agent, listener: listener, socketPath: socket, options: options,
                                        openData: openData, starter: starter, log: log)
             let why = holder.run {
@@ -223,9 +246,14 @@ extension Hypervisor {
             var error = error
             // A channel takes one client: another URI's holder of a domain of this name (this
             // machine reached as qemu:///system and as qemu+tcp://localhost, say) keeps it.
-            if let timeout = error as? TransportError, timeout.code == .timeout,
-               let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) {
-                error = TransportError(.busy, timeout.message + "; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
+            if let timeout = error as? TransportError, timeout.code == .timeout {
+                if let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) {
+                    error = TransportError(.busy, timeout.message + "; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
+                } else if !Connection.isLocal(uri: uri) {
+                    // The channel may be another client's on the domain's host, which this host
+                    // cannot see.
+                    error = TransportError(.timeout, timeout.message + "; if virtchan is in use on the domain's host, a session holder there keeps the channel ('virtchan holder list' there)")
+                }
             }
             log("cannot serve: \(error)")
             report(Self.encodeReadyError(error))
@@ -278,9 +306,9 @@ extension Hypervisor {
         // the domain's name and key.
         var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil, consoleLog: nil)
         loadCredentials(&endpoint)
-        let fd = try ChannelStream.open(domain, channel: controlName)
+        let fd = try ChannelStream.open(domain, channel: controlName, timeout: timeout)
         let session = try AgentSession.connect(endpoint, over: fd, timeout: timeout)
-        return (session, { try ChannelStream.open(domain, channel: dataName) }, [])
+        return (session, { try ChannelStream.open(domain, channel: dataName, timeout: timeout) }, [])
     }
 
     // MARK: listing and stopping

@@ -37,16 +37,15 @@ public final class ChannelStream: @unchecked Sendable {
     /// Opens the channel whose target name (or alias) is `channel` and returns the caller's
     /// end of the socket pair (close-on-exec, non-blocking). Closing it closes the stream.
     /// Needs ``startEventLoop()`` before the domain's connection was opened.
-    public static func open(_ domain: Domain, channel: String) throws(ProvisioningError) -> Int32 {
-        guard let stream = vc_virStreamNew(domain.connection.pointer, UInt32(VIR_STREAM_NONBLOCK.rawValue)) else {
-            throw ProvisioningError.fromLibvirt("cannot create a libvirt stream")
-        }
-        guard vc_virDomainOpenChannel(domain.pointer, channel, stream, 0) == 0 else {
-            let err = ProvisioningError.fromLibvirt("cannot open channel \(channel) of \(domain.name) on \(domain.connection.uri)",
-                                                    code: .libvirt)
-            vc_virStreamFree(stream)
-            throw err
-        }
+    ///
+    /// Gives up after `timeout` seconds. libvirtd opens the channel with a blocking connect to
+    /// QEMU's socket, holding the domain's lock meanwhile; QEMU serves one client per channel
+    /// and leaves the others in a short backlog, so while another client has the channel and
+    /// that backlog is full, the call does not return until the other client lets go (and the
+    /// domain is locked in libvirtd for as long). A call given up on goes on, on its own thread,
+    /// and drops the stream if it ever gets one; see ``settleAbandonedOpens()``.
+    public static func open(_ domain: Domain, channel: String, timeout: Double) throws(ProvisioningError) -> Int32 {
+        let stream = try openStream(domain, channel: channel, timeout: timeout)
         var pair: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
             vc_virStreamAbort(stream)
@@ -67,6 +66,81 @@ public final class ChannelStream: @unchecked Sendable {
             throw ProvisioningError.fromLibvirt("cannot watch channel \(channel) of \(domain.name)", code: .libvirt)
         }
         return pair[0]
+    }
+
+    /// virDomainOpenChannel on a thread of its own, waited for at most `timeout` seconds.
+    private static func openStream(_ domain: Domain, channel: String, timeout: Double) throws(ProvisioningError) -> virStreamPtr {
+        guard let pointer = vc_virStreamNew(domain.connection.pointer, UInt32(VIR_STREAM_NONBLOCK.rawValue)) else {
+            throw ProvisioningError.fromLibvirt("cannot create a libvirt stream")
+        }
+        let call = PendingOpen(stream: pointer)
+        let opener = Thread {
+            let failure = vc_virDomainOpenChannel(domain.pointer, channel, call.stream, 0) == 0 ? nil
+                : ProvisioningError.fromLibvirt("cannot open channel \(channel) of \(domain.name) on \(domain.connection.uri)", code: .libvirt)
+            call.finish(failure)
+        }
+        opener.name = "libvirt-open"
+        opener.start()
+        switch call.wait(seconds: timeout) {
+        case .opened:
+            return pointer
+        case .failed(let error) where error.message.contains("Active channel stream exists"):
+            throw ProvisioningError(.conflict, error.message + " (another libvirt client has this channel open: virtchan on another host, or virsh console; a stream whose client went away while it was being opened stays until libvirtd restarts)", libvirtCode: error.libvirtCode)
+        case .failed(let error):
+            throw error
+        case .gaveUp:
+            abandoned.withLock { $0.append(call) }
+            throw ProvisioningError(.timeout, "libvirt on \(domain.connection.uri) did not open channel \(channel) of \(domain.name) within \(formatSeconds(timeout)): another client has that channel (a virtchan command or session holder on the domain's host: 'virtchan holder list' there), and libvirtd waits for it to let go, doing nothing else with \(domain.name) meanwhile")
+        }
+    }
+
+    /// Waits until every open given up on has returned and dropped its stream. A process that
+    /// ends with one in flight leaves libvirtd holding the channel for good (it adds the stream
+    /// to a client that has already gone, and answers every later open with "Active channel
+    /// stream exists" until it restarts), so a process that gave up on one calls this before
+    /// it exits. It returns once the channel's other client lets go, or libvirt's connection
+    /// fails.
+    public static func settleAbandonedOpens() {
+        for call in abandoned.withLock({ $0 }) { call.waitUntilReturned() }
+        abandoned.withLock { $0.removeAll() }
+    }
+    private static let abandoned = Mutex<[PendingOpen]>([])
+
+    /// One virDomainOpenChannel call: its outcome, or that nobody waits for it any more.
+    private final class PendingOpen: @unchecked Sendable {
+        enum Outcome { case opened, failed(ProvisioningError), gaveUp }
+        let stream: virStreamPtr
+        private let state = Mutex<Outcome?>(nil)
+        private let done = DispatchSemaphore(value: 0)
+
+        init(stream: virStreamPtr) { self.stream = stream }
+
+        /// From the calling thread: the call's result. Frees the stream when the call failed
+        /// or the waiter has gone.
+        func finish(_ failure: ProvisioningError?) {
+            let abandoned = state.withLock { (outcome: inout Outcome?) -> Bool in
+                if case .gaveUp = outcome { return true }
+                outcome = failure.map { .failed($0) } ?? .opened
+                return false
+            }
+            if abandoned || failure != nil {
+                if failure == nil { vc_virStreamAbort(stream) }
+                vc_virResetLastError()
+                vc_virStreamFree(stream)
+            }
+            done.signal()
+        }
+
+        func waitUntilReturned() { done.wait() }
+
+        func wait(seconds: Double) -> Outcome {
+            _ = done.wait(timeout: .now() + seconds)
+            return state.withLock { (outcome: inout Outcome?) -> Outcome in
+                if let outcome { return outcome }
+                outcome = .gaveUp
+                return .gaveUp
+            }
+        }
     }
 
     /// Bridges stay alive until the process ends: a callback that libvirt queued before a

@@ -6,7 +6,7 @@ public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private enum Value: String, Sendable {
             case invalidArgument, invalidXML, conflict, notFound, notRunning, alreadyExists,
-                 connection, libvirt, notManaged, io, libraryMissing
+                 connection, libvirt, notManaged, io, libraryMissing, timeout
         }
         private let value: Value
         private init(_ v: Value) { value = v }
@@ -22,6 +22,8 @@ public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
         public static let io = Code(.io)
         /// libvirt or libxml2 cannot be loaded: the installation is broken.
         public static let libraryMissing = Code(.libraryMissing)
+        /// libvirt did not finish a call in the time given for it.
+        public static let timeout = Code(.timeout)
         public var description: String { value.rawValue }
         /// The code whose ``description`` is `name`, for errors that cross a process boundary.
         public init?(named name: String) {

@@ -295,9 +295,3 @@ func decodeOrThrow<M: WireMessage>(_ type: M.Type, _ frame: Frame) throws(Transp
         throw TransportError(.protocolViolation, "malformed \(frame.type) from the agent: \(error.message)")
     }
 }
-
-public func formatSeconds(_ s: Double) -> String {
-    // To a tenth: a timeout that went through a deadline reads 10 s, not 9.99999988079071 s.
-    let tenths = (s * 10).rounded()
-    return tenths.truncatingRemainder(dividingBy: 10) == 0 ? "\(Int(tenths / 10)) s" : "\(tenths / 10) s"
-}

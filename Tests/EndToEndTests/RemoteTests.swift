@@ -240,6 +240,37 @@ extension EndToEnd {
             #expect(VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"]).code == 0)
         }
 
+        /// While this host keeps the channel, each remote attempt leaves a connection waiting in
+        /// QEMU's short backlog; once that is full, libvirtd's open of the channel waits, holding
+        /// the domain. Every attempt still ends within its bound and says why; and once the
+        /// channel is let go, no process of those attempts is left, libvirt answers about the
+        /// domain, and no stream of the channel is left in libvirtd ("Active channel stream
+        /// exists"), so both URIs work again.
+        @Test func attemptsWhileTheChannelIsKeptEndInTimeAndLeaveNothing() throws {
+            try ready()
+            #expect(VC.run(["ping", name, "-n", "1", "--persist", "300"]).code == 0)
+            var messages: [String] = []
+            for _ in 0..<5 {
+                let r = VC.run(["wait", "-c", RemoteHost.tcp, name, "--timeout", "3"], timeout: 60)
+                #expect(r.code == 1)
+                #expect(r.seconds < 15, "\(r.stderr)")
+                messages.append(r.stderr)
+                if r.stderr.contains("did not open channel") { break }
+            }
+            #expect(messages.last?.contains("libvirt on \(RemoteHost.tcp) did not open channel org.virtchan.control of \(name) within 3 s") == true,
+                    "\(messages)")
+            #expect(messages.dropLast().allSatisfy { $0.contains("virtchan holder stop --connect qemu:///system \(name)") }, "\(messages)")
+            let attempts = "pgrep -f -- 'wait -c \(RemoteHost.tcp.replacingOccurrences(of: "+", with: "\\+"))'"
+            #expect(RemoteHost.shell(attempts).code == 0, "the attempt whose open libvirt still runs waits for it")
+            _ = VC.run(["holder", "stop", "--all"])
+            #expect(eventually(30) { RemoteHost.shell(attempts).code == 1 })
+            #expect(RemoteHost.shell("virsh -c qemu:///system domstate \(name)", timeout: 10).out.contains("running"))
+            let remote = VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1", "--persist", "0"], timeout: 60)
+            #expect(remote.code == 0, "\(remote.stderr)")
+            let local = VC.run(["ping", name, "-n", "1", "--persist", "0"], timeout: 60)
+            #expect(local.code == 0, "\(local.stderr)")
+        }
+
         /// create over each transport: the kernel and the domain's initramfs go up as volumes of
         /// the pool 'virtchan', the key stays here, the first-boot script runs, and destroy takes
         /// the domain's volume and state away but leaves the shared kernel.

@@ -1,5 +1,5 @@
 import Testing
-import VirtchanTransport
+import VirtchanProtocol
 
 /// Durations in messages read as a person would write them.
 @Test func secondsReadToATenth() {

@@ -163,8 +163,7 @@ extension Agent {
         var challenge: [UInt8] = []
         var capabilities = Self.capabilities
         if options.key != nil {
-            var rng = SystemRandomNumberGenerator()
-            challenge = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            challenge = randomBytes(16)
             pendingAuth = (hello.nonce, challenge)
             capabilities.append(Capability.auth)
         }

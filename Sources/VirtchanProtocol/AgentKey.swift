@@ -23,11 +23,7 @@ public struct AgentKey: Sendable, Equatable {
     }
 
     /// A new random key.
-    public static func generate() -> AgentKey {
-        var rng = SystemRandomNumberGenerator()
-        // SystemRandomNumberGenerator reads the kernel's CSPRNG (getrandom).
-        return AgentKey(bytes: (0..<byteCount).map { _ in UInt8.random(in: 0...255, using: &rng) })!
-    }
+    public static func generate() -> AgentKey { AgentKey(bytes: randomBytes(byteCount))! }
 
     /// The file form.
     public var fileText: String { hexString(bytes) + "\n" }
@@ -57,4 +53,14 @@ public func hmacSHA256(key: [UInt8], message: [UInt8]) -> [UInt8] {
     var outer = SHA256Digest()
     outer.update(k.map { $0 ^ 0x5c } + inner.digest())
     return outer.digest()
+}
+
+/// `count` bytes from the kernel's CSPRNG (SystemRandomNumberGenerator reads getrandom), eight
+/// per read: a nonce costs two system calls, not one per byte.
+public func randomBytes(_ count: Int) -> [UInt8] {
+    var rng = SystemRandomNumberGenerator()
+    var bytes: [UInt8] = []
+    bytes.reserveCapacity(count + 7)
+    while bytes.count < count { withUnsafeBytes(of: rng.next()) { bytes += $0 } }
+    return Array(bytes.prefix(count))
 }

@@ -107,8 +107,7 @@ public final class AgentSession {
     /// Hello (resent each second until answered), then the key proof when the agent asks.
     private static func handshake(_ endpoint: AgentEndpoint, _ control: FramedConnection, held: Bool,
                                   timeout: Double) throws(TransportError) -> HelloAck {
-        var rng = SystemRandomNumberGenerator()
-        let nonce = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let nonce = randomBytes(16)
         let hello = Hello(nonce: nonce, client: "virtchan")
         let deadline = monotonicNanos() + UInt64(timeout * 1e9)
         var lastSent: UInt64 = 0

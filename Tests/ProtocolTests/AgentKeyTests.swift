@@ -26,6 +26,13 @@ import VirtchanProtocol
         #expect(AgentKey.generate() != AgentKey.generate())
     }
 
+    /// Nonces and keys come whole at any length, and never twice the same.
+    @Test func randomBytesHaveTheLengthAskedAndDiffer() {
+        for count in [0, 1, 7, 8, 16, 33] { #expect(randomBytes(count).count == count) }
+        #expect(randomBytes(16) != randomBytes(16))
+        #expect(AgentKey.generate() != AgentKey.generate())
+    }
+
     @Test func proofsBindTheKeyAndBothNonces() {
         let key = AgentKey.generate()
         let nonce: [UInt8] = Array(0..<16), challenge: [UInt8] = Array(16..<32)

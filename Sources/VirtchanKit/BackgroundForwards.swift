@@ -36,10 +36,10 @@ extension Hypervisor {
         args += ["--", name] + specs.filter { $0.direction == .local }.map(\.description)
         try Self.spawnDetached(args, ready: pipeFDs[1], log: path + ".log", what: "the background forward")
         let what = "the background forward of \(name)"
-        let line = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, what: what, log: path + ".log")
-        guard line == "ready", let data = FileManager.default.contents(atPath: path + ".json"),
+        _ = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, what: what, log: path + ".log")
+        guard let data = FileManager.default.contents(atPath: path + ".json"),
               let record = try? JSONDecoder().decode(ForwardRecord.self, from: data) else {
-            throw TransportError(.agentGone, "\(what) ended before it served (see \(path).log)")
+            throw Self.endedBeforeServing(what, log: path + ".log")
         }
         return record
     }

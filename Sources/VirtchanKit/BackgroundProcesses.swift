@@ -55,11 +55,12 @@ extension Hypervisor {
         throw VirtchanError(.invalidRequest, "no virtchan executable to run in the background: install virtchan on PATH, set VIRTCHAN_EXECUTABLE, or open the Hypervisor with sharing: .direct")
     }
 
-    /// The line a background process reports on its ready pipe (`ready`, `held`), waiting at
-    /// most `timeout`; throws what it reported as `error ...`, or that it ended without a
-    /// word, or that it is still starting. `what` names it ("the session holder of vm1"),
-    /// `log` is its log.
-    static func readyLine(_ fd: Int32, timeout: Double, what: String, log: String) throws -> String {
+    /// The line a background process reports on its ready pipe, one of `accepted` (`ready`,
+    /// `held`), waiting at most `timeout`; throws what it reported as `error ...`, or that it
+    /// ended without one of those, or that it is still starting. `what` names it ("the session
+    /// holder of vm1"), `log` is its log.
+    static func readyLine(_ fd: Int32, timeout: Double, accepting accepted: Set<String> = ["ready"],
+                          what: String, log: String) throws -> String {
         var bytes: [UInt8] = []
         let deadline = Date().addingTimeInterval(timeout)
         var chunk = [UInt8](repeating: 0, count: 512)
@@ -80,8 +81,12 @@ extension Hypervisor {
         }
         let line = String(decoding: bytes.prefix { $0 != 10 }, as: UTF8.self)
         if line.hasPrefix("error ") { throw decodeReadyError(String(line.dropFirst(6))) }
-        guard !line.isEmpty else { throw TransportError(.agentGone, "\(what) ended before it served (see \(log))") }
+        guard accepted.contains(line) else { throw endedBeforeServing(what, log: log) }
         return line
+    }
+
+    static func endedBeforeServing(_ what: String, log: String) -> TransportError {
+        TransportError(.agentGone, "\(what) ended before it served (see \(log))")
     }
 
     /// Errors cross from a background process as `error LAYER CODE MESSAGE`, so the command

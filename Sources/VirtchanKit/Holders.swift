@@ -140,17 +140,13 @@ extension Hypervisor {
         } else {
             try spawnHolder(for: name, persist: persist, timeout: timeout, ready: pipeFDs[1], log: log)
         }
-        let line: String
-        do {
-            line = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, what: "the session holder of \(name)", log: log)
-        } catch {
-            if let link { close(link) }
-            throw error
-        }
-        if line == "ready" { return .ready(link) }
-        if let link { close(link) }
-        if line == "held" { return .alreadyHeld }
-        throw TransportError(.agentGone, "the session holder of \(name) ended before it served (see \(log))")
+        var served = false
+        defer { if !served, let link { close(link) } }
+        let line = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, accepting: ["ready", "held"],
+                                      what: "the session holder of \(name)", log: log)
+        guard line == "ready" else { return .alreadyHeld }
+        served = true
+        return .ready(link)
     }
 
     /// Runs `virtchan holder serve` for `name` in a session of its own, `ready` as its fd 3.

@@ -16,7 +16,7 @@ import Testing
     func read(_ text: String?, closing: Bool = true, timeout: Double = 5) -> Result<String, Error> {
         let p = pipeWith(text, close: closing)
         defer { close(p.read); if !closing { close(p.write) } }
-        return Result { try Hypervisor.readyLine(p.read, timeout: timeout, what: "the session holder of vm1", log: "/run/x.log") }
+        return Result { try Hypervisor.readyLine(p.read, timeout: timeout, accepting: ["ready", "held"], what: "the session holder of vm1", log: "/run/x.log") }
     }
 
     @Test func theLineIsReturned() throws {

@@ -51,8 +51,8 @@ public final class Agent: @unchecked Sendable {
 
     static let capabilities = [Capability.ping, Capability.info, Capability.exec, Capability.execStdin,
                                Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.execResize,
-                               Capability.execConcurrent, Capability.execFlow, Capability.execInputWindow, Capability.filePush,
-                               Capability.filePull, Capability.tree, Capability.sha256, Capability.tcpForward]
+                               Capability.execConcurrent, Capability.execFlow, Capability.execInputWindow, Capability.execNoInput,
+                               Capability.filePush, Capability.filePull, Capability.tree, Capability.sha256, Capability.tcpForward]
     /// While this much control output is queued, the agent stops reading child output.
     let outputHighWater = 1 << 20
     /// While this much stdin of processes whose host sends it without a window waits, the

@@ -90,7 +90,9 @@ enum Spawner {
         return set
     }()
 
-    static func spawn(_ request: ExecStart, id: UInt32) throws(SpawnFailure) -> ExecProcess {
+    /// Starts `request`'s command. With `noInput` (and no tty), its stdin is /dev/null and it
+    /// has no stdin pipe.
+    static func spawn(_ request: ExecStart, id: UInt32, noInput: Bool = false) throws(SpawnFailure) -> ExecProcess {
         guard let command = request.argv.first, !command.isEmpty else {
             throw SpawnFailure(code: .badRequest, errno: 0, message: "no command given")
         }
@@ -129,7 +131,17 @@ enum Spawner {
             stdinParent = master
             stdoutParent = master
         } else {
-            for (childFD, parentReads) in [(0, false), (1, true), (2, true)] {
+            var streams = [(0, false), (1, true), (2, true)]
+            if noInput {
+                let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+                if null >= 0 {
+                    childFDs.append(null)
+                    childStdio[0] = null
+                    streams.removeFirst()
+                }
+                // Without /dev/null, a pipe whose write end goes at once reads as empty all the same.
+            }
+            for (childFD, parentReads) in streams {
                 guard let p = makePipe() else {
                     let e = errno
                     cleanup()
@@ -193,6 +205,11 @@ enum Spawner {
             default:
                 throw SpawnFailure(code: .failed, errno: rc, message: "\(command): \(errnoText(rc))")
             }
+        }
+        if noInput && !request.tty && stdinParent >= 0 {
+            parentFDs.removeAll { $0 == stdinParent }
+            close(stdinParent)
+            stdinParent = -1
         }
         for fd in parentFDs { setNonBlocking(fd) }
         return ExecProcess(id: id, pid: pid, tty: request.tty, stdin: stdinParent, stdout: stdoutParent, stderr: stderrParent)

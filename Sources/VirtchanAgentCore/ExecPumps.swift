@@ -2,7 +2,7 @@ import Glibc
 import VirtchanProtocol
 
 extension Agent {
-    func startExec(_ request: ExecStart, id: UInt32, inputWindowed: Bool) {
+    func startExec(_ request: ExecStart, id: UInt32, inputWindowed: Bool, noInput: Bool = false) {
         guard execs[id] == nil else { return fail(id, .badRequest, "request \(id) already runs a command") }
         guard execs.count < maxExecs else {
             return fail(id, .busy, "\(maxExecs) commands are already running in this session")
@@ -13,7 +13,7 @@ extension Agent {
             return fail(id, .denied, "running \(command) is denied by the agent's policy")
         }
         do {
-            let process = try Spawner.spawn(request, id: id)
+            let process = try Spawner.spawn(request, id: id, noInput: noInput)
             process.inputWindowed = inputWindowed
             execs[id] = process
             log.debug("exec \(id): \(request.argv.joined(separator: " ")) as pid \(process.pid)")

@@ -47,7 +47,8 @@ extension Agent {
             case .infoRequest:
                 reply(makeInfo(), id: frame.id)
             case .execStart:
-                startExec(try ExecStart.decode(frame), id: frame.id, inputWindowed: frame.flags & execStartInputWindow != 0)
+                startExec(try ExecStart.decode(frame), id: frame.id, inputWindowed: frame.flags & execStartInputWindow != 0,
+                          noInput: frame.flags & execStartNoInput != 0)
             case .execInput:
                 guard let exec = execs[frame.id] else { return }
                 exec.inputReceived += frame.payload.count

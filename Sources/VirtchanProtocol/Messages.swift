@@ -81,6 +81,9 @@ public enum Capability {
     /// The agent takes a process's stdin within a window, for a host that asks for it
     /// (`execStartInputWindow`), and acknowledges what it took with execInputWindow.
     public static let execInputWindow = "exec-input-window"
+    /// The agent starts the process of an execStart with `execStartNoInput` with its stdin
+    /// on /dev/null, and the host sends it no input, not even an EOF.
+    public static let execNoInput = "exec-no-input"
     public static let filePush = "file-push"
     public static let filePull = "file-pull"
     public static let tree = "tree"
@@ -358,6 +361,9 @@ public let execFlowPause: UInt16 = 1
 /// input as fast as it comes, and a process that does not read its stdin stalls the session
 /// once enough piles up.
 public let execStartInputWindow: UInt16 = 1
+/// execStart flag: the process gets no input; its stdin is /dev/null (as `ssh -n` gives),
+/// and no execInput follows. For an agent that announces `exec-no-input`; ignored with a tty.
+public let execStartNoInput: UInt16 = 2
 
 public enum ExecLimits {
     /// Bytes of a process's stdin the host may send before the agent acknowledges them.

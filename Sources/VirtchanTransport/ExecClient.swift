@@ -8,7 +8,8 @@ public struct ExecOptions: Sendable {
     public var tty = false
     /// Kill the guest process after this many seconds (the result is then `timedOut`).
     public var timeout: Double?
-    /// Forward the host's stdin until EOF; off, the guest process gets EOF at once.
+    /// Forward the host's stdin until EOF; off, the guest process reads EOF at once (without a
+    /// tty its stdin is /dev/null, from an agent that announces `exec-no-input`).
     public var forwardStdin = true
     /// Forward this process's SIGINT, SIGTERM, SIGHUP and SIGQUIT (and SIGWINCH with `tty`) to
     /// the guest process. Process-wide: off for commands that run side by side in one process.
@@ -61,7 +62,10 @@ public enum ExecClient {
         // Stdin goes at most a window ahead of what the agent took, so that a process that does
         // not read it holds back only its own input, not the session's other requests.
         let windowed = options.forwardStdin && session.hello.capabilities.contains(Capability.execInputWindow)
-        let startReply = try session.request(start.frame(id: id, flags: windowed ? execStartInputWindow : 0), timeout: 30)
+        // No input: stdin is /dev/null from the start, and no EOF has to follow the request.
+        let noInput = !options.forwardStdin && !options.tty && session.hello.capabilities.contains(Capability.execNoInput)
+        let flags = (windowed ? execStartInputWindow : 0) | (noInput ? execStartNoInput : 0)
+        let startReply = try session.request(start.frame(id: id, flags: flags), timeout: 30)
         var result = ExecResult()
         result.pid = try decodeOrThrow(ExecStarted.self, startReply).pid
 
@@ -102,7 +106,7 @@ public enum ExecClient {
 
         var stdinOpen = options.forwardStdin
         var inputAhead = 0
-        if !stdinOpen { session.send(Frame(.execInput, id: id, flags: execInputEOF)) }
+        if !stdinOpen && !noInput { session.send(Frame(.execInput, id: id, flags: execInputEOF)) }
         var stdoutOK = true, stderrOK = true
         let timeoutAt = options.timeout.map { monotonicNanos() + UInt64($0 * 1e9) }
         var killSentAt: UInt64?

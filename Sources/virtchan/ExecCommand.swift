@@ -29,7 +29,7 @@ struct Exec: ParsableCommand {
     @Option(name: .customLong("env"), help: "Set KEY=VALUE in the command's environment (repeatable).") var env: [String] = []
     @Option(help: "Working directory in the guest.") var cwd: String?
     @Flag(name: [.customShort("t"), .long], help: "Run the command on a pseudo-terminal.") var tty = false
-    @Flag(name: [.customShort("n"), .customLong("no-stdin")], help: "Do not forward stdin.") var noStdin = false
+    @Flag(name: [.customShort("n"), .customLong("no-stdin")], help: "Do not forward stdin: the command's stdin is /dev/null (with -t, it gets EOF at once).") var noStdin = false
     // ArgumentParser takes no positional list before the one after --: both are one list here,
     // split at the first --.
     @Argument(parsing: .allUnrecognized,

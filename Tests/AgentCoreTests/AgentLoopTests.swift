@@ -366,6 +366,28 @@ extension AgentLoopTests {
         }
     }
 
+    /// A command started with no input reads /dev/null as its stdin and ends without any
+    /// input frame; input sent to it anyway is dropped, and a command in the same session that
+    /// takes input still gets its own.
+    @Test func aCommandGivenNoInputReadsDevNull() throws {
+        try withAgent(key: AgentKey.generate()) { endpoint, _ in
+            let session = try AgentSession.connect(endpoint, timeout: 10)
+            #expect(session.hello.capabilities.contains(Capability.execNoInput))
+            session.send(ExecStart(argv: ["/bin/sh", "-c", "readlink /proc/self/fd/0; cat; echo done"]).frame(id: 400, flags: execStartNoInput))
+            session.send(ExecStart(argv: ["/bin/sh", "-c", "cat; echo done"]).frame(id: 401, flags: execStartInputWindow))
+            session.send(Frame(.execInput, id: 400, payload: Array("dropped\n".utf8)))
+            session.send(Frame(.execInput, id: 401, payload: Array("kept\n".utf8)))
+            session.send(Frame(.execInput, id: 401, flags: execInputEOF))
+            let frames = try collectExecs(session, [400, 401], within: 10)
+            #expect(output(frames, 400) == "/dev/null\ndone\n")
+            #expect(output(frames, 401) == "kept\ndone\n")
+            for id: UInt32 in [400, 401] {
+                let exit = try #require(frames.first { $0.id == id && $0.type == .execExit })
+                #expect(try ExecExit.decode(exit).code == 0)
+            }
+        }
+    }
+
     /// Well over a hundred commands run at once in one session (a session holder's session
     /// carries every command on the domain), each with its own exit status.
     @Test func manyCommandsRunAtOnceInOneSession() throws {

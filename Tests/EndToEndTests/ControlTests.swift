@@ -197,6 +197,21 @@ extension EndToEnd {
             #expect(hashed.out.hasPrefix(sha256Hex(blob)))
         }
 
+        /// With -n the command reads nothing, whatever this side's stdin holds: its stdin is
+        /// /dev/null, as under `ssh -n`; with -t as well, it reads EOF at once.
+        @Test func noStdinGivesTheCommandDevNull() throws {
+            try SharedGuest.require()
+            let plain = VC.run(["exec", name, "-n", "--", "sh", "-c", "readlink /proc/self/fd/0; cat; echo end"],
+                               stdin: Data("not for the guest\n".utf8), timeout: 60)
+            #expect(plain.code == 0)
+            #expect(plain.out == "/dev/null\nend\n", "\(plain.stderr)")
+            let tty = VC.run(["exec", name, "-t", "-n", "--", "sh", "-c", "cat; echo end"],
+                             stdin: Data("not for the guest\n".utf8), timeout: 60)
+            #expect(tty.code == 0)
+            #expect(tty.out.hasSuffix("end\r\n"), "\(tty.out) \(tty.stderr)")
+            #expect(!tty.out.contains("not for the guest"))
+        }
+
         /// `virtchan exec vm -- yes | head -2` ends as the local pipeline would: the guest
         /// process gets SIGPIPE once nobody reads, and its 141 comes back.
         @Test func closedOutputPipeStopsTheGuestProcess() throws {

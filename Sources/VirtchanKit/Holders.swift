@@ -284,9 +284,7 @@ extension Hypervisor {
             }, [control, data])
         }
         // A remote domain: libvirt streams over the connection's own transport (ssh, TLS, TCP).
-        try ChannelStream.startEventLoop()
         let conn = try connection()
-        conn.setKeepAlive(interval: 5, count: 3)
         let domain = try conn.requireDomain(name)
         guard domain.isActive else {
             throw VirtchanError(.notRunning, "domain \(name) is not running on \(uri) (start it with: virsh -c \(uri) start \(name))")

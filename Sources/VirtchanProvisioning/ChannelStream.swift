@@ -17,26 +17,9 @@ import Synchronization
 /// so a blocking receive on one thread would stall a send on another: the bridge uses a
 /// non-blocking stream and libvirt's event callbacks instead, all on the event-loop thread.
 public final class ChannelStream: @unchecked Sendable {
-    /// Installs libvirt's default event loop and runs it on a thread of its own. Streams and
-    /// keepalives need it; it must run before the connection that uses them is opened.
-    public static func startEventLoop() throws(ProvisioningError) {
-        try eventLoop.withLock { (started: inout Bool) throws(ProvisioningError) in
-            if started { return }
-            if let reason = vc_virt_load() { throw ProvisioningError(.connection, String(cString: reason)) }
-            guard vc_virEventRegisterDefaultImpl() == 0 else {
-                throw ProvisioningError.fromLibvirt("cannot start libvirt's event loop")
-            }
-            let thread = Thread { while vc_virEventRunDefaultImpl() == 0 {} }
-            thread.name = "libvirt-events"
-            thread.start()
-            started = true
-        }
-    }
-    private static let eventLoop = Mutex(false)
-
     /// Opens the channel whose target name (or alias) is `channel` and returns the caller's
     /// end of the socket pair (close-on-exec, non-blocking). Closing it closes the stream.
-    /// Needs ``startEventLoop()`` before the domain's connection was opened.
+    /// Needs libvirt's event loop, which every ``Connection`` starts before it opens.
     ///
     /// Gives up after `timeout` seconds. libvirtd opens the channel with a blocking connect to
     /// QEMU's socket, holding the domain's lock meanwhile; QEMU serves one client per channel
@@ -73,20 +56,25 @@ public final class ChannelStream: @unchecked Sendable {
         guard let pointer = vc_virStreamNew(domain.connection.pointer, UInt32(VIR_STREAM_NONBLOCK.rawValue)) else {
             throw ProvisioningError.fromLibvirt("cannot create a libvirt stream")
         }
-        let call = PendingOpen(stream: pointer)
-        let opener = Thread {
-            let failure = vc_virDomainOpenChannel(domain.pointer, channel, call.stream, 0) == 0 ? nil
-                : ProvisioningError.fromLibvirt("cannot open channel \(channel) of \(domain.name) on \(domain.connection.uri)", code: .libvirt)
-            call.finish(failure)
-        }
-        opener.name = "libvirt-open"
-        opener.start()
+        nonisolated(unsafe) let stream = pointer
+        let call = BoundedCall<Void>(name: "libvirt-open", {
+            guard vc_virDomainOpenChannel(domain.pointer, channel, stream, 0) == 0 else {
+                let failure = ProvisioningError.fromLibvirt("cannot open channel \(channel) of \(domain.name) on \(domain.connection.uri)", code: .libvirt)
+                vc_virStreamFree(stream)
+                return .failure(failure)
+            }
+            return .success(())
+        }, discard: {
+            vc_virStreamAbort(stream)
+            vc_virResetLastError()
+            vc_virStreamFree(stream)
+        })
         switch call.wait(seconds: timeout) {
-        case .opened:
+        case .finished(.success):
             return pointer
-        case .failed(let error) where error.message.contains("Active channel stream exists"):
+        case .finished(.failure(let error)) where error.message.contains("Active channel stream exists"):
             throw ProvisioningError(.conflict, error.message + " (another libvirt client has this channel open: virtchan on another host, or virsh console; a stream whose client went away while it was being opened stays until libvirtd restarts)", libvirtCode: error.libvirtCode)
-        case .failed(let error):
+        case .finished(.failure(let error)):
             throw error
         case .gaveUp:
             abandoned.withLock { $0.append(call) }
@@ -104,44 +92,7 @@ public final class ChannelStream: @unchecked Sendable {
         for call in abandoned.withLock({ $0 }) { call.waitUntilReturned() }
         abandoned.withLock { $0.removeAll() }
     }
-    private static let abandoned = Mutex<[PendingOpen]>([])
-
-    /// One virDomainOpenChannel call: its outcome, or that nobody waits for it any more.
-    private final class PendingOpen: @unchecked Sendable {
-        enum Outcome { case opened, failed(ProvisioningError), gaveUp }
-        let stream: virStreamPtr
-        private let state = Mutex<Outcome?>(nil)
-        private let done = DispatchSemaphore(value: 0)
-
-        init(stream: virStreamPtr) { self.stream = stream }
-
-        /// From the calling thread: the call's result. Frees the stream when the call failed
-        /// or the waiter has gone.
-        func finish(_ failure: ProvisioningError?) {
-            let abandoned = state.withLock { (outcome: inout Outcome?) -> Bool in
-                if case .gaveUp = outcome { return true }
-                outcome = failure.map { .failed($0) } ?? .opened
-                return false
-            }
-            if abandoned || failure != nil {
-                if failure == nil { vc_virStreamAbort(stream) }
-                vc_virResetLastError()
-                vc_virStreamFree(stream)
-            }
-            done.signal()
-        }
-
-        func waitUntilReturned() { done.wait() }
-
-        func wait(seconds: Double) -> Outcome {
-            _ = done.wait(timeout: .now() + seconds)
-            return state.withLock { (outcome: inout Outcome?) -> Outcome in
-                if let outcome { return outcome }
-                outcome = .gaveUp
-                return .gaveUp
-            }
-        }
-    }
+    private static let abandoned = Mutex<[BoundedCall<Void>]>([])
 
     /// Bridges stay alive until the process ends: a callback that libvirt queued before a
     /// bridge was torn down may still run, and must find it.

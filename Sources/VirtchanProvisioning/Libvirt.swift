@@ -1,5 +1,7 @@
 import CLibvirt
 import Foundation
+import Synchronization
+import VirtchanProtocol
 
 /// A connection to libvirt. The class owns the `virConnectPtr`.
 public final class Connection: @unchecked Sendable {
@@ -24,11 +26,19 @@ public final class Connection: @unchecked Sendable {
             throw ProvisioningError(.connection, String(cString: reason))
         }
         _ = Self.setup
+        // Keepalives need the event loop running before the connection opens. Without them, a
+        // libvirtd that stops answering (stopped, hung, or behind a link that went down without
+        // a word) keeps every call waiting for ever.
+        let keepAlive = (try? Self.startEventLoop()) != nil
         let target = uri ?? Self.defaultURI
-        guard let p = ConnectionGate.shared.withSlot(for: target, { Self.open(target) }) else {
-            let err = ProvisioningError.fromLibvirt("cannot connect to \(target)", code: .connection)
+        switch ConnectionGate.shared.withSlot(for: target, { Self.openBounded(target) }) {
+        case .success(let handle):
+            pointer = handle.pointer
+        case .failure(let err):
             var hint = ""
-            if target.hasSuffix(":///system") && geteuid() != 0 {
+            if err.code == .timeout {
+                // The message says it all: the daemon is there, and silent.
+            } else if target.hasSuffix(":///system") && geteuid() != 0 {
                 // As a plain user, any failure here is libvirt refusing: it does not mean
                 // that the daemon is down.
                 hint = "; permission denied: only root (or a user that libvirt's polkit or socket permissions admit) may use \(target). Run virtchan as root, or use domains of your own with --connect qemu:///session"
@@ -37,13 +47,67 @@ public final class Connection: @unchecked Sendable {
             } else if err.message.contains("kex_exchange_identification") {
                 hint = "; the ssh server turned the connection away before the key exchange, 5 times in a row: it may be at its limit of connections being set up (MaxStartups in its sshd_config), or refuse this client"
             }
-            throw ProvisioningError(.connection, err.message + hint, libvirtCode: err.libvirtCode)
+            throw ProvisioningError(err.code, err.message + hint, libvirtCode: err.libvirtCode)
         }
-        pointer = p
         self.uri = target
+        if keepAlive { setKeepAlive(interval: Self.keepAliveInterval, count: Self.keepAliveCount) }
     }
 
+    /// A libvirtd that leaves this many probes, this many seconds apart, unanswered is taken
+    /// for gone: what waits on it fails about 20 s after it fell silent.
+    public static let keepAliveInterval: Int32 = 5
+    public static let keepAliveCount: UInt32 = 3
+
+    /// Installs libvirt's default event loop and runs it on a thread of its own, once per
+    /// process. Keepalives and channel streams need it; it must run before the connection
+    /// that uses them is opened (``init(uri:)`` sees to that).
+    public static func startEventLoop() throws(ProvisioningError) {
+        try eventLoop.withLock { (started: inout Bool) throws(ProvisioningError) in
+            if started { return }
+            if let reason = vc_virt_load() { throw ProvisioningError(.connection, String(cString: reason)) }
+            guard vc_virEventRegisterDefaultImpl() == 0 else {
+                throw ProvisioningError.fromLibvirt("cannot start libvirt's event loop")
+            }
+            let thread = Thread { while vc_virEventRunDefaultImpl() == 0 {} }
+            thread.name = "libvirt-events"
+            thread.start()
+            started = true
+        }
+    }
+    private static let eventLoop = Mutex(false)
+
     deinit { vc_virConnectClose(pointer) }
+
+    /// Seconds an open may take before it is given up on: a libvirtd that was stopped or hangs
+    /// accepts the connection and never answers, and keepalives start only once it is open.
+    /// `VIRTCHAN_CONNECT_TIMEOUT` sets it; else 30 s on this host, 90 s to another (an ssh
+    /// transport may ask for a password or a host key first).
+    static func openTimeout(for uri: String) -> Double {
+        if let text = getenv("VIRTCHAN_CONNECT_TIMEOUT").map({ String(cString: $0) }),
+           let seconds = Double(text), seconds > 0 { return seconds }
+        return remoteHost(of: uri) == nil ? 30 : 90
+    }
+
+    /// A connection as a value that may cross threads.
+    private struct Handle: @unchecked Sendable { let pointer: virConnectPtr }
+
+    /// ``open(_:)`` on a thread of its own, waited for at most ``openTimeout(for:)``; an open
+    /// given up on closes its connection if it ever gets one.
+    private static func openBounded(_ target: String) -> Result<Handle, ProvisioningError> {
+        let call = BoundedCall<Handle>(name: "libvirt-connect", {
+            guard let p = open(target) else {
+                return .failure(ProvisioningError.fromLibvirt("cannot connect to \(target)", code: .connection))
+            }
+            return .success(Handle(pointer: p))
+        }, discard: { vc_virConnectClose($0.pointer) })
+        let timeout = openTimeout(for: target)
+        switch call.wait(seconds: timeout) {
+        case .finished(let result):
+            return result
+        case .gaveUp:
+            return .failure(ProvisioningError(.timeout, "cannot connect to \(target): libvirtd did not answer within \(formatSeconds(timeout)); it may be stopped or hung (see: systemctl status libvirtd, on its host), or the link to its host down"))
+        }
+    }
 
     /// `virConnectOpen`, tried again (up to 5 times in about 3 s) while an ssh server turns the
     /// connection away before the key exchange, as one at its limit of connections being set
@@ -124,8 +188,9 @@ public final class Connection: @unchecked Sendable {
 
     /// Has libvirt probe the far end every `interval` seconds and drop the connection after
     /// `count` probes go unanswered, so a lost network link fails what waits on it instead of
-    /// hanging. Needs libvirt's event loop (``ChannelStream/startEventLoop()``). The
-    /// corresponding C function is `virConnectSetKeepAlive`.
+    /// hanging. Needs libvirt's event loop (``startEventLoop()``); every connection starts
+    /// with ``keepAliveInterval`` and ``keepAliveCount``. The corresponding C function is
+    /// `virConnectSetKeepAlive`.
     public func setKeepAlive(interval: Int32, count: UInt32) {
         if vc_virConnectSetKeepAlive(pointer, interval, count) < 0 { vc_virResetLastError() }
     }

@@ -59,6 +59,10 @@ public struct ProvisioningError: Error, CustomStringConvertible, Sendable {
         var resolved = code
         if number == Int32(VIR_ERR_NO_DOMAIN.rawValue) { resolved = .notFound }
         if number == Int32(VIR_ERR_OPERATION_INVALID.rawValue) && text.contains("not running") { resolved = .notRunning }
+        if text.contains("keepalive timeout") {
+            let silence = Int(Connection.keepAliveInterval) * Int(Connection.keepAliveCount + 1)
+            return ProvisioningError(.connection, "\(what): libvirtd stopped answering (no reply to its keepalive probes for about \(silence) s); it may be stopped or hung, or the link to its host down", libvirtCode: number)
+        }
         return ProvisioningError(resolved, "\(what): \(text)", libvirtCode: number)
     }
 }

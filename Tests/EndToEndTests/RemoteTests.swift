@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import VirtchanKit
 
@@ -203,6 +204,49 @@ extension EndToEnd {
             let again = VC.run(["exec", "-c", RemoteHost.tcp, name, "--", "echo", "back"], timeout: 60)
             #expect(again.code == 0, "\(again.stderr)")
             #expect(again.out == "back\n")
+        }
+
+        /// A libvirtd that stops answering (stopped here with SIGSTOP; a hung daemon or a link
+        /// that went down without a word looks the same) fails what waits on it within a bound,
+        /// and says so: opening a connection, over this host's socket and over TCP, and a call
+        /// on a connection opened before it fell silent. exec through a live holder of this
+        /// host needs no libvirt and goes on; once libvirtd resumes, everything works again.
+        @Test func aLibvirtdThatStopsAnsweringFailsWhatWaitsOnItInTime() throws {
+            try ready()
+            #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0)
+            let pid = try #require(Int32(RemoteHost.shell("pgrep -x libvirtd").out.trimmingCharacters(in: .whitespacesAndNewlines)))
+            let open = try Connection(uri: RemoteHost.tcp)
+            #expect(kill(pid, SIGSTOP) == 0)
+            var resumed = false
+            defer { if !resumed { kill(pid, SIGCONT) } }
+            for uri in ["qemu:///system", RemoteHost.tcp] {
+                let r = VC.run(["list", "-c", uri], timeout: 60, environment: ["VIRTCHAN_CONNECT_TIMEOUT": "3"])
+                #expect(r.code == 1, "\(uri): \(r.out)")
+                #expect(r.stderr.contains("cannot connect to \(uri): libvirtd did not answer within 3 s"), "\(r.stderr)")
+                #expect(r.seconds < 15)
+            }
+            let held = VC.run(["exec", name, "-n", "--", "echo", "still"], timeout: 30)
+            #expect(held.out == "still\n", "\(held.stderr)")
+            // On a thread, so that a call that never returns fails the test rather than hang it.
+            let outcome = Mutex<String?>(nil)
+            let returned = DispatchSemaphore(value: 0)
+            nonisolated(unsafe) let connection = open
+            Thread.detachNewThread {
+                do {
+                    _ = try connection.allDomains()
+                    outcome.withLock { $0 = "listed" }
+                } catch {
+                    outcome.withLock { $0 = "\(error)" }
+                }
+                returned.signal()
+            }
+            #expect(returned.wait(timeout: .now() + 40) == .success, "a call on the open connection still waits after 40 s")
+            let message = outcome.withLock { $0 } ?? ""
+            #expect(message.contains("libvirtd stopped answering"), "\(message)")
+            kill(pid, SIGCONT)
+            resumed = true
+            #expect(eventually(30, interval: 0.5) { VC.run(["list", "-c", RemoteHost.tcp], timeout: 30).code == 0 })
+            #expect(VC.run(["list"], timeout: 30).out.contains(name))
         }
 
         @Test func bootstrapRunsOverBothTransports() throws {

@@ -44,6 +44,9 @@ public final class Connection: @unchecked Sendable {
                 hint = "; permission denied: only root (or a user that libvirt's polkit or socket permissions admit) may use \(target). Run virtchan as root, or use domains of your own with --connect qemu:///session"
             } else if target.hasPrefix("qemu:///") || target.hasPrefix("qemu+unix") {
                 hint = "; is libvirtd running? Start it with: sudo Scripts/setup-host"
+            } else if err.message.contains("CA certificate") || err.message.contains("client certificate") {
+                // qemu://host/system (no transport named) means TLS as well.
+                hint = "; this URI reaches its host over TLS, which needs a certificate authority and a client certificate (in /etc/pki, or in the directory named by ?pkipath=DIR); without them, use qemu+ssh://HOST/system"
             } else if err.message.contains("kex_exchange_identification") {
                 hint = "; the ssh server turned the connection away before the key exchange, 5 times in a row: it may be at its limit of connections being set up (MaxStartups in its sshd_config), or refuse this client"
             }

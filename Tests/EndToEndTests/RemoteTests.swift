@@ -4,14 +4,16 @@ import Testing
 import VirtchanKit
 
 /// This machine as a remote hypervisor of itself, on loopback: `Scripts/remote-host` makes
-/// libvirtd listen on TCP at 127.0.0.1 and starts Debian's sshd on 127.0.0.1:2222 with a key made
-/// for the run, for the Remote suite only, and undoes it after.
+/// libvirtd listen on TCP and with TLS at 127.0.0.1 (with certificates made for the run) and
+/// starts Debian's sshd on 127.0.0.1:2222 with a key made for the run, for the Remote suite
+/// only, and undoes it after.
 enum RemoteHost {
     static let script = VC.packageRoot + "/Scripts/remote-host"
     static let sshPort = 2222
     static let tcp = "qemu+tcp://127.0.0.1/system"
     static let ssh = "qemu+ssh://root@127.0.0.1:\(sshPort)/system?keyfile=/run/virtchan-remote-host/id&no_verify=1&no_tty=1"
-    static let uris = [("tcp", tcp), ("ssh", ssh)]
+    static let tls = "qemu+tls://127.0.0.1/system?pkipath=/run/virtchan-remote-host/pki"
+    static let uris = [("tcp", tcp), ("tls", tls), ("ssh", ssh)]
 
     struct SetupError: Error, CustomStringConvertible {
         let description: String
@@ -24,7 +26,7 @@ enum RemoteHost {
     static func setUp() throws {
         _ = VC.run(["holder", "stop", "--all"])
         let r = VC.runProgram(script, ["up"], timeout: 120)
-        guard r.code == 0, r.out.contains("ssh=\(ssh)") else { throw SetupError(description: "Scripts/remote-host up failed: \(r.stderr) \(r.out)") }
+        guard r.code == 0, r.out.contains("ssh=\(ssh)"), r.out.contains("tls=\(tls)") else { throw SetupError(description: "Scripts/remote-host up failed: \(r.stderr) \(r.out)") }
     }
 
     /// Restarts the listening libvirtd.
@@ -52,7 +54,7 @@ struct RemoteHostScope: SuiteTrait, TestScoping {
 }
 
 extension EndToEnd {
-    /// Issue 12: every command with --connect qemu+tcp:// and qemu+ssh://, through libvirt's own
+    /// Issue 12: every command with --connect qemu+tcp://, qemu+tls:// and qemu+ssh://, through libvirt's own
     /// channel streams, with the session holder keeping the connection.
     @Suite(RemoteHostScope()) struct Remote {
         let name = SharedGuest.name
@@ -249,7 +251,7 @@ extension EndToEnd {
             #expect(VC.run(["list"], timeout: 30).out.contains(name))
         }
 
-        @Test func bootstrapRunsOverBothTransports() throws {
+        @Test func bootstrapRunsOverEveryTransport() throws {
             let domain = "vctest-remote-boot"
             removeAtExit(domain)
             _ = VC.run(["destroy", domain, "--force"])

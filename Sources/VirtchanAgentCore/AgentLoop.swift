@@ -267,8 +267,13 @@ public final class Agent: @unchecked Sendable {
             controlHost.hostLeft()
             return
         }
-        if sessionActive || !execs.isEmpty || transfer != nil {
+        // A host leaving is routine (every holder that ends); it is worth a line on the
+        // console only when it cut work off. Under TCG each console line costs the guest a
+        // millisecond or more, just when the next host arrives.
+        if !execs.isEmpty || transfer != nil || !tcpLinks.isEmpty || !tcpListeners.isEmpty {
             log.info("host disconnected from the control port")
+        } else if sessionActive {
+            log.debug("host disconnected from the control port")
         }
         endSession(reason: "host disconnected")
         controlHost.hostLeft()

@@ -199,6 +199,34 @@ extension EndToEnd {
 
         /// With -n the command reads nothing, whatever this side's stdin holds: its stdin is
         /// /dev/null, as under `ssh -n`; with -t as well, it reads EOF at once.
+        /// The guest's console tells of a host that left only when that cut work off: a holder
+        /// that ends after its commands did leaves no line; one stopped under a running command
+        /// leaves the line and the kill.
+        @Test func theConsoleTellsOnlyOfHostsThatLeftWorkBehind() throws {
+            try SharedGuest.require()
+            let console = "/var/lib/virtchan/domains/\(name)/console.log"
+            func linesSince(_ offset: Int) -> [String] {
+                guard let data = FileManager.default.contents(atPath: console), data.count > offset else { return [] }
+                return String(decoding: data[offset...], as: UTF8.self).split(separator: "\n").map(String.init)
+            }
+            func size() -> Int { FileManager.default.contents(atPath: console)?.count ?? 0 }
+            releaseChannels()
+            var start = size()
+            for _ in 0..<3 { #expect(VC.run(["exec", name, "--persist", "0", "-n", "--", "true"]).code == 0) }
+            #expect(VC.run(["ping", name, "-n", "1"]).code == 0)
+            releaseChannels()
+            Thread.sleep(forTimeInterval: 1)
+            #expect(!linesSince(start).contains { $0.contains("host disconnected") }, "\(linesSince(start))")
+
+            start = size()
+            let bg = try Background(["exec", name, "-n", "--", "sh", "-c", "echo started; exec sleep 60"])
+            #expect(eventually(30, interval: 0.05) { bg.seen.contains { $0.1 == "started" } })
+            releaseChannels()
+            _ = bg.wait(30)
+            #expect(eventually(10) { linesSince(start).contains { $0.contains("host disconnected from the control port") } })
+            #expect(linesSince(start).contains { $0.contains("killing exec") }, "\(linesSince(start))")
+        }
+
         @Test func noStdinGivesTheCommandDevNull() throws {
             try SharedGuest.require()
             let plain = VC.run(["exec", name, "-n", "--", "sh", "-c", "readlink /proc/self/fd/0; cat; echo end"],

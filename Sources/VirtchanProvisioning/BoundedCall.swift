@@ -14,6 +14,8 @@ final class BoundedCall<Value: Sendable>: @unchecked Sendable {
     }
 
     private let state = Mutex<Outcome?>(nil)
+    /// Signalled once the call has returned, and kept signalled: every wait takes the signal
+    /// and gives it back.
     private let done = DispatchSemaphore(value: 0)
 
     init(name: String, _ body: @escaping @Sendable () -> Result<Value, ProvisioningError>,
@@ -35,7 +37,7 @@ final class BoundedCall<Value: Sendable>: @unchecked Sendable {
     /// The call's result, or `.gaveUp` when it did not return within `seconds` (from then
     /// on, its result is discarded).
     func wait(seconds: Double) -> Outcome {
-        _ = done.wait(timeout: .now() + seconds)
+        if done.wait(timeout: .now() + seconds) == .success { done.signal() }
         return state.withLock { (outcome: inout Outcome?) -> Outcome in
             if let outcome { return outcome }
             outcome = .gaveUp

@@ -64,7 +64,7 @@ public final class Connection: @unchecked Sendable {
     /// Installs libvirt's default event loop and runs it on a thread of its own, once per
     /// process. Keepalives and channel streams need it; it must run before the connection
     /// that uses them is opened (``init(uri:)`` sees to that).
-    public static func startEventLoop() throws(ProvisioningError) {
+    static func startEventLoop() throws(ProvisioningError) {
         try eventLoop.withLock { (started: inout Bool) throws(ProvisioningError) in
             if started { return }
             if let reason = vc_virt_load() { throw ProvisioningError(.connection, String(cString: reason)) }

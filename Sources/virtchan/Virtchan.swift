@@ -12,7 +12,9 @@ struct Virtchan: ParsableCommand {
         talks to virtchan-agent inside the guest through them, and runs commands, copies files \
         and runs first-boot scripts without any network.
 
-        The libvirt URI is --connect, else LIBVIRT_DEFAULT_URI, else qemu:///system. \
+        The libvirt URI is --connect, else LIBVIRT_DEFAULT_URI, else qemu:///system; a \
+        libvirtd that does not answer is given up on after 30 s (90 s on another host; \
+        VIRTCHAN_CONNECT_TIMEOUT=SECONDS sets it). \
         Exit codes: 0 success; 1 error; 64 bad usage; for exec, the guest command's own code \
         (128+N when killed by signal N, 124 on --timeout, 125 when virtchan itself failed, \
         126 not executable, 127 command not found).

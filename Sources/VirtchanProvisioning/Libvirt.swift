@@ -98,7 +98,7 @@ public final class Connection: @unchecked Sendable {
     /// given up on closes its connection if it ever gets one.
     private static func openBounded(_ target: String) -> Result<Handle, ProvisioningError> {
         let call = BoundedCall<Handle>(name: "libvirt-connect", {
-            guard let p = open(target) else {
+            guard let p = Self.open(target) else {
                 return .failure(ProvisioningError.fromLibvirt("cannot connect to \(target)", code: .connection))
             }
             return .success(Handle(pointer: p))

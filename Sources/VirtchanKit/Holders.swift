@@ -58,6 +58,7 @@ extension Hypervisor {
         var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil,
                                      consoleLog: Connection.isLocal(uri: uri) && access(console, F_OK) == 0 ? console : nil)
         endpoint.holderSocket = socket
+        if !Connection.isLocal(uri: uri) { endpoint.remoteURI = uri }
         // Whether this command accepts an agent without a key, whoever started the holder.
         loadCredentials(&endpoint)
         do {

@@ -16,6 +16,15 @@ public struct AgentEndpoint: Sendable {
     /// The socket of the session holder that serves this domain on this host; when set,
     /// sessions go through it instead of the channel sockets (see ``HolderLink``).
     public var holderSocket: String?
+    /// The libvirt URI through which the holder reaches a domain on another host: a silent
+    /// agent may then be a silent link, and errors say so.
+    public var remoteURI: String?
+
+    /// What an error about a silent agent adds for a domain on another host.
+    public var silentLinkHint: String {
+        guard let remoteURI else { return "" }
+        return "; its session holder reaches it over \(remoteURI), and that link may be down or slow (a holder whose link stays silent ends within 30 s, and the next command opens a new one)"
+    }
 
     public init(domain: String, controlSocket: String, dataSocket: String?, consoleLog: String?,
                 key: AgentKey? = nil, allowsUnkeyedAgent: Bool = false) {
@@ -116,6 +125,7 @@ public final class AgentSession {
             if now >= deadline {
                 var msg = "the agent in \(endpoint.domain) did not answer within \(formatSeconds(timeout))"
                 if let log = endpoint.consoleLog { msg += "; see the guest console log \(log)" }
+                msg += endpoint.silentLinkHint
                 if control.decoder.skippedBytes > 0 { msg += " (\(control.decoder.skippedBytes) bytes of noise on the channel)" }
                 throw TransportError(.timeout, msg)
             }

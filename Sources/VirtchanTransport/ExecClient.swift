@@ -163,7 +163,7 @@ public enum ExecClient {
             let silence = Double(now - lastHeard) / 1e9
             if silence > options.agentSilenceLimit {
                 throw TransportError(.agentGone,
-                    "the agent in \(session.endpoint.domain) stopped answering (nothing for \(Int(silence)) s); the command's fate is unknown"
+                    "the agent in \(session.endpoint.domain) stopped answering (nothing for \(Int(silence)) s); the command's fate is unknown" + session.endpoint.silentLinkHint
                     + (session.endpoint.consoleLog.map { "; see \($0)" } ?? ""))
             }
             if silence > options.keepalive && Double(now - lastPing) / 1e9 > options.keepalive {

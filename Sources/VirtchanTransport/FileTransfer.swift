@@ -165,7 +165,7 @@ public final class FileTransfer {
                     lastPing = now
                 }
                 if fds[0].revents == 0 && Double(now - lastHeard) / 1e9 > silenceLimit {
-                    throw TransportError(.agentGone, "the agent in \(session.endpoint.domain) stopped taking data")
+                    throw TransportError(.agentGone, "the agent in \(session.endpoint.domain) stopped taking data" + session.endpoint.silentLinkHint)
                 }
             }
         } catch {
@@ -280,7 +280,7 @@ public final class FileTransfer {
                     lastPing = now
                 }
                 if Double(now - lastHeard) / 1e9 > silenceLimit {
-                    throw TransportError(.agentGone, "the agent in \(session.endpoint.domain) stopped sending (\(received) of \(ready.size) bytes arrived)")
+                    throw TransportError(.agentGone, "the agent in \(session.endpoint.domain) stopped sending (\(received) of \(ready.size) bytes arrived)" + session.endpoint.silentLinkHint)
                 }
             }
         } catch {

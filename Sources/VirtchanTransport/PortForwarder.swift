@@ -201,7 +201,7 @@ public final class PortForwarder {
             let now = monotonicNanos()
             let silence = Double(now - min(now, lastHeard)) / 1e9
             if silence > agentSilenceLimit {
-                throw TransportError(.agentGone, "the agent in \(session.endpoint.domain) stopped answering (nothing for \(Int(silence)) s)")
+                throw TransportError(.agentGone, "the agent in \(session.endpoint.domain) stopped answering (nothing for \(Int(silence)) s)" + session.endpoint.silentLinkHint)
             }
             if silence > keepalive && Double(now - lastPing) / 1e9 > keepalive {
                 control.send(Frame(.ping, id: 0))

@@ -193,6 +193,37 @@ extension EndToEnd {
             guest("rm -f /tmp/remote-big", over: RemoteHost.ssh)
         }
 
+        /// The ssh link goes silent mid-transfer (its packets dropped, as on a network that went
+        /// away without a word): the pull fails within its bound, says the link may be down and
+        /// leaves no partial file; once the link is back, commands work again.
+        @Test func aSilentSSHLinkMidPullLeavesNothing() throws {
+            try ready()
+            guest("head -c 268435456 /dev/zero > /tmp/remote-big", over: RemoteHost.ssh)
+            let dest = "\(work)/silent-pulled"
+            let rules = ["--dport", "--sport"].map { ["INPUT", "-i", "lo", "-p", "tcp", $0, "\(RemoteHost.sshPort)", "-j", "DROP"] }
+            defer { for rule in rules { _ = VC.runProgram("/usr/sbin/iptables", ["-D"] + rule) } }
+            let bg = try Background(["pull", "-c", RemoteHost.ssh, name, "/tmp/remote-big", dest])
+            #expect(eventually(30, interval: 0.02) {
+                ((try? FileManager.default.contentsOfDirectory(atPath: work)) ?? []).contains { $0.contains("silent-pulled") }
+            })
+            for rule in rules {
+                let r = VC.runProgram("/usr/sbin/iptables", ["-I"] + rule)
+                #expect(r.code == 0, "iptables: \(r.stderr)")
+            }
+            let start = Date()
+            let code = bg.wait(90)
+            #expect(code == 1, "the pull should fail within its bound: \(bg.seen.map(\.1))")
+            #expect(Date().timeIntervalSince(start) < 45)
+            #expect(bg.seen.contains { $0.1.contains("over \(RemoteHost.ssh), and that link may be down") }, "\(bg.seen.map(\.1))")
+            let leftovers = try FileManager.default.contentsOfDirectory(atPath: work).filter { $0.contains("silent-pulled") }
+            #expect(leftovers.isEmpty, "left behind: \(leftovers)")
+            for rule in rules { _ = VC.runProgram("/usr/sbin/iptables", ["-D"] + rule) }
+            #expect(eventually(120, interval: 1) {
+                VC.run(["exec", "-c", RemoteHost.ssh, name, "--", "echo", "back"], timeout: 60).out == "back\n"
+            })
+            guest("rm -f /tmp/remote-big", over: RemoteHost.ssh)
+        }
+
         /// libvirtd restarts under a holder: its command ends with a clear error, and the next
         /// command works once libvirtd is back.
         @Test func libvirtdRestartingUnderAHolder() throws {

@@ -55,10 +55,11 @@ extension Hypervisor {
     func heldSession(with name: String, persist: Double, timeout: Double) throws -> AgentSession {
         let socket = holderSocket(for: name)
         let console = paths.consoleLog(for: name)
+        let local = Connection.isLocal(uri: uri)
         var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil,
-                                     consoleLog: Connection.isLocal(uri: uri) && access(console, F_OK) == 0 ? console : nil)
+                                     consoleLog: local && access(console, F_OK) == 0 ? console : nil)
         endpoint.holderSocket = socket
-        if !Connection.isLocal(uri: uri) { endpoint.remoteURI = uri }
+        if !local { endpoint.remoteURI = uri }
         // Whether this command accepts an agent without a key, whoever started the holder.
         loadCredentials(&endpoint)
         do {

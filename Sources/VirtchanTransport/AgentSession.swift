@@ -23,7 +23,7 @@ public struct AgentEndpoint: Sendable {
     /// What an error about a silent agent adds for a domain on another host.
     public var silentLinkHint: String {
         guard let remoteURI else { return "" }
-        return "; its session holder reaches it over \(remoteURI), and that link may be down or slow (a holder whose link stays silent ends within 30 s, and the next command opens a new one)"
+        return "; its session holder reaches it over \(remoteURI), and that link may be down or slow (a holder whose link stays silent ends by itself, and the next command opens a new one)"
     }
 
     public init(domain: String, controlSocket: String, dataSocket: String?, consoleLog: String?,
@@ -272,7 +272,7 @@ public final class AgentSession {
         send(frame)
         let deadline = monotonicNanos() + UInt64(timeout * 1e9)
         guard let reply = try receive(id: frame.id, deadline: deadline) else {
-            throw TransportError(.timeout, "the agent in \(endpoint.domain) did not answer a \(frame.type) request within \(formatSeconds(timeout))")
+            throw TransportError(.timeout, "the agent in \(endpoint.domain) did not answer a \(frame.type) request within \(formatSeconds(timeout))" + endpoint.silentLinkHint)
         }
         if reply.type == .error { throw TransportError(remote: try decodeOrThrow(ErrorMessage.self, reply)) }
         return reply

@@ -110,7 +110,6 @@ extension Hypervisor {
                                               keyedInitrd: keyedInitrd)
             if remote, case let .kernel(kernel, initrd, cmdline) = prepared.spec.boot {
                 let pool = try storagePool(for: request, on: conn)
-                let kernelPath = try sharedVolume(for: kernel, kind: "boot", in: pool, progress: progress)
                 var initrdPath: String?
                 if initrd != nil {
                     try? pool.volume(name + ".initrd")?.delete()
@@ -121,6 +120,9 @@ extension Hypervisor {
                     // The volume is the copy QEMU reads; this one held the key for nothing.
                     unlink(keyedInitrd)
                 }
+                // The shared kernel last, just before the definition that uses it: until then
+                // `prune` elsewhere sees no domain on it.
+                let kernelPath = try sharedVolume(for: kernel, kind: .boot, in: pool, progress: progress)
                 prepared.spec.boot = .kernel(kernel: kernelPath, initrd: initrdPath, cmdline: cmdline)
             }
             if let image = prepared.image, let key {
@@ -163,13 +165,29 @@ extension Hypervisor {
     /// The storage pool that holds what domains boot from volumes: each image boot's overlay
     /// (`NAME.qcow2`) and seed (`NAME.seed.iso`), and for remote domains the shared kernels and
     /// base images and each domain's initramfs (`NAME.initrd`). ``destroy(_:keepDefinition:force:)``
-    /// deletes a domain's own volumes, never the shared ones.
+    /// deletes a domain's own volumes, never the shared ones; ``prune(pool:minimumAge:dryRun:)``
+    /// removes those that no domain uses any more.
     public static let storagePoolName = "virtchan"
     private static let sharedVolumeLock = NSLock()
 
+    /// What the volumes made for one domain alone end in, after the domain's name.
+    static let ownVolumeSuffixes = [".initrd", ".qcow2", ".seed.iso"]
+
     /// The names of the volumes made for `domain` alone.
     static func ownVolumeNames(of domain: String) -> Set<String> {
-        [domain + ".initrd", domain + ".qcow2", domain + ".seed.iso"]
+        Set(ownVolumeSuffixes.map { domain + $0 })
+    }
+
+    /// What a shared upload holds: a kernel or a base image.
+    enum SharedUpload: String, CaseIterable {
+        case boot, base
+
+        /// The volume's name for a file whose SHA-256 is `digest` (hex): the kind, a dash and
+        /// the digest's first 24 digits.
+        func volumeName(digest: String) -> String { rawValue + "-" + digest.prefix(24) }
+
+        /// The empty volume whose presence says that the upload of the same name finished.
+        static let markerSuffix = ".complete"
     }
 
     /// The request's pool: virtchan's own, defined on first use, or the one named, which must
@@ -191,7 +209,7 @@ extension Hypervisor {
                         pool: StoragePool, remote: Bool, volumes: inout [StorageVolume], progress: ((String) -> Void)?) throws {
         let name = request.name
         for volumeName in [name + ".qcow2", name + ".seed.iso"] where pool.volume(volumeName) != nil {
-            throw VirtchanError(.alreadyExists, "the storage pool \(pool.name) on \(uri) already has a volume \(volumeName), and no domain \(name) uses it; remove it with: virsh -c '\(uri)' vol-delete --pool \(pool.name) \(volumeName)")
+            throw VirtchanError(.alreadyExists, "the storage pool \(pool.name) on \(uri) already has a volume \(volumeName), and no domain \(name) uses it; remove it with: virsh -c '\(uri)' vol-delete --pool \(pool.name) \(volumeName) (or every such volume: virtchan prune -c '\(uri)' --pool \(pool.name))")
         }
         // The instance id cloud-init keys its once-per-instance work on: the domain's UUID.
         let uuid = UUID().uuidString.lowercased()
@@ -200,7 +218,7 @@ extension Hypervisor {
         defer { unlink(iso) }
         try CloudSeed.write(iso: iso, in: stateDir, payload: image.payload, key: key, instanceID: uuid,
                             hostname: image.hostname, user: request.cloudInit)
-        let backing = remote ? try sharedVolume(for: image.disk.path, kind: "base", in: pool, progress: progress) : image.disk.path
+        let backing = remote ? try sharedVolume(for: image.disk.path, kind: .base, in: pool, progress: progress) : image.disk.path
         let overlay = try pool.makeOverlay(name + ".qcow2", bytes: image.capacity, backing: backing,
                                            backingFormat: image.disk.format.rawValue)
         volumes.append(overlay)
@@ -223,7 +241,7 @@ extension Hypervisor {
     /// by their SHA-256 so that every domain booting them shares one upload. An empty volume
     /// named `….complete` says the upload finished: a volume without one (an upload cut off,
     /// or one under way elsewhere) is never booted, but replaced.
-    private func sharedVolume(for path: String, kind: String, in pool: StoragePool, progress: ((String) -> Void)?) throws -> String {
+    private func sharedVolume(for path: String, kind: SharedUpload, in pool: StoragePool, progress: ((String) -> Void)?) throws -> String {
         // Domains created side by side in this process share one upload.
         Self.sharedVolumeLock.lock()
         defer { Self.sharedVolumeLock.unlock() }
@@ -238,8 +256,8 @@ extension Hypervisor {
             size += chunk.count
         }
         let digest = hash.finalize().map { String(format: "%02x", $0) }.joined()
-        let volumeName = kind + "-" + digest.prefix(24)
-        let marker = volumeName + ".complete"
+        let volumeName = kind.volumeName(digest: digest)
+        let marker = volumeName + SharedUpload.markerSuffix
         if let existing = pool.volume(volumeName), pool.volume(marker) != nil,
            (try? existing.capacity()) == UInt64(size) {
             return try existing.path()

@@ -77,6 +77,27 @@ public final class StoragePool: @unchecked Sendable {
         return StorageVolume(pool: self, name: name, pointer: v)
     }
 
+    /// Every volume of the pool, after libvirt has read the pool's directory again. The
+    /// corresponding C functions are `virStoragePoolRefresh` and `virStoragePoolListAllVolumes`.
+    public func volumes() throws(ProvisioningError) -> [StorageVolume] {
+        if vc_virStoragePoolRefresh(pointer, 0) != 0 { vc_virResetLastError() }
+        var list: UnsafeMutablePointer<virStorageVolPtr?>?
+        let n = vc_virStoragePoolListAllVolumes(pointer, &list, 0)
+        guard n >= 0, let list else {
+            throw ProvisioningError.fromLibvirt("cannot list the volumes of the storage pool \(name) on \(connection.uri)")
+        }
+        defer { free(list) }
+        return (0..<Int(n)).compactMap { i in
+            guard let v = list[i] else { return nil }
+            guard let volumeName = vc_virStorageVolGetName(v) else {
+                vc_virResetLastError()
+                vc_virStorageVolFree(v)
+                return nil
+            }
+            return StorageVolume(pool: self, name: String(cString: volumeName), pointer: v)
+        }
+    }
+
     /// A new raw volume of `bytes` bytes (zeros), readable per `mode`.
     /// The corresponding C function is `virStorageVolCreateXML`.
     public func makeVolume(_ volumeName: String, bytes: Int, mode: Int = 0o600) throws(ProvisioningError) -> StorageVolume {
@@ -179,6 +200,34 @@ public final class StorageVolume: @unchecked Sendable {
         }
         defer { free(c) }
         return String(cString: c)
+    }
+
+    /// What a volume's XML says of it.
+    public struct Details: Sendable {
+        /// Where its file is on the pool's host.
+        public let path: String
+        /// The bytes it takes on disk.
+        public let allocation: UInt64
+        /// The file a qcow2 overlay reads through to, if any.
+        public let backingPath: String?
+        /// When its file was last written (its mtime), in seconds since 1970 by the clock of
+        /// the pool's host; nil when the pool does not say.
+        public let modified: Double?
+    }
+
+    /// The volume's path, size on disk, backing file and time of last write, from its XML. The
+    /// corresponding C function is `virStorageVolGetXMLDesc`.
+    public func details() throws(ProvisioningError) -> Details {
+        guard let c = vc_virStorageVolGetXMLDesc(pointer, 0) else {
+            throw ProvisioningError.fromLibvirt("cannot read the description of the volume \(name)")
+        }
+        let xml = String(cString: c)
+        free(c)
+        let doc = try LibXMLDocument(parsing: xml, name: "the XML of the volume \(name)")
+        return Details(path: doc.string("string(/volume/target/path)") ?? "",
+                       allocation: doc.string("string(/volume/allocation)").flatMap { UInt64($0) } ?? 0,
+                       backingPath: doc.string("string(/volume/backingStore/path)"),
+                       modified: doc.string("string(/volume/target/timestamps/mtime)").flatMap(Double.init))
     }
 
     /// The volume's size in bytes. The corresponding C function is `virStorageVolGetInfo`.

@@ -258,6 +258,63 @@ struct Destroy: ParsableCommand {
     }
 }
 
+struct Prune: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "prune",
+        abstract: "Remove the volumes of virtchan's storage pool that no domain uses.",
+        discussion: """
+        A domain created on another host boots its kernel or base image from an upload that \
+        every domain booting the same file shares, and destroy keeps it for the next create. \
+        prune removes the uploads no domain boots any more, uploads that never finished, and \
+        the volumes of domains that no longer exist (undefined with virsh, say). Volumes written \
+        within --min-age seconds are kept, as a create elsewhere may be about to use \
+        them; volumes whose names virtchan does not give are never touched. With --connect \
+        given more than once, each host's pool is pruned in turn.
+        """)
+
+    @OptionGroup var global: GlobalOptions
+    @Option(help: ArgumentHelp("Storage pool.", valueName: "name")) var pool: String = Hypervisor.storagePoolName
+    @Option(help: ArgumentHelp("Keep unused volumes written within this many seconds.", valueName: "seconds")) var minAge: Double = 600
+    @Flag(help: "List what would be removed, and remove nothing.") var dryRun = false
+    @Flag(help: "Print a JSON array with one report per URI.") var json = false
+
+    func validate() throws {
+        guard minAge >= 0, minAge.isFinite else { throw ValidationError("--min-age takes 0 or more seconds") }
+    }
+
+    func run() throws {
+        let uris: [String?] = global.connect.isEmpty ? [nil] : global.connect
+        var reports: [PruneReport] = []
+        for uri in uris {
+            var target = global.target
+            target.connect = uri
+            let report = try target.hypervisor().prune(pool: pool, minimumAge: minAge, dryRun: dryRun)
+            reports.append(report)
+            if !json { show(report, alone: uris.count == 1) }
+        }
+        if json { try printJSON(reports) }
+    }
+
+    /// On stdout through `print`, as the table is: the lines keep their order in a pipe.
+    private func show(_ report: PruneReport, alone: Bool) {
+        let place = "the storage pool \(report.pool)" + (alone ? "" : " on \(report.uri)")
+        if !report.removed.isEmpty {
+            printTable(["VOLUME", "SIZE", "WHY"], report.removed.map { [$0.name, bytes($0.bytes), $0.reason] })
+        }
+        let count = "\(report.removed.count) volume\(report.removed.count == 1 ? "" : "s") (\(bytes(report.removedBytes)))"
+        if report.removed.isEmpty {
+            print("Nothing to remove from \(place)")
+        } else {
+            print(report.dryRun ? "Would remove \(count) from \(place); run without --dry-run to remove them"
+                              : "Removed \(count) from \(place)")
+        }
+        if !report.recent.isEmpty {
+            print("Kept \(report.recent.count) unused volume\(report.recent.count == 1 ? "" : "s") written within \(formatSeconds(minAge)) (--min-age): "
+                + report.recent.map(\.name).joined(separator: ", "))
+        }
+    }
+}
+
 struct Reboot: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "reboot",

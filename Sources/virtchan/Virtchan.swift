@@ -20,7 +20,7 @@ struct Virtchan: ParsableCommand {
         126 not executable, 127 command not found).
         """,
         version: virtchanVersion,
-        subcommands: [Create.self, ListDomains.self, Channels.self, XMLCommand.self, Destroy.self,
+        subcommands: [Create.self, ListDomains.self, Channels.self, XMLCommand.self, Destroy.self, Prune.self,
                       Wait.self, Ping.self, InfoCommand.self, Exec.self, Push.self, Pull.self,
                       Forward.self, Bootstrap.self, Reboot.self, UpdateAgent.self, Holder.self])
 

@@ -170,6 +170,66 @@ extension EndToEnd {
             expectRefused(["list", "--connect", "qemu:///system?socket=/nonexistent/sock"], "Scripts/setup-host")
         }
 
+        /// prune against the real pool: volumes of domains that are gone, uploads nothing boots
+        /// or reads through, and unfinished ones go; what a domain or an overlay uses, what was
+        /// just written and what virtchan did not name stay. A dry run touches nothing.
+        @Test func pruneRemovesOnlyWhatNothingUses() throws {
+            let pool = "virtchan", dir = "/var/lib/virtchan/pool"
+            if VC.virsh(["pool-info", pool]).code != 0 {
+                #expect(VC.virsh(["pool-define-as", pool, "dir", "--target", dir]).code == 0)
+                _ = VC.virsh(["pool-build", pool])
+                #expect(VC.virsh(["pool-start", pool]).code == 0)
+            }
+            let hex = (0..<24).map { _ in String("0123456789abcdef".randomElement()!) }.joined()
+            let hex2 = String(hex.reversed())
+            let gone = ["vctest-gone.qcow2", "vctest-gone.seed.iso", "base-\(hex)", "boot-\(hex)", "boot-\(hex).complete"]
+            let stay = ["\(SharedGuest.name).initrd", "vctest-notes.img", "base-\(hex2)", "base-\(hex2).complete", "vctest-reader.img"]
+            let fresh = "vctest-fresh.qcow2"
+            defer { for v in gone + stay + [fresh] { _ = VC.virsh(["vol-delete", "--pool", pool, v]) } }
+            try SharedGuest.require()
+            for v in gone + stay where v != "vctest-reader.img" {
+                #expect(VC.virsh(["vol-create-as", pool, v, "64K", "--format", "raw"]).code == 0, "\(v)")
+            }
+            #expect(VC.virsh(["vol-create-as", pool, "vctest-reader.img", "1M", "--format", "qcow2",
+                              "--backing-vol", "\(dir)/base-\(hex2)", "--backing-vol-format", "raw"]).code == 0)
+            // Written two hours ago, as far as the pool can tell, except the fresh one.
+            for v in gone + stay {
+                #expect(VC.runProgram("/usr/bin/touch", ["-d", "2 hours ago", "\(dir)/\(v)"]).code == 0)
+            }
+            #expect(VC.virsh(["vol-create-as", pool, fresh, "64K", "--format", "raw"]).code == 0)
+
+            struct Report: Decodable {
+                struct Volume: Decodable { let name: String; let reason: String }
+                let removed: [Volume], recent: [Volume], dryRun: Bool
+            }
+            func mine(_ names: [String]) -> Set<String> { Set(names.filter { (gone + stay + [fresh]).contains($0) }) }
+            let dry = VC.run(["prune", "--dry-run", "--json"])
+            #expect(dry.code == 0, "\(dry.stderr)")
+            let dryReport = try #require(try JSONDecoder().decode([Report].self, from: dry.stdout).first)
+            #expect(dryReport.dryRun)
+            #expect(mine(dryReport.removed.map(\.name)) == Set(gone))
+            #expect(mine(dryReport.recent.map(\.name)) == [fresh])
+            #expect(dryReport.removed.first { $0.name == "vctest-gone.qcow2" }?.reason == "made for domain vctest-gone, which no longer exists")
+            #expect(dryReport.removed.first { $0.name == "base-\(hex)" }?.reason == "an upload that never finished")
+            let listed = VC.virsh(["vol-list", pool]).out
+            for v in gone { #expect(listed.contains(v), "a dry run removed \(v)") }
+
+            let r = VC.run(["prune"])
+            #expect(r.code == 0, "\(r.stderr)")
+            #expect(r.out.contains("Removed "), "\(r.out)")
+            #expect(r.out.contains("Kept ") && r.out.contains(fresh), "\(r.out)")
+            let left = VC.virsh(["vol-list", pool]).out
+            for v in gone { #expect(!left.contains(v), "\(v) is still there") }
+            for v in stay + [fresh] { #expect(left.contains(v), "\(v) was removed") }
+            #expect(!FileManager.default.fileExists(atPath: "\(dir)/vctest-gone.qcow2"))
+
+            // With no minimum age the fresh one goes too, and the rest still stays.
+            let all = VC.run(["prune", "--min-age", "0", "--json"])
+            let allReport = try #require(try JSONDecoder().decode([Report].self, from: all.stdout).first)
+            #expect(mine(allReport.removed.map(\.name)) == [fresh], "\(all.out)")
+            #expect(VC.run(["prune", "--pool", "vctest-nosuch"]).out == "Nothing to remove from the storage pool vctest-nosuch\n")
+        }
+
         @Test func dryRunPrintsXMLAndTouchesNothing() throws {
             let r = VC.run(["create", "vctest-dry", "--dry-run", "--accel", "tcg"])
             #expect(r.code == 0)

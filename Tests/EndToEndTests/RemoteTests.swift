@@ -426,12 +426,23 @@ extension EndToEnd {
             }.first, "\(volumes)")
             let os = VC.run(["exec", "-c", RemoteHost.tcp, domain, "--", "sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"], timeout: 60)
             #expect(os.out == "Debian GNU/Linux 12 (bookworm)\n", "\(os.stderr)")
+            // While the domain's overlay reads the base, prune leaves both, at any age.
+            let inUse = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0", "--dry-run"], timeout: 60)
+            #expect(inUse.code == 0, "\(inUse.stderr)")
+            #expect(!inUse.out.contains(base) && !inUse.out.contains("\(domain)."), "\(inUse.out)")
 
             #expect(VC.run(["destroy", "-c", RemoteHost.tcp, domain], timeout: 60).code == 0)
             let left = VC.virsh(["vol-list", "virtchan"]).out
             #expect(!left.contains("\(domain)."), "\(left)")
             #expect(left.contains(base), "the shared base stays for the next create")
-            for v in [base, base + ".complete"] { _ = VC.virsh(["vol-delete", "--pool", "virtchan", v]) }
+            // Just uploaded: kept unless asked; then it goes, with its marker, over the transport.
+            let recent = VC.run(["prune", "-c", RemoteHost.tcp], timeout: 60)
+            #expect(recent.out.contains("Kept ") && recent.out.contains(base), "\(recent.out)")
+            let pruned = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0"], timeout: 60)
+            #expect(pruned.code == 0, "\(pruned.stderr)")
+            #expect(pruned.out.contains("\(base)  ") && pruned.out.contains("a base image no overlay reads"), "\(pruned.out)")
+            let after = VC.virsh(["vol-list", "virtchan"]).out
+            #expect(!after.contains(base), "\(after)")
         }
 
         @Test func aDiskCannotBeCreatedRemotelyAndNothingIsLeft() throws {

@@ -72,6 +72,8 @@ void vc_virt_silence_errors(void);
     X(int, -1, virStoragePoolRefresh, (virStoragePoolPtr pool, unsigned int flags), (pool, flags)) \
     X(int, -1, virStoragePoolFree, (virStoragePoolPtr pool), (pool)) \
     X(virStorageVolPtr, NULL, virStorageVolLookupByName, (virStoragePoolPtr pool, const char *name), (pool, name)) \
+    X(int, -1, virStoragePoolListAllVolumes, (virStoragePoolPtr pool, virStorageVolPtr **vols, unsigned int flags), (pool, vols, flags)) \
+    X(char *, NULL, virStorageVolGetXMLDesc, (virStorageVolPtr vol, unsigned int flags), (vol, flags)) \
     X(virStorageVolPtr, NULL, virStorageVolCreateXML, (virStoragePoolPtr pool, const char *xml, unsigned int flags), (pool, xml, flags)) \
     X(int, -1, virStorageVolUpload, (virStorageVolPtr vol, virStreamPtr stream, unsigned long long offset, unsigned long long length, unsigned int flags), (vol, stream, offset, length, flags)) \
     X(char *, NULL, virStorageVolGetPath, (virStorageVolPtr vol), (vol)) \

@@ -263,10 +263,9 @@ extension EndToEnd {
             // On a thread, so that a call that never returns fails the test rather than hang it.
             let outcome = Mutex<String?>(nil)
             let returned = DispatchSemaphore(value: 0)
-            nonisolated(unsafe) let connection = open
             Thread.detachNewThread {
                 do {
-                    _ = try connection.allDomains()
+                    _ = try open.allDomains()
                     outcome.withLock { $0 = "listed" }
                 } catch {
                     outcome.withLock { $0 = "\(error)" }

@@ -244,14 +244,19 @@ extension Hypervisor {
             var error = error
             // A channel takes one client: another URI's holder of a domain of this name (this
             // machine reached as qemu:///system and as qemu+tcp://localhost, say) keeps it.
-            if let timeout = error as? TransportError, timeout.code == .timeout {
-                if let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) {
-                    error = TransportError(.busy, timeout.message + "; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
-                } else if !Connection.isLocal(uri: uri) {
-                    // The channel may be another client's on the domain's host, which this host
-                    // cannot see.
-                    error = TransportError(.timeout, timeout.message + "; if virtchan is in use on the domain's host, a session holder there keeps the channel ('virtchan holder list' there)")
-                }
+            // Over a remote URI the open of a kept channel fails at once rather than time out:
+            // libvirtd has a stream of it already (which may be that other holder's).
+            let kept: String? = switch error {
+            case let e as TransportError where e.code == .timeout: e.message
+            case let e as ProvisioningError where e.code == .conflict: e.message
+            default: nil
+            }
+            if let kept, let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) {
+                error = TransportError(.busy, kept + "; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
+            } else if let timeout = error as? TransportError, timeout.code == .timeout, !Connection.isLocal(uri: uri) {
+                // The channel may be another client's on the domain's host, which this host
+                // cannot see.
+                error = TransportError(.timeout, timeout.message + "; if virtchan is in use on the domain's host, a session holder there keeps the channel ('virtchan holder list' there)")
             }
             log("cannot serve: \(error)")
             report(Self.encodeReadyError(error))

@@ -314,6 +314,13 @@ extension EndToEnd {
             #expect(r.seconds < 30)
             _ = VC.run(["holder", "stop", "--all"])
             #expect(VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"]).code == 0)
+            // Between two remote URIs libvirtd refuses the second stream at once; the holder
+            // that keeps it is named all the same.
+            let other = VC.run(["ping", "-c", RemoteHost.ssh, name, "-n", "1"], timeout: 60)
+            #expect(other.code == 1)
+            #expect(other.stderr.contains("virtchan holder stop --connect \(RemoteHost.tcp) \(name)"), "\(other.stderr)")
+            #expect(other.seconds < 30)
+            _ = VC.run(["holder", "stop", "--all"])
         }
 
         /// While this host keeps the channel, each remote attempt leaves a connection waiting in

@@ -2,7 +2,7 @@ import Crypto
 import Foundation
 import VirtchanProvisioning
 
-/// What ``Hypervisor/create(_:progress:)`` defines and starts: a domain with virtchan's control and
+/// What ``Hypervisor/create(_:progress:uploaded:)`` defines and starts: a domain with virtchan's control and
 /// data channels wired, its agent key, and optionally a first-boot script.
 public struct MachineRequest: Sendable {
     /// What the domain boots.
@@ -54,7 +54,7 @@ public struct MachineRequest: Sendable {
     public init(name: String) { self.name = name }
 }
 
-/// A domain that ``Hypervisor/create(_:progress:)`` started.
+/// A domain that ``Hypervisor/create(_:progress:uploaded:)`` started.
 public struct CreatedMachine: Sendable {
     public let name: String
     /// `kvm` or `qemu` (TCG), as the accelerator probe chose.
@@ -76,8 +76,10 @@ extension Hypervisor {
     ///
     /// Over a remote URI the kernel and the domain's initramfs reach the other host as volumes
     /// of the storage pool ``storagePoolName`` there, uploaded through the connection; the
-    /// agent's key stays in this host's state directory. `progress` hears what takes time.
-    public func create(_ request: MachineRequest, progress: ((String) -> Void)? = nil) throws -> CreatedMachine {
+    /// agent's key stays in this host's state directory. `progress` hears what takes time;
+    /// during each upload it announces, `uploaded` hears the bytes sent and the file's size.
+    public func create(_ request: MachineRequest, progress: ((String) -> Void)? = nil,
+                       uploaded: ((UInt64, UInt64) -> Void)? = nil) throws -> CreatedMachine {
         let remote = !Connection.isLocal(uri: uri)
         var prepared = try prepare(request, remote: remote)
         let name = request.name
@@ -114,7 +116,7 @@ extension Hypervisor {
                 if initrd != nil {
                     try? pool.volume(name + ".initrd")?.delete()
                     progress?("uploading the initramfs of \(name) to the storage pool \(pool.name) on \(uri)")
-                    let volume = try pool.upload(keyedInitrd, as: name + ".initrd")
+                    let volume = try pool.upload(keyedInitrd, as: name + ".initrd", progress: uploaded)
                     volumes.append(volume)
                     initrdPath = try volume.path()
                     // The volume is the copy QEMU reads; this one held the key for nothing.
@@ -122,13 +124,13 @@ extension Hypervisor {
                 }
                 // The shared kernel last, just before the definition that uses it: until then
                 // `prune` elsewhere sees no domain on it.
-                let kernelPath = try sharedVolume(for: kernel, kind: .boot, in: pool, progress: progress)
+                let kernelPath = try sharedVolume(for: kernel, kind: .boot, in: pool, progress: progress, uploaded: uploaded)
                 prepared.spec.boot = .kernel(kernel: kernelPath, initrd: initrdPath, cmdline: cmdline)
             }
             if let image = prepared.image, let key {
                 let pool = try storagePool(for: request, on: conn)
                 try attach(image, key: key, to: &prepared.spec, request: request, pool: pool, remote: remote,
-                           volumes: &volumes, progress: progress)
+                           volumes: &volumes, progress: progress, uploaded: uploaded)
             }
             let document = try DomainXML.build(prepared.spec, domainType: domainType)
             domain = try conn.define(xml: document.serialize())
@@ -206,7 +208,8 @@ extension Hypervisor {
     /// Makes an image boot's overlay and seed volumes in `pool` and points the spec at them.
     /// Over a remote URI the base image is uploaded first, once per content (like a kernel).
     private func attach(_ image: PreparedImage, key: AgentKey, to spec: inout DomainSpec, request: MachineRequest,
-                        pool: StoragePool, remote: Bool, volumes: inout [StorageVolume], progress: ((String) -> Void)?) throws {
+                        pool: StoragePool, remote: Bool, volumes: inout [StorageVolume], progress: ((String) -> Void)?,
+                        uploaded: ((UInt64, UInt64) -> Void)?) throws {
         let name = request.name
         for volumeName in [name + ".qcow2", name + ".seed.iso"] where pool.volume(volumeName) != nil {
             throw VirtchanError(.alreadyExists, "the storage pool \(pool.name) on \(uri) already has a volume \(volumeName), and no domain \(name) uses it; remove it with: virsh -c '\(uri)' vol-delete --pool \(pool.name) \(volumeName) (or every such volume: virtchan prune -c '\(uri)' --pool \(pool.name))")
@@ -218,12 +221,12 @@ extension Hypervisor {
         defer { unlink(iso) }
         try CloudSeed.write(iso: iso, in: stateDir, payload: image.payload, key: key, instanceID: uuid,
                             hostname: image.hostname, user: request.cloudInit)
-        let backing = remote ? try sharedVolume(for: image.disk.path, kind: .base, in: pool, progress: progress) : image.disk.path
+        let backing = remote ? try sharedVolume(for: image.disk.path, kind: .base, in: pool, progress: progress, uploaded: uploaded) : image.disk.path
         let overlay = try pool.makeOverlay(name + ".qcow2", bytes: image.capacity, backing: backing,
                                            backingFormat: image.disk.format.rawValue)
         volumes.append(overlay)
         if remote { progress?("uploading the cloud-init seed of \(name) to the storage pool \(pool.name) on \(uri)") }
-        let seed = try pool.upload(iso, as: name + ".seed.iso")
+        let seed = try pool.upload(iso, as: name + ".seed.iso", progress: remote ? uploaded : nil)
         volumes.append(seed)
         spec.uuid = uuid
         spec.boot = .disk(try overlay.path())
@@ -241,7 +244,8 @@ extension Hypervisor {
     /// by their SHA-256 so that every domain booting them shares one upload. An empty volume
     /// named `….complete` says the upload finished: a volume without one (an upload cut off,
     /// or one under way elsewhere) is never booted, but replaced.
-    private func sharedVolume(for path: String, kind: SharedUpload, in pool: StoragePool, progress: ((String) -> Void)?) throws -> String {
+    private func sharedVolume(for path: String, kind: SharedUpload, in pool: StoragePool, progress: ((String) -> Void)?,
+                              uploaded: ((UInt64, UInt64) -> Void)?) throws -> String {
         // Domains created side by side in this process share one upload.
         Self.sharedVolumeLock.lock()
         defer { Self.sharedVolumeLock.unlock() }
@@ -265,7 +269,7 @@ extension Hypervisor {
         try? pool.volume(marker)?.delete()
         try? pool.volume(volumeName)?.delete()
         progress?("uploading \(path) (\(size >> 20) MiB) to the storage pool \(pool.name) on \(uri)")
-        let volume = try pool.upload(path, as: volumeName, mode: 0o644)
+        let volume = try pool.upload(path, as: volumeName, mode: 0o644, progress: uploaded)
         _ = try pool.makeVolume(marker, bytes: 0, mode: 0o644)
         return try volume.path()
     }

@@ -135,7 +135,9 @@ public final class StoragePool: @unchecked Sendable {
 
     /// A new raw volume holding the bytes of the local file `path`, readable by its owner
     /// only (`mode`). A volume left half-written by a failed upload is deleted again.
-    public func upload(_ path: String, as volumeName: String, mode: Int = 0o600) throws(ProvisioningError) -> StorageVolume {
+    /// `progress` hears the bytes sent and the total after each chunk (of 1 MiB).
+    public func upload(_ path: String, as volumeName: String, mode: Int = 0o600,
+                       progress: ((UInt64, UInt64) -> Void)? = nil) throws(ProvisioningError) -> StorageVolume {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
             throw ProvisioningError(.io, "cannot read \(path): \(String(cString: strerror(errno)))")
@@ -148,7 +150,7 @@ public final class StoragePool: @unchecked Sendable {
         let size = Int(st.st_size)
         let volume = try makeVolume(volumeName, bytes: size, mode: mode)
         do {
-            try volume.write(from: fd, length: size)
+            try volume.write(from: fd, length: size, progress: progress)
         } catch {
             try? volume.delete()
             throw error
@@ -249,7 +251,7 @@ public final class StorageVolume: @unchecked Sendable {
     /// Writes `length` bytes read from `fd` at the start of the volume, through a libvirt
     /// stream (`virStorageVolUpload`): the bytes travel over the connection, ssh or TLS
     /// included, so the file never needs to be on the volume's host.
-    func write(from fd: Int32, length: Int) throws(ProvisioningError) {
+    func write(from fd: Int32, length: Int, progress: ((UInt64, UInt64) -> Void)?) throws(ProvisioningError) {
         guard let stream = vc_virStreamNew(pool.connection.pointer, 0) else {
             throw ProvisioningError.fromLibvirt("cannot open a stream to \(pool.connection.uri)")
         }
@@ -280,6 +282,7 @@ public final class StorageVolume: @unchecked Sendable {
                 offset += Int(w)
             }
             sent += n
+            progress?(UInt64(sent), UInt64(length))
         }
         guard vc_virStreamFinish(stream) == 0 else {
             throw ProvisioningError.fromLibvirt("the upload into the volume \(name) did not complete")

@@ -129,8 +129,11 @@ struct Create: ParsableCommand {
         }
         let waitTimeout = self.waitTimeout ?? (image == nil ? 90 : 600)
         if names.count == 1 {
+            // Uploads to another host draw a bar on a terminal, each under the line naming it.
+            let uploads = UploadBars()
             let code = try Self.create(request(names[0]), through: global.target, waitTimeout: noWait ? nil : waitTimeout,
-                                       bootstrap: bootstrap, say: say, note: Target.warnOnStderr,
+                                       bootstrap: bootstrap, say: say, note: { uploads.end(); Target.warnOnStderr($0) },
+                                       uploaded: uploads.update,
                                        output: { stream, bytes in writeFully(stream == .stderr ? 2 : 1, bytes) })
             if code != 0 { throw ExitCode(code) }
             return
@@ -160,10 +163,11 @@ struct Create: ParsableCommand {
     /// takes long or went wrong to `note`, the script's output to `output`.
     static func create(_ request: MachineRequest, through target: Target, waitTimeout: Double?, bootstrap: BootstrapOptions,
                        say: @escaping (String) -> Void, note: @escaping (String) -> Void,
+                       uploaded: ((UInt64, UInt64) -> Void)? = nil,
                        output: @escaping ExecClient.OutputSink) throws -> Int32 {
         let name = request.name
         let hypervisor = target.hypervisor()
-        let machine = try hypervisor.create(request, progress: note)
+        let machine = try hypervisor.create(request, progress: note, uploaded: uploaded)
         say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: virsh -c '\(hypervisor.uri)' console \(name)"))")
         guard let waitTimeout else {
             if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }

@@ -37,6 +37,23 @@ final class ProgressBar {
     }
 }
 
+/// One bar per upload: drawn from its first chunk, ended by its last or by the next line.
+final class UploadBars {
+    private var bar: ProgressBar?
+
+    func update(_ done: UInt64, _ total: UInt64) {
+        let current = bar ?? ProgressBar(label: "upload")
+        bar = current
+        current.update(done, total)
+        if done == total { end() }
+    }
+
+    func end() {
+        bar?.finish()
+        bar = nil
+    }
+}
+
 func bytes(_ n: UInt64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"]
     var v = Double(n)

@@ -451,6 +451,35 @@ extension EndToEnd {
             #expect(!after.contains(base), "\(after)")
         }
 
+        /// Through the library, create over TCP reports each upload's bytes as they go: one
+        /// rising count per upload, each ending at the size of the file it sends (the kernel,
+        /// uploaded again once prune has removed it, and the domain's initramfs).
+        @Test func uploadsReportTheirBytesAsTheyGo() throws {
+            let domain = "vctest-remote-uploads"
+            removeAtExit(domain)
+            _ = VC.run(["destroy", "-c", RemoteHost.tcp, domain, "--force"])
+            _ = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0"], timeout: 60)
+            let hypervisor = Hypervisor(uri: RemoteHost.tcp)
+            var request = MachineRequest(name: domain)
+            request.accelerator = .tcg
+            let calls = Mutex<[(UInt64, UInt64)]>([])
+            let lines = Mutex<[String]>([])
+            _ = try hypervisor.create(request, progress: { line in lines.withLock { $0.append(line) } },
+                                      uploaded: { done, total in calls.withLock { $0.append((done, total)) } })
+            defer { try? hypervisor.destroy(domain) }
+            // Split where the total changes or the count starts again.
+            var uploads: [[(UInt64, UInt64)]] = []
+            for call in calls.withLock({ $0 }) {
+                if let last = uploads.last?.last, last.1 == call.1, call.0 > last.0 { uploads[uploads.count - 1].append(call) } else { uploads.append([call]) }
+            }
+            let kernelSize = try #require(try FileManager.default.attributesOfItem(atPath: "/var/lib/virtchan/images/vmlinux")[.size] as? UInt64)
+            #expect(uploads.count == 2, "\(lines.withLock { $0 })")
+            for upload in uploads { #expect(upload.last.map { $0.0 == $0.1 } == true, "an upload's count ends at its size") }
+            #expect(uploads.contains { $0.last?.1 == kernelSize }, "the kernel is one of them")
+            #expect(uploads.first.map { $0.count > 1 } == true, "more than one report per upload")
+            #expect(lines.withLock { $0 }.filter { $0.hasPrefix("uploading") }.count == 2)
+        }
+
         @Test func aDiskCannotBeCreatedRemotelyAndNothingIsLeft() throws {
             let domain = "vctest-remote-disk"
             let disk = "\(work)/disk.img"

@@ -47,6 +47,10 @@ public final class Connection: @unchecked Sendable {
             } else if err.message.contains("CA certificate") || err.message.contains("client certificate") {
                 // qemu://host/system (no transport named) means TLS as well.
                 hint = "; this URI reaches its host over TLS, which needs a certificate authority and a client certificate (in /etc/pki, or in the directory named by ?pkipath=DIR); without them, use qemu+ssh://HOST/system"
+            } else if err.message.contains("Permission denied (publickey") {
+                // No terminal to ask for a password on (holders and fleets run in the
+                // background), and no key the server takes.
+                hint = "; ssh could not log in: give it a key the server accepts, loaded into ssh-agent or named in the URI with ?keyfile=PATH"
             } else if err.message.contains("kex_exchange_identification") {
                 hint = "; the ssh server turned the connection away before the key exchange, 5 times in a row: it may be at its limit of connections being set up (MaxStartups in its sshd_config), or refuse this client"
             }

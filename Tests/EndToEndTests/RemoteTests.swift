@@ -480,6 +480,15 @@ extension EndToEnd {
             #expect(lines.withLock { $0 }.filter { $0.hasPrefix("uploading") }.count == 2)
         }
 
+        /// ssh without a key the server takes fails at once and says what to give it.
+        @Test func anSSHLoginWithoutAKeySaysWhatToGive() {
+            let r = VC.run(["list", "-c", "qemu+ssh://root@127.0.0.1:\(RemoteHost.sshPort)/system?no_verify=1&no_tty=1"], timeout: 60)
+            #expect(r.code == 1)
+            #expect(r.stderr.contains("Permission denied (publickey"), "\(r.stderr)")
+            #expect(r.stderr.contains("?keyfile=PATH"), "\(r.stderr)")
+            #expect(r.seconds < 30)
+        }
+
         @Test func aDiskCannotBeCreatedRemotelyAndNothingIsLeft() throws {
             let domain = "vctest-remote-disk"
             let disk = "\(work)/disk.img"

@@ -58,7 +58,9 @@ extension Hypervisor {
         let volumes = try pool.volumes()
         var facts: [PoolVolume] = []
         for volume in volumes {
-            let details = try volume.details()
+            // One removed meanwhile (by another prune, say) has nothing to weigh; one that cannot
+            // be read stays.
+            guard let details = try? volume.details() else { continue }
             facts.append(PoolVolume(name: volume.name, path: details.path, bytes: details.allocation,
                                     backingPath: details.backingPath, modified: details.modified))
         }
@@ -77,7 +79,8 @@ extension Hypervisor {
             if let owner = group.owner, usageNow.domainNames.contains(owner) { continue }
             if group.volumes.contains(where: usageNow.uses) { continue }
             // A marker goes before its upload, so that nothing boots a half-removed upload.
-            for volume in group.volumes.sorted(by: { $0.name.hasSuffix(".complete") && !$1.name.hasSuffix(".complete") }) {
+            let marker = Hypervisor.SharedUpload.markerSuffix
+            for volume in group.volumes.sorted(by: { $0.name.hasSuffix(marker) && !$1.name.hasSuffix(marker) }) {
                 do {
                     try byName[volume.name]?.delete()
                 } catch {
@@ -107,7 +110,8 @@ struct PoolVolume: Sendable, Equatable {
 /// The domains of a connection and the files they boot from.
 struct DomainUsage: Sendable {
     var domainNames: Set<String> = []
-    /// Files named in domain XML: kernels, initramfs, disk sources and their backing stores.
+    /// Files named in domain XML: kernels, initramfs, disk sources (by file or by pool and
+    /// volume) and their backing stores.
     var paths: Set<String> = []
 
     init(domainNames: Set<String>, paths: Set<String>) {
@@ -132,6 +136,13 @@ struct DomainUsage: Sendable {
                 let doc = try LibXMLDocument(parsing: xml, name: "the XML of domain \(name)")
                 paths.formUnion(doc.select("/domain/os/kernel | /domain/os/initrd").map(\.text))
                 paths.formUnion(doc.select("//source/@file").map(\.text))
+                // A disk named by pool and volume rather than by file.
+                for source in doc.select("//disk[@type='volume']/source") {
+                    if let pool = source.attribute("pool"), let volume = source.attribute("volume"),
+                       let path = try? StoragePool.lookup(pool, on: connection)?.volume(volume)?.path() {
+                        paths.insert(path)
+                    }
+                }
             }
         }
     }

@@ -183,10 +183,20 @@ extension EndToEnd {
             let hex = (0..<24).map { _ in String("0123456789abcdef".randomElement()!) }.joined()
             let hex2 = String(hex.reversed())
             let gone = ["vctest-gone.qcow2", "vctest-gone.seed.iso", "base-\(hex)", "boot-\(hex)", "boot-\(hex).complete"]
-            let stay = ["\(SharedGuest.name).initrd", "vctest-notes.img", "base-\(hex2)", "base-\(hex2).complete", "vctest-reader.img"]
+            let stay = ["\(SharedGuest.name).initrd", "vctest-notes.img", "base-\(hex2)", "base-\(hex2).complete", "vctest-reader.img",
+                        "vctest-byvolume.qcow2"]
             let fresh = "vctest-fresh.qcow2"
-            defer { for v in gone + stay + [fresh] { _ = VC.virsh(["vol-delete", "--pool", pool, v]) } }
+            let user = "vctest-prune-user"
+            defer {
+                _ = VC.virsh(["undefine", user])
+                for v in gone + stay + [fresh] { _ = VC.virsh(["vol-delete", "--pool", pool, v]) }
+            }
             try SharedGuest.require()
+            // A domain (defined, never started) whose disk names its volume by pool and name.
+            let xml = "<domain type='qemu'><name>\(user)</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os>"
+                + "<devices><disk type='volume' device='disk'><source pool='\(pool)' volume='vctest-byvolume.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
+            try xml.write(toFile: "/tmp/\(user).xml", atomically: true, encoding: .utf8)
+            #expect(VC.virsh(["define", "/tmp/\(user).xml"]).code == 0)
             for v in gone + stay where v != "vctest-reader.img" {
                 #expect(VC.virsh(["vol-create-as", pool, v, "64K", "--format", "raw"]).code == 0, "\(v)")
             }

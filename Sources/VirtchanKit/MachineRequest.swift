@@ -181,7 +181,7 @@ extension Hypervisor {
     }
 
     /// What a shared upload holds: a kernel or a base image.
-    enum SharedUpload: String, CaseIterable {
+    enum SharedUpload: String {
         case boot, base
 
         /// The volume's name for a file whose SHA-256 is `digest` (hex): the kind, a dash and

@@ -257,8 +257,12 @@ struct Destroy: ParsableCommand {
     @Flag(help: "Also destroy a domain virtchan does not manage.") var force = false
 
     func run() throws {
-        try global.hypervisor().destroy(name, keepDefinition: keepDefinition, force: force)
+        let hypervisor = global.hypervisor()
+        try hypervisor.destroy(name, keepDefinition: keepDefinition, force: force)
         print(keepDefinition ? "Domain \(name) stopped; definition kept" : "Domain \(name) destroyed")
+        if !keepDefinition && !Connection.isLocal(uri: hypervisor.uri) {
+            print("Its shared kernel or base image stays on that host for the next create; remove uploads no domain uses with: virtchan prune -c '\(hypervisor.uri)'")
+        }
     }
 }
 

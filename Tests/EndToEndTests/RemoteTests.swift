@@ -386,6 +386,7 @@ extension EndToEnd {
             let left = VC.virsh(["vol-list", "virtchan"]).out
             #expect(!left.contains("\(domain).initrd"), "\(left)")
             #expect(left.contains("/var/lib/virtchan/pool/boot-"), "the shared kernel stays for the next create")
+            #expect(destroyed.out.contains("virtchan prune -c '\(uri)'"), "destroy says how the upload goes: \(destroyed.out)")
             #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(domain)"))
             #expect(VC.run(["holder", "list"]).out.contains(domain) == false)
         }

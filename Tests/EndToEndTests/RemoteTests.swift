@@ -467,7 +467,11 @@ extension EndToEnd {
             let lines = Mutex<[String]>([])
             _ = try hypervisor.create(request, progress: { line in lines.withLock { $0.append(line) } },
                                       uploaded: { done, total in calls.withLock { $0.append((done, total)) } })
-            defer { try? hypervisor.destroy(domain) }
+            defer {
+                try? hypervisor.destroy(domain)
+                // The kernel it uploaded goes too: the run leaves no volume behind.
+                _ = try? hypervisor.prune(minimumAge: 0)
+            }
             // Split where the total changes or the count starts again.
             var uploads: [[(UInt64, UInt64)]] = []
             for call in calls.withLock({ $0 }) {

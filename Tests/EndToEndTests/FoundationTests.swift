@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import VirtchanKit
 
 extension EndToEnd {
     /// Issue 2: a real guest under libvirtd with its channels wired, inspected and torn down.
@@ -174,12 +175,11 @@ extension EndToEnd {
         /// or reads through, and unfinished ones go; what a domain or an overlay uses, what was
         /// just written and what virtchan did not name stay. A dry run touches nothing.
         @Test func pruneRemovesOnlyWhatNothingUses() throws {
-            let pool = "virtchan", dir = "/var/lib/virtchan/pool"
-            if VC.virsh(["pool-info", pool]).code != 0 {
-                #expect(VC.virsh(["pool-define-as", pool, "dir", "--target", dir]).code == 0)
-                _ = VC.virsh(["pool-build", pool])
-                #expect(VC.virsh(["pool-start", pool]).code == 0)
-            }
+            let pool = Hypervisor.storagePoolName, dir = "/var/lib/virtchan/pool"
+            // The pool as create makes it on first use.
+            let hypervisor = Hypervisor(uri: "qemu:///system")
+            #expect(hypervisor.storagePoolPath == dir)
+            _ = try StoragePool.directory(pool, path: dir, on: hypervisor.connection())
             let hex = (0..<24).map { _ in String("0123456789abcdef".randomElement()!) }.joined()
             let hex2 = String(hex.reversed())
             let gone = ["vctest-gone.qcow2", "vctest-gone.seed.iso", "base-\(hex)", "boot-\(hex)", "boot-\(hex).complete"]

@@ -271,7 +271,11 @@ extension Hypervisor {
         progress?("uploading \(path) (\(size >> 20) MiB) to the storage pool \(pool.name) on \(uri)")
         let volume = try pool.upload(path, as: volumeName, mode: 0o644, progress: uploaded)
         _ = try pool.makeVolume(marker, bytes: 0, mode: 0o644)
-        return try volume.path()
+        guard let uploaded = try? volume.path() else {
+            try? pool.volume(marker)?.delete()
+            throw VirtchanError(.io, "the upload \(volumeName) of \(path) was removed from the storage pool \(pool.name) on \(uri) while it went up (by 'virtchan prune --min-age 0' or virsh vol-delete, elsewhere?); run create again")
+        }
+        return uploaded
     }
 
     private struct Prepared {

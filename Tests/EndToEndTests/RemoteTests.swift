@@ -452,6 +452,38 @@ extension EndToEnd {
             #expect(!after.contains(base), "\(after)")
         }
 
+        /// prune at its default minimum age, run over and over while a create on the same host
+        /// uploads a base image and makes the domain's volumes, takes none of them: what is being
+        /// written, or was just written, stays. Once the domain is gone they all go.
+        @Test func pruneDuringACreateLeavesItAlone() throws {
+            let image = CloudGuest.image
+            try #require(FileManager.default.fileExists(atPath: image), "no \(image); Scripts/build-cloud-image builds it")
+            let domain = "vctest-remote-prune-race"
+            removeAtExit(domain)
+            _ = VC.run(["destroy", "-c", RemoteHost.tcp, domain, "--force"])
+            // So that the base goes up again under the prunes.
+            _ = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0"], timeout: 60)
+            let create = try Background(["create", "-c", RemoteHost.tcp, domain, "--image", image, "--accel", "tcg", "--no-wait"])
+            var prunes = 0
+            while create.isRunning && prunes < 200 {
+                let r = VC.run(["prune", "-c", RemoteHost.tcp], timeout: 60)
+                #expect(r.code == 0, "\(r.stderr)")
+                #expect(!r.out.contains("Removed"), "\(r.out)")
+                prunes += 1
+            }
+            #expect(create.wait(60) == 0, "\(create.seen.map(\.1))")
+            #expect(prunes >= 2, "the create ended before prune could run beside it")
+            let volumes = VC.virsh(["vol-list", "virtchan"]).out
+            for own in [".qcow2", ".seed.iso"] { #expect(volumes.contains("/var/lib/virtchan/pool/\(domain)\(own)"), "\(volumes)") }
+            #expect(volumes.contains("/var/lib/virtchan/pool/base-"), "\(volumes)")
+            #expect(VC.virsh(["domstate", domain]).out.hasPrefix("running"))
+
+            #expect(VC.run(["destroy", "-c", RemoteHost.tcp, domain], timeout: 60).code == 0)
+            let pruned = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0"], timeout: 60)
+            #expect(pruned.code == 0, "\(pruned.stderr)")
+            #expect(!VC.virsh(["vol-list", "virtchan"]).out.contains("/var/lib/virtchan/pool/base-"))
+        }
+
         /// Through the library, create over TCP reports each upload's bytes as they go: one
         /// rising count per upload, each ending at the size of the file it sends (the kernel,
         /// uploaded again once prune has removed it, and the domain's initramfs).

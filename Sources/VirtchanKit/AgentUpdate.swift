@@ -18,13 +18,18 @@ extension Hypervisor {
         let session = try waitForAgent(name, timeout: min(timeout, 30))
         // The exec's shell is the agent's child: its parent's executable is the agent's path.
         let probe = try ExecClient.capture(session, ["/bin/sh", "-c",
-            "readlink -f /proc/$PPID/exe; echo $PPID; systemctl is-active virtchan-agent.service 2>/dev/null || true"], limit: 4096)
+            "readlink -f /proc/$PPID/exe; echo $PPID; s=$(systemctl is-active virtchan-agent.service 2>/dev/null); echo \"${s:-no-systemd}\""], limit: 4096)
         let lines = probe.stdoutText.split(separator: "\n").map(String.init)
         guard lines.count >= 3, lines[0].hasPrefix("/"), let oldPID = Int32(lines[1]) else {
             throw VirtchanError(.io, "cannot tell where the agent in \(name) runs from: \(displaySafe(probe.stdoutText + probe.stderrText, limit: 300))")
         }
+        let agentPath = displaySafe(lines[0], limit: 200)
+        guard lines[2] != "no-systemd" else {
+            // The built-in guest: its agent comes with its initramfs.
+            throw VirtchanError(.invalidRequest, "\(name) has no systemd to restart its agent (which runs from \(agentPath)); for the built-in guest, rebuild its initramfs with Scripts/build-guest and create the domain again; elsewhere, replace and restart the agent by hand")
+        }
         guard lines[2] == "active" else {
-            throw VirtchanError(.invalidRequest, "the agent in \(name) is not run by systemd's virtchan-agent.service (it runs from \(displaySafe(lines[0], limit: 200))); replace and restart it by hand")
+            throw VirtchanError(.invalidRequest, "the agent in \(name) is not run by systemd's virtchan-agent.service (it runs from \(agentPath)); replace and restart it by hand")
         }
         let path = lines[0]
         _ = try FileTransfer(session: session).push(file: binary, to: path + ".virtchan-new", mode: 0o755, parents: false)

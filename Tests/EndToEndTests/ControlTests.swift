@@ -83,6 +83,19 @@ extension EndToEnd {
             #expect((info["uptimeSeconds"] as? Int ?? -1) >= 0)
         }
 
+        /// The built-in guest has no systemd to restart an agent: update-agent says so, says
+        /// what to do instead, and leaves the running agent alone.
+        @Test func updateAgentOnTheBuiltInGuestSaysWhatToDo() throws {
+            try SharedGuest.require()
+            let before = VC.guest("pidof virtchan-agent").out
+            let r = VC.run(["update-agent", name], timeout: 60)
+            #expect(r.code == 64, "\(r.stderr)")
+            #expect(r.stderr.contains("has no systemd to restart its agent (which runs from /usr/bin/virtchan-agent)"), "\(r.stderr)")
+            #expect(r.stderr.contains("Scripts/build-guest"), "\(r.stderr)")
+            #expect(VC.guest("pidof virtchan-agent").out == before)
+            #expect(VC.guest("ls /usr/bin/ | grep -c virtchan-new || true").out == "0\n", "no new binary was left beside the old one")
+        }
+
         @Test func pingMeasuresRoundTrips() throws {
             try SharedGuest.require()
             let r = VC.run(["ping", name, "--count", "5", "--json"])

@@ -49,7 +49,7 @@ extension Hypervisor {
     /// within `minimumAge` seconds (by this host's clock against the pool host's timestamps)
     /// are kept, since a create elsewhere may be about to boot them. Volumes whose names
     /// virtchan does not give are never touched. A pool that does not exist has nothing to
-    /// remove.
+    /// remove; a stopped one is started first, as create starts it.
     public func prune(pool poolName: String = storagePoolName, minimumAge: Double = 600, dryRun: Bool = false) throws -> PruneReport {
         let conn = try connection()
         var report = PruneReport(uri: uri, pool: poolName, removed: [], recent: [], dryRun: dryRun)

@@ -14,7 +14,9 @@ struct Create: ParsableCommand {
         With --connect naming another host, the kernel and the domain's initramfs are uploaded \
         through the libvirt connection into the storage pool 'virtchan' there (defined on first \
         use, at /var/lib/virtchan/pool); the agent's key stays in this host's state directory. \
-        --disk, a file QEMU would open on that host, is refused there.
+        The kernel (and a base image) is kept there for the next create; 'virtchan prune' \
+        removes uploads no domain uses. --disk, a file QEMU would open on that host, is \
+        refused there.
 
         With --image a stock cloud image boots (Debian genericcloud, Ubuntu cloudimg, Fedora \
         Cloud-Base, qcow2 or raw), never written: the domain boots a copy-on-write overlay of \

@@ -197,7 +197,7 @@ struct PrunePlan: Sendable {
             } else if !group.contains(where: { $0.name == stem + Self.marker }) {
                 reason = "an upload that never finished"
             } else {
-                reason = stem.hasPrefix(Hypervisor.SharedUpload.boot.rawValue) ? "a kernel no domain boots" : "a base image no overlay reads"
+                reason = stem.hasPrefix(Hypervisor.SharedUpload.boot.rawValue + "-") ? "a kernel no domain boots" : "a base image no overlay reads"
             }
             consider(group.sorted { $0.name < $1.name }, reason: reason)
         }
@@ -209,7 +209,8 @@ struct PrunePlan: Sendable {
         let stem = name.hasSuffix(marker) ? String(name.dropLast(marker.count)) : name
         guard let dash = stem.firstIndex(of: "-"), Hypervisor.SharedUpload(rawValue: String(stem[..<dash])) != nil else { return nil }
         let digest = stem[stem.index(after: dash)...]
-        guard digest.count == 24, digest.allSatisfy({ $0.isHexDigit && !$0.isUppercase }) else { return nil }
+        // Exactly as SharedUpload names them: 24 of 0-9 and a-f, in ASCII.
+        guard digest.utf8.count == 24, digest.utf8.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }) else { return nil }
         return stem
     }
 

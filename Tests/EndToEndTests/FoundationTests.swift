@@ -189,6 +189,7 @@ extension EndToEnd {
             let user = "vctest-prune-user"
             defer {
                 _ = VC.virsh(["undefine", user])
+                unlink("/tmp/\(user).xml")
                 for v in gone + stay + [fresh] { _ = VC.virsh(["vol-delete", "--pool", pool, v]) }
             }
             try SharedGuest.require()

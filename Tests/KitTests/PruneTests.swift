@@ -61,7 +61,9 @@ struct PruneTests {
     }
 
     @Test func namesVirtchanDoesNotGiveAreNeverTouched() {
-        let names = ["boot-\(digest.uppercased())", "boot-1234", "kernel-\(digest)", "base-\(digest)x", "notes.txt", ".qcow2", "base-\(digest).complete.bak"]
+        let fullWidth = String(repeating: "\u{FF11}", count: 24)
+        let names = ["boot-\(digest.uppercased())", "boot-1234", "kernel-\(digest)", "base-\(digest)x", "notes.txt", ".qcow2",
+                     "base-\(digest).complete.bak", "base-\(fullWidth)"]
         #expect(plan(names.map { volume($0) }).remove.isEmpty)
     }
 }

@@ -109,13 +109,13 @@ public final class Hypervisor: Sendable {
         ChannelLock.removeLocks(of: name)
         unlink(paths.keyedInitrd(for: name))
         if !keepDefinition {
-            // What the domain boots from: its initramfs and its disks (never a disk's backing
-            // file, which is a base image others may share).
+            // What the domain boots from, as prune reads it.
             let booted = (try? domain.xml(inactive: true))
                 .flatMap { try? LibXMLDocument(parsing: $0, name: "the domain XML") }
-                .map { doc in doc.select("/domain/os/initrd").map(\.text) + doc.select("/domain/devices/disk/source").compactMap { $0.attribute("file") } } ?? []
+                .map { DomainUsage.files(in: $0, on: domain.connection) } ?? []
             try domain.undefine()
-            // The volumes create made for this domain alone go, whichever URI destroys it.
+            // The volumes create made for this domain alone go, whichever URI destroys it: never
+            // a shared kernel or a disk's backing file, which others may boot too.
             let own = Self.ownVolumeNames(of: name)
             for path in booted {
                 if let volume = StorageVolume.lookup(path: path, on: domain.connection), own.contains(volume.name) {

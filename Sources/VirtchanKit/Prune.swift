@@ -133,18 +133,23 @@ struct DomainUsage: Sendable {
                 throw VirtchanError(.io, "cannot read the XML of domain \(name) on \(connection.uri), so nothing is removed")
             }
             for xml in documents {
-                let doc = try LibXMLDocument(parsing: xml, name: "the XML of domain \(name)")
-                paths.formUnion(doc.select("/domain/os/kernel | /domain/os/initrd").map(\.text))
-                paths.formUnion(doc.select("//source/@file").map(\.text))
-                // A disk named by pool and volume rather than by file.
-                for source in doc.select("//disk[@type='volume']/source") {
-                    if let pool = source.attribute("pool"), let volume = source.attribute("volume"),
-                       let path = try? StoragePool.lookup(pool, on: connection)?.volume(volume)?.path() {
-                        paths.insert(path)
-                    }
-                }
+                paths.formUnion(Self.files(in: try LibXMLDocument(parsing: xml, name: "the XML of domain \(name)"), on: connection))
             }
         }
+    }
+
+    /// The files a domain's XML has it boot from: its kernel and initramfs, and every disk's
+    /// source and backing store, named by file or by pool and volume.
+    static func files(in doc: LibXMLDocument, on connection: Connection) -> [String] {
+        var files = doc.select("/domain/os/kernel | /domain/os/initrd").map(\.text)
+        files += doc.select("/domain/devices/disk//source/@file").map(\.text)
+        for source in doc.select("/domain/devices/disk[@type='volume']/source") {
+            if let pool = source.attribute("pool"), let volume = source.attribute("volume"),
+               let path = try? StoragePool.lookup(pool, on: connection)?.volume(volume)?.path() {
+                files.append(path)
+            }
+        }
+        return files
     }
 
     func uses(_ volume: PoolVolume) -> Bool { paths.contains(volume.path) }

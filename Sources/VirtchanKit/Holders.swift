@@ -72,7 +72,12 @@ extension Hypervisor {
         // per host (see ConnectionGate), each with the whole timeout once its turn comes.
         return try ConnectionGate.shared.withSlot(for: uri) { () throws -> AgentSession in
             let deadline = Date().addingTimeInterval(timeout)
+            // The holder another command is starting, while this one waits for it.
+            var other: StartingHolder?
+            defer { other?.close() }
             while true {
+                // It could not serve: this command cannot either, for the same reason.
+                if let failure = other?.failure() { throw failure }
                 switch try launchHolder(for: name, persist: persist, timeout: max(1, deadline.timeIntervalSinceNow)) {
                 case .ready(let link?):
                     return try AgentSession.connect(endpoint, holderLink: link, timeout: max(1, deadline.timeIntervalSinceNow))
@@ -80,16 +85,31 @@ extension Hypervisor {
                     return try AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow))
                 case .alreadyHeld:
                     // Another process started one a moment ago, or one is ending: try its socket.
+                    if other == nil { other = StartingHolder(log: socket + ".log") }
                     if let session = try? AgentSession.connect(endpoint, timeout: max(1, deadline.timeIntervalSinceNow)) {
                         return session
                     }
+                    if let failure = other?.failure() { throw failure }
                     guard deadline.timeIntervalSinceNow > 0 else {
-                        throw TransportError(.busy, "the session holder of \(name) neither answers nor lets go of its lock (see \(socket).log)")
+                        var message = "the session holder of \(name), which another command started, did not begin serving within \(formatSeconds(timeout))"
+                        if let kept = channelKeptHint(name) {
+                            message += "; " + kept
+                        } else if access(socket + ".log", F_OK) == 0 {
+                            message += " (see \(socket).log)"
+                        }
+                        throw TransportError(.busy, message)
                     }
                     Thread.sleep(forTimeInterval: 0.05)
                 }
             }
         }
+    }
+
+    /// Where a holder of another URI keeps the channels of a domain named `name` (this
+    /// machine reached as qemu:///system and as qemu+tcp://localhost, say): what to stop.
+    func channelKeptHint(_ name: String) -> String? {
+        guard let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) else { return nil }
+        return "the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'"
     }
 
     /// `ready` carries this command's own connection to a forked holder, when it has one.
@@ -251,15 +271,17 @@ extension Hypervisor {
             case let e as ProvisioningError where e.code == .conflict: e.message
             default: nil
             }
-            if let kept, let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) {
-                error = TransportError(.busy, kept + "; the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'")
+            if let kept, let hint = channelKeptHint(name) {
+                error = TransportError(.busy, kept + "; " + hint)
             } else if let timeout = error as? TransportError, timeout.code == .timeout, !Connection.isLocal(uri: uri) {
                 // The channel may be another client's on the domain's host, which this host
                 // cannot see.
                 error = TransportError(.timeout, timeout.message + "; if virtchan is in use on the domain's host, a session holder there keeps the channel ('virtchan holder list' there)")
             }
-            log("cannot serve: \(error)")
-            report(Self.encodeReadyError(error))
+            // Commands that wait for this holder, which they did not start, read why here.
+            let encoded = Self.encodeReadyError(error)
+            log(StartingHolder.failureMark + encoded.dropFirst("error ".count))
+            report(encoded)
             return 1
         }
     }
@@ -351,5 +373,57 @@ extension Hypervisor {
     @discardableResult
     public static func stop(_ record: HolderRecord, timeout: Double = 5) -> Bool {
         terminate(record.pid, lockedAt: record.socket, files: holderFiles, timeout: timeout)
+    }
+}
+
+/// The log of a holder that another command is starting, followed by a command that waits
+/// for it: a holder that cannot serve writes why there before it removes its files, and the
+/// descriptor opened here keeps that line readable after the file is gone.
+private struct StartingHolder {
+    /// What comes before the encoded error (see ``Hypervisor/encodeReadyError(_:)``) in the
+    /// line of a holder that cannot serve.
+    static let failureMark = "cannot serve: "
+
+    let path: String
+    private var fd: Int32 = -1
+
+    init(log path: String) {
+        self.path = path
+        reopen()
+    }
+
+    /// Why the holder could not serve, once it has said so.
+    mutating func failure() -> Error? {
+        if let failure = readFailure() { return failure }
+        // A holder started since writes a file of its own.
+        var named = stat(), opened = stat()
+        if fd < 0 || (stat(path, &named) == 0 && fstat(fd, &opened) == 0
+                      && (named.st_ino != opened.st_ino || named.st_dev != opened.st_dev)) {
+            reopen()
+            return readFailure()
+        }
+        return nil
+    }
+
+    func close() { if fd >= 0 { _ = Glibc.close(fd) } }
+
+    private mutating func reopen() {
+        let newFD = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard newFD >= 0 else { return }
+        close()
+        fd = newFD
+    }
+
+    private func readFailure() -> Error? {
+        guard fd >= 0 else { return nil }
+        var bytes = [UInt8](repeating: 0, count: 64 * 1024)
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, $0.count, 0) }
+        guard n > 0 else { return nil }
+        for line in String(decoding: bytes[0..<n], as: UTF8.self).split(separator: "\n").reversed() {
+            if let mark = line.range(of: Self.failureMark) {
+                return Hypervisor.decodeReadyError(String(line[mark.upperBound...]))
+            }
+        }
+        return nil
     }
 }

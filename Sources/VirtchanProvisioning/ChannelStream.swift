@@ -78,7 +78,9 @@ public final class ChannelStream: @unchecked Sendable {
             throw error
         case .gaveUp:
             abandoned.withLock { $0.append(call) }
-            throw ProvisioningError(.timeout, "libvirt on \(domain.connection.uri) did not open channel \(channel) of \(domain.name) within \(formatSeconds(timeout)): another client has that channel (a virtchan command or session holder on the domain's host: 'virtchan holder list' there), and libvirtd waits for it to let go, doing nothing else with \(domain.name) meanwhile")
+            // A conflict, not a slow libvirtd: it answers all else, and opens the channel at
+            // once when nobody has it.
+            throw ProvisioningError(.conflict, "libvirt on \(domain.connection.uri) did not open channel \(channel) of \(domain.name) within \(formatSeconds(timeout)): another client has that channel (a virtchan command or session holder on the domain's host: 'virtchan holder list' there), and libvirtd waits for it to let go, doing nothing else with \(domain.name) meanwhile")
         }
     }
 

@@ -312,6 +312,20 @@ extension EndToEnd {
             #expect(r.code == 1)
             #expect(r.stderr.contains("virtchan holder stop --connect qemu:///system \(name)"), "\(r.stderr)")
             #expect(r.seconds < 30)
+            // Commands started together wait for the one holder the first of them starts; when
+            // it cannot serve, each of them says why, as that one does.
+            let together = Mutex<[RunResult]>([])
+            DispatchQueue.concurrentPerform(iterations: 3) { _ in
+                let attempt = VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"], timeout: 60)
+                together.withLock { $0.append(attempt) }
+            }
+            for attempt in together.withLock({ $0 }) {
+                #expect(attempt.code == 1)
+                #expect(attempt.stderr.contains("virtchan holder stop --connect qemu:///system \(name)"), "\(attempt.stderr)")
+                #expect(attempt.seconds < 30)
+            }
+            let holders = VC.run(["holder", "list", "--json"]).out
+            #expect(!holders.contains(RemoteHost.tcp), "no holder of the other URI is left: \(holders)")
             _ = VC.run(["holder", "stop", "--all"])
             #expect(VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"]).code == 0)
             // Between two remote URIs libvirtd refuses the second stream at once; the holder

@@ -291,9 +291,10 @@ extension Hypervisor {
     private func openHeldChannels(_ name: String, timeout: Double) throws
         -> (AgentSession, SessionHolder.DataOpener, [ChannelLock]) {
         if Connection.isLocal(uri: uri) {
+            // The domain first: a name that is not there, or not running, leaves no lock file.
+            var endpoint = try endpoint(of: name)
             let control = try ChannelLock(domain: name, role: "control", label: "control channel of \(name)")
             let data = try ChannelLock(domain: name, role: "data", label: "data channel of \(name)")
-            var endpoint = try endpoint(of: name)
             let fd: Int32
             do {
                 fd = try UnixSocket.connect(endpoint.controlSocket)

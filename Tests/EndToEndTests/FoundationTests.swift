@@ -162,9 +162,15 @@ extension EndToEnd {
         }
 
         @Test func unknownDomainAndStoppedDomain() {
+            let locks = ["control", "data"].map { "/run/virtchan/locks/vctest-nosuch.\($0).lock" }
+            for lock in locks { unlink(lock) }
             expectRefused(["channels", "vctest-nosuch"], "no domain named 'vctest-nosuch'")
             expectRefused(["ping", "vctest-nosuch"], "no domain named")
+            expectRefused(["exec", "vctest-nosuch", "--", "true"], "no domain named")
             expectRefused(["destroy", "vctest-nosuch"], "no domain named")
+            for lock in locks { #expect(!FileManager.default.fileExists(atPath: lock), "a mistyped name left \(lock)") }
+            let holderFiles = (try? FileManager.default.contentsOfDirectory(atPath: "/run/virtchan/holders")) ?? []
+            #expect(!holderFiles.contains { $0.hasPrefix("vctest-nosuch-") }, "\(holderFiles)")
         }
 
         @Test func daemonNotRunningNamesTheSetupScript() {

@@ -45,7 +45,9 @@ public struct BootstrapPlan: Codable, Sendable {
         for e in env where !e.contains("=") || e.hasPrefix("=") {
             throw VirtchanError(.invalidRequest, "--bootstrap-env takes KEY=VALUE, not '\(e)'")
         }
-        if let timeout, !(timeout > 0) { throw VirtchanError(.invalidRequest, "--bootstrap-timeout must be positive") }
+        if let timeout, !(timeout > 0 && timeout.isFinite) {
+            throw VirtchanError(.invalidRequest, "--bootstrap-timeout takes a positive number of seconds, not \(timeout)")
+        }
         scriptPath = script
         scriptName = (script as NSString).lastPathComponent
         sha256 = Crypto.SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()

@@ -188,15 +188,15 @@ public final class SessionHolder {
             // Keepalive: a guest that rebooted under us (QEMU's socket stays) answers nothing.
             // Stamps taken later in this pass (a ping just sent) count as no time at all.
             func since(_ t: UInt64) -> UInt64 { now > t ? now - t : 0 }
-            if since(lastHeard) > UInt64(options.keepalive * 1e9) { pingAgent() }
-            if pingSent != 0 && since(pingSent) > UInt64(options.silenceLimit * 1e9),
+            if since(lastHeard) > nanoseconds(options.keepalive) { pingAgent() }
+            if pingSent != 0 && since(pingSent) > nanoseconds(options.silenceLimit),
                let end = renewSession("stopped answering for \(formatSeconds(options.silenceLimit))") {
                 return end
             }
             if let sig = Interruption.pending { return "stopped by signal \(sig)" }
             if clients.isEmpty {
                 if draining { return "idle for \(formatSeconds(options.persist))" }
-                if since(idleSince) >= UInt64(options.persist * 1e9) {
+                if since(idleSince) >= nanoseconds(options.persist) {
                     // New clients find no socket (and start a holder of their own once this
                     // one lets go of its lock); one that connected just before is still served.
                     unlink(socketPath)

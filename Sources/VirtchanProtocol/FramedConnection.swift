@@ -111,6 +111,18 @@ public func monotonicNanos() -> UInt64 {
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
 }
 
+/// `seconds` in nanoseconds, for a span on the monotonic clock: 0 for a negative number or
+/// NaN, and at most 10^9 s, so that whatever number a caller gives, a deadline cannot overflow.
+public func nanoseconds(_ seconds: Double) -> UInt64 {
+    guard seconds > 0 else { return 0 }
+    return UInt64(min(seconds, 1e9) * 1e9)
+}
+
+/// The monotonic clock `seconds` from now (see ``nanoseconds(_:)``).
+public func monotonicDeadline(after seconds: Double) -> UInt64 {
+    monotonicNanos() + nanoseconds(seconds)
+}
+
 public func setNonBlocking(_ fd: Int32, _ on: Bool = true) {
     let flags = fcntl(fd, F_GETFL)
     _ = fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK)

@@ -118,7 +118,7 @@ public final class AgentSession {
                                   timeout: Double) throws(TransportError) -> HelloAck {
         let nonce = randomBytes(16)
         let hello = Hello(nonce: nonce, client: "virtchan")
-        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
+        let deadline = monotonicDeadline(after: timeout)
         var lastSent: UInt64 = 0
         while true {
             let now = monotonicNanos()
@@ -246,7 +246,7 @@ public final class AgentSession {
 
     /// Writes everything queued, waiting for the socket as needed.
     public func flush(timeout: Double = 30) throws(TransportError) {
-        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
+        let deadline = monotonicDeadline(after: timeout)
         while control.pendingOutput > 0 {
             if monotonicNanos() >= deadline { throw TransportError(.timeout, "the control channel stopped taking data") }
             try Self.pump(control, until: deadline)
@@ -270,7 +270,7 @@ public final class AgentSession {
     /// Sends a request and returns the first frame answering it; an error frame is thrown.
     public func request(_ frame: Frame, timeout: Double = 30) throws(TransportError) -> Frame {
         send(frame)
-        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
+        let deadline = monotonicDeadline(after: timeout)
         guard let reply = try receive(id: frame.id, deadline: deadline) else {
             throw TransportError(.timeout, "the agent in \(endpoint.domain) did not answer a \(frame.type) request within \(formatSeconds(timeout))" + endpoint.silentLinkHint)
         }

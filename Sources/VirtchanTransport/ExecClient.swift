@@ -108,7 +108,7 @@ public enum ExecClient {
         var inputAhead = 0
         if !stdinOpen && !noInput { session.send(Frame(.execInput, id: id, flags: execInputEOF)) }
         var stdoutOK = true, stderrOK = true
-        let timeoutAt = options.timeout.map { monotonicNanos() + UInt64($0 * 1e9) }
+        let timeoutAt = options.timeout.map { monotonicDeadline(after: $0) }
         var killSentAt: UInt64?
         var lastHeard = monotonicNanos()
         var lastPing: UInt64 = 0

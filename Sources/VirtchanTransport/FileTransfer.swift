@@ -73,7 +73,7 @@ public final class FileTransfer {
 
     /// Waits for the control frame answering `id`; errors become TransportError.
     private func controlReply(_ id: UInt32, timeout: Double) throws(TransportError) -> Frame {
-        guard let f = try session.receive(id: id, deadline: monotonicNanos() + UInt64(timeout * 1e9)) else {
+        guard let f = try session.receive(id: id, deadline: monotonicDeadline(after: timeout)) else {
             throw TransportError(.timeout, "the agent in \(session.endpoint.domain) did not answer within \(formatSeconds(timeout))" + session.endpoint.silentLinkHint)
         }
         if f.type == .error { throw TransportError(remote: try decodeOrThrow(ErrorMessage.self, f)) }

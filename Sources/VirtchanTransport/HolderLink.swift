@@ -35,7 +35,7 @@ public enum HolderLink {
             throw TransportError.system("cannot ask the session holder of \(domain) for the data channel", code: .agentGone)
         }
         let decoder = FrameDecoder(maxPayload: 64)
-        let deadline = monotonicNanos() + UInt64(timeout * 1e9)
+        let deadline = monotonicDeadline(after: timeout)
         var buffer = [UInt8](repeating: 0, count: 256)
         do throws(TransportError) {
             while true {

@@ -20,7 +20,7 @@ struct Wait: ParsableCommand {
     @Flag(help: "On several domains: one JSON record per domain.") var json = false
 
     func validate() throws {
-        if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        try requireSeconds(timeout, "--timeout")
         try requireDomains(names, fleet)
     }
 
@@ -95,7 +95,7 @@ struct Ping: ParsableCommand {
 
     func validate() throws {
         guard count >= 1 else { throw ValidationError("--count must be at least 1") }
-        guard interval >= 0 else { throw ValidationError("--interval cannot be negative") }
+        try requireSeconds(interval, "--interval", orZero: true)
         try requireDomains(names, fleet)
     }
 
@@ -187,7 +187,7 @@ struct UpdateAgent: ParsableCommand {
     @Option(help: "Give up after this many seconds.") var timeout: Double = 120
 
     func validate() throws {
-        if !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        try requireSeconds(timeout, "--timeout")
     }
 
     func run() throws {

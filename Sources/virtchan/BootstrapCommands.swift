@@ -51,8 +51,8 @@ struct Bootstrap: ParsableCommand {
         @Option(help: "Seconds to wait for the agent.") var waitTimeout: Double = 90
 
         func validate() throws {
-            if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
-            if !(waitTimeout > 0) { throw ValidationError("--wait-timeout must be a positive number of seconds") }
+            try requireSeconds(timeout, "--timeout")
+            try requireSeconds(waitTimeout, "--wait-timeout")
         }
 
         func run() throws {

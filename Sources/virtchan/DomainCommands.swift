@@ -42,7 +42,7 @@ struct Create: ParsableCommand {
     @Option(help: ArgumentHelp("Public key authorized for the image's default user (repeatable).", valueName: "file")) var sshKey: [String] = []
     @Option(help: "Host name of an --image guest (default: the domain's name).") var hostname: String?
     @Option(help: "Your own base domain XML; virtchan adds the controller and channels.") var template: String?
-    @Option(help: "Ports on the virtio-serial controller (1-31).") var ports: Int = 16
+    @Option(help: "Ports on the virtio-serial controller (3-31; 4-31 with --qemu-ga).") var ports: Int = 16
     @Flag(help: "Let libvirt choose the socket paths (read back from the live XML).") var libvirtSocketPaths = false
     @Flag(name: .customLong("qemu-ga"), help: "Also add the org.qemu.guest_agent.0 channel for qemu-guest-agent.") var qemuGA = false
     @Flag(help: "Print the domain XML and change nothing.") var dryRun = false
@@ -62,7 +62,11 @@ struct Create: ParsableCommand {
             throw ValidationError("--disk-size takes a size such as 20G, 512M or a byte count, not '\(diskSize)'")
         }
         if (initrd != nil || cmdline != nil) && kernel == nil { throw ValidationError("--initrd and --cmdline go with --kernel") }
-        if let waitTimeout, waitTimeout <= 0 { throw ValidationError("--wait-timeout must be positive") }
+        try requireSeconds(waitTimeout, "--wait-timeout")
+        let taken = DomainSpec.standardChannels(socketDirectory: nil, qemuGuestAgent: qemuGA).map(\.port).max() ?? 0
+        guard (taken + 1...DomainSpec.maxControllerPorts).contains(ports) else {
+            throw ValidationError("--ports takes \(taken + 1) to \(DomainSpec.maxControllerPorts), not \(ports): port 0 is the console's and virtchan's channels take 1 to \(taken)")
+        }
         guard !names.isEmpty else { throw ValidationError("name the new domain, e.g. virtchan create vm1") }
         if fleet.all || !fleet.match.isEmpty { throw ValidationError("--all and --match pick existing domains; create takes the new names") }
         if global.connect.count > 1 { throw ValidationError("create makes its domains on one --connect URI") }
@@ -289,7 +293,7 @@ struct Prune: ParsableCommand {
     @Flag(help: "Print a JSON array with one report per URI.") var json = false
 
     func validate() throws {
-        guard minAge >= 0, minAge.isFinite else { throw ValidationError("--min-age takes 0 or more seconds") }
+        try requireSeconds(minAge, "--min-age", orZero: true)
     }
 
     func run() throws {
@@ -341,7 +345,7 @@ struct Reboot: ParsableCommand {
     @Option(help: "Give up after this many seconds.") var timeout: Double = 300
 
     func validate() throws {
-        if !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        try requireSeconds(timeout, "--timeout")
     }
 
     func run() throws {

@@ -46,7 +46,7 @@ struct Exec: ParsableCommand {
         guard !command.isEmpty else { throw ValidationError("give the command after --, e.g. virtchan exec \(names.first ?? "vm") -- uname -a") }
         if fleet.isFleet(names, global) && tty { throw ValidationError("-t runs one command on one terminal; it does not go with several domains") }
         if !fleet.isFleet(names, global) && json { throw ValidationError("--json goes with several domains; on one, the command's own output is the output") }
-        if let t = timeout, t <= 0 { throw ValidationError("--timeout must be positive") }
+        try requireSeconds(timeout, "--timeout")
         for e in env where !e.contains("=") || e.hasPrefix("=") { throw ValidationError("--env takes KEY=VALUE, not '\(e)'") }
     }
 

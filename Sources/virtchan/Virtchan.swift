@@ -97,7 +97,7 @@ struct GlobalOptions: ParsableArguments {
     var persist: Double = 60
 
     func validate() throws {
-        guard persist >= 0, persist.isFinite else { throw ValidationError("--persist takes 0 or more seconds") }
+        try requireSeconds(persist, "--persist", orZero: true)
     }
 
     /// The options as a plain value, which commands pass on. A command on one domain takes
@@ -149,6 +149,14 @@ struct Target {
             warn("warning: the agent in \(session.endpoint.domain) holds no key; anything that reaches its channel can drive it")
         }
         return session
+    }
+}
+
+/// Refuses a number of seconds that is none: NaN, infinite, negative, or 0 unless `orZero`.
+func requireSeconds(_ value: Double?, _ option: String, orZero: Bool = false) throws {
+    guard let value else { return }
+    guard value.isFinite, orZero ? value >= 0 : value > 0 else {
+        throw ValidationError("\(option) takes \(orZero ? "0 or more" : "a positive number of") seconds, not \(value)")
     }
 }
 

@@ -143,8 +143,9 @@ extension EndToEnd {
             try SharedGuest.require()
             expectRefused(["create", SharedGuest.name, "--accel", "tcg"], "already exists")
             expectRefused(["create", "vctest-bad", "--memory", "1"], "out of range")
-            expectRefused(["create", "vctest-bad", "--ports", "64"], "1 to 31")
-            expectRefused(["create", "vctest-bad", "--ports", "2"], "only 2 ports")
+            expectRefused(["create", "vctest-bad", "--ports", "64"], "--ports takes 3 to 31, not 64")
+            expectRefused(["create", "vctest-bad", "--ports", "2"], "--ports takes 3 to 31, not 2")
+            expectRefused(["create", "vctest-bad", "--ports", "3", "--qemu-ga"], "--ports takes 4 to 31")
             expectRefused(["create", "vctest-bad", "--kernel", "/no/such/vmlinuz"], "does not exist")
             expectRefused(["create", "bad/name"], "not a usable domain name")
             expectRefused(["create", "vctest-bad"], "longer than a unix socket allows",
@@ -171,6 +172,23 @@ extension EndToEnd {
             for lock in locks { #expect(!FileManager.default.fileExists(atPath: lock), "a mistyped name left \(lock)") }
             let holderFiles = (try? FileManager.default.contentsOfDirectory(atPath: "/run/virtchan/holders")) ?? []
             #expect(!holderFiles.contains { $0.hasPrefix("vctest-nosuch-") }, "\(holderFiles)")
+        }
+
+        /// A number of seconds that is none is a usage error, never a crash or a wait forever.
+        @Test func secondsThatAreNoneAreRefused() {
+            for (args, fragment) in [
+                (["exec", "vctest-any", "--timeout", "nan", "--", "true"], "--timeout takes a positive number of seconds, not nan"),
+                (["exec", "vctest-any", "--timeout", "inf", "--", "true"], "--timeout takes a positive number of seconds, not inf"),
+                (["exec", "vctest-any", "--persist", "inf", "--", "true"], "--persist takes 0 or more seconds, not inf"),
+                (["ping", "vctest-any", "--interval", "inf"], "--interval takes 0 or more seconds, not inf"),
+                (["wait", "vctest-any", "--timeout", "inf"], "--timeout takes a positive number of seconds, not inf"),
+                (["prune", "--min-age", "nan"], "--min-age takes 0 or more seconds, not nan"),
+                (["create", "vctest-bad", "--wait-timeout", "inf"], "--wait-timeout takes a positive number of seconds, not inf"),
+            ] {
+                let r = VC.run(args)
+                #expect(r.code == 64, "\(args): \(r.stderr)")
+                #expect(r.stderr.contains(fragment), "\(args): \(r.stderr)")
+            }
         }
 
         @Test func daemonNotRunningNamesTheSetupScript() {

@@ -11,3 +11,16 @@ import VirtchanProtocol
     #expect(formatSeconds(2.04) == "2 s")
     #expect(formatSeconds(1.25) == "1.3 s")
 }
+
+/// Whatever number of seconds a library caller gives, a deadline is a plain number: none is
+/// a trap (an overflowing or NaN conversion ends the process).
+@Test func anyNumberOfSecondsMakesADeadline() {
+    #expect(nanoseconds(1.5) == 1_500_000_000)
+    #expect(nanoseconds(-3) == 0)
+    #expect(nanoseconds(.nan) == 0)
+    #expect(nanoseconds(.infinity) == 1_000_000_000_000_000_000)
+    #expect(nanoseconds(1e300) == nanoseconds(.infinity))
+    let now = monotonicNanos()
+    #expect(monotonicDeadline(after: .infinity) > now)
+    #expect(monotonicDeadline(after: -.infinity) >= now)
+}

@@ -109,7 +109,7 @@ extension Hypervisor {
     /// machine reached as qemu:///system and as qemu+tcp://localhost, say): what to stop.
     func channelKeptHint(_ name: String) -> String? {
         guard let other = Self.holders().first(where: { $0.domain == name && $0.uri != uri }) else { return nil }
-        return "the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with 'virtchan holder stop --connect \(other.uri) \(name)'"
+        return "the session holder of \(name) on \(other.uri) (pid \(other.pid)) may hold its channel: stop it with: virtchan holder stop --connect \(shellWord(other.uri)) \(shellWord(name))"
     }
 
     /// `ready` carries this command's own connection to a forked holder, when it has one.
@@ -317,7 +317,7 @@ extension Hypervisor {
         let conn = try connection()
         let domain = try conn.requireDomain(name)
         guard domain.isActive else {
-            throw VirtchanError(.notRunning, "domain \(name) is not running on \(uri) (start it with: virsh -c \(uri) start \(name))")
+            throw VirtchanError(.notRunning, "domain \(name) is not running on \(uri) (start it with: virsh -c \(shellWord(uri)) start \(shellWord(name)))")
         }
         let meta = domain.virtchanMetadata
         let controlName = meta?.controlChannel ?? ChannelNames.control

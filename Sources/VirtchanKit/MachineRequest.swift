@@ -199,7 +199,7 @@ extension Hypervisor {
             return try StoragePool.directory(Self.storagePoolName, path: storagePoolPath, on: conn)
         }
         guard let pool = StoragePool.lookup(name, on: conn) else {
-            throw VirtchanError(.invalidRequest, "there is no storage pool \(name) on \(uri) (see: virsh -c '\(uri)' pool-list --all)")
+            throw VirtchanError(.invalidRequest, "there is no storage pool \(name) on \(uri) (see: virsh -c \(shellWord(uri)) pool-list --all)")
         }
         try pool.activate()
         return pool
@@ -212,7 +212,7 @@ extension Hypervisor {
                         uploaded: ((UInt64, UInt64) -> Void)?) throws {
         let name = request.name
         for volumeName in [name + ".qcow2", name + ".seed.iso"] where pool.volume(volumeName) != nil {
-            throw VirtchanError(.alreadyExists, "the storage pool \(pool.name) on \(uri) already has a volume \(volumeName), and no domain \(name) uses it; remove it with: virsh -c '\(uri)' vol-delete --pool \(pool.name) \(volumeName) (or every such volume: virtchan prune -c '\(uri)' --pool \(pool.name))")
+            throw VirtchanError(.alreadyExists, "the storage pool \(pool.name) on \(uri) already has a volume \(volumeName), and no domain \(name) uses it; remove it with: virsh -c \(shellWord(uri)) vol-delete --pool \(shellWord(pool.name)) \(shellWord(volumeName)) (or every such volume: virtchan prune -c \(shellWord(uri)) --pool \(shellWord(pool.name)))")
         }
         // The instance id cloud-init keys its once-per-instance work on: the domain's UUID.
         let uuid = UUID().uuidString.lowercased()

@@ -153,7 +153,7 @@ public final class Connection: @unchecked Sendable {
     /// Like `domain(named:)` but throws a message that says what to do.
     public func requireDomain(_ name: String) throws(ProvisioningError) -> Domain {
         guard let d = domain(named: name) else {
-            throw ProvisioningError(.notFound, "no domain named '\(name)' on \(uri) (see: virtchan list\(uri == Self.defaultURI ? "" : " -c '\(uri)'"))")
+            throw ProvisioningError(.notFound, "no domain named '\(name)' on \(uri) (see: virtchan list\(uri == Self.defaultURI ? "" : " -c " + shellWord(uri)))")
         }
         return d
     }

@@ -174,7 +174,7 @@ struct Create: ParsableCommand {
         let name = request.name
         let hypervisor = target.hypervisor()
         let machine = try hypervisor.create(request, progress: note, uploaded: uploaded)
-        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: virsh -c '\(hypervisor.uri)' console \(name)"))")
+        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: virsh -c \(shellWord(hypervisor.uri)) console \(name)"))")
         guard let waitTimeout else {
             if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }
             return 0
@@ -267,7 +267,7 @@ struct Destroy: ParsableCommand {
         try hypervisor.destroy(name, keepDefinition: keepDefinition, force: force)
         print(keepDefinition ? "Domain \(name) stopped; definition kept" : "Domain \(name) destroyed")
         if !keepDefinition && !Connection.isLocal(uri: hypervisor.uri) {
-            print("Its shared kernel or base image stays on that host for the next create; remove uploads no domain uses with: virtchan prune -c '\(hypervisor.uri)'")
+            print("Its shared kernel or base image stays on that host for the next create; remove uploads no domain uses with: virtchan prune -c \(shellWord(hypervisor.uri))")
         }
     }
 }

@@ -51,7 +51,7 @@ func runFleet(_ names: [String], _ global: GlobalOptions, _ fleet: FleetOptions,
               job: @escaping @Sendable (FleetMember, FleetOutput, Target) throws -> Int32) throws -> Never {
     let picked = Fleet.members(fleet.selection(names, global), allowsUnkeyedAgents: global.insecureAgent)
     if picked.members.isEmpty && picked.unreachable.isEmpty {
-        throw CLIError("no domain matches \(fleet.match.isEmpty ? "--all" : fleet.match.map { "'\($0)'" }.joined(separator: ", ")) on \(global.connect.isEmpty ? Connection.defaultURI : global.connect.joined(separator: ", ")) (see: virtchan list\(global.connect.map { " -c '\($0)'" }.joined()))")
+        throw CLIError("no domain matches \(fleet.match.isEmpty ? "--all" : fleet.match.map { "'\($0)'" }.joined(separator: ", ")) on \(global.connect.isEmpty ? Connection.defaultURI : global.connect.joined(separator: ", ")) (see: virtchan list\(global.connect.map { " -c " + shellWord($0) }.joined()))")
     }
     // Ctrl-C (or SIGTERM, SIGHUP) ends the whole command at once, even where the parent started
     // it with them ignored or blocked; each holder then kills the guest processes it ran for it.

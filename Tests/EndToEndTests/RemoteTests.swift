@@ -327,13 +327,17 @@ extension EndToEnd {
             let holders = VC.run(["holder", "list", "--json"]).out
             #expect(!holders.contains(RemoteHost.tcp), "no holder of the other URI is left: \(holders)")
             _ = VC.run(["holder", "stop", "--all"])
-            #expect(VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"]).code == 0)
+            #expect(VC.run(["ping", "-c", RemoteHost.ssh, name, "-n", "1"]).code == 0)
             // Between two remote URIs libvirtd refuses the second stream at once; the holder
-            // that keeps it is named all the same.
-            let other = VC.run(["ping", "-c", RemoteHost.ssh, name, "-n", "1"], timeout: 60)
+            // that keeps it is named all the same, in a command that runs as it is printed.
+            let other = VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"], timeout: 60)
             #expect(other.code == 1)
-            #expect(other.stderr.contains("virtchan holder stop --connect \(RemoteHost.tcp) \(name)"), "\(other.stderr)")
             #expect(other.seconds < 30)
+            let suggested = other.stderr.components(separatedBy: "stop it with: ").last?.split(separator: "\n").first.map(String.init) ?? ""
+            #expect(suggested == "virtchan holder stop --connect '\(RemoteHost.ssh)' \(name)", "\(other.stderr)")
+            let stopped = RemoteHost.shell("'\(VC.binary)'" + suggested.dropFirst("virtchan".count))
+            #expect(stopped.code == 0 && stopped.out.contains("Stopped"), "\(suggested): \(stopped.out) \(stopped.stderr)")
+            #expect(VC.run(["ping", "-c", RemoteHost.tcp, name, "-n", "1"]).code == 0)
             _ = VC.run(["holder", "stop", "--all"])
         }
 
@@ -400,7 +404,11 @@ extension EndToEnd {
             let left = VC.virsh(["vol-list", "virtchan"]).out
             #expect(!left.contains("\(domain).initrd"), "\(left)")
             #expect(left.contains("/var/lib/virtchan/pool/boot-"), "the shared kernel stays for the next create")
-            #expect(destroyed.out.contains("virtchan prune -c '\(uri)'"), "destroy says how the upload goes: \(destroyed.out)")
+            // The command destroy suggests runs as it is printed, whatever the URI holds.
+            let suggested = destroyed.out.components(separatedBy: "no domain uses with: ").dropFirst().first?.split(separator: "\n").first ?? ""
+            #expect(suggested.hasPrefix("virtchan prune -c "), "destroy says how the upload goes: \(destroyed.out)")
+            let dryRun = RemoteHost.shell("'\(VC.binary)'" + suggested.dropFirst("virtchan".count) + " --dry-run")
+            #expect(dryRun.code == 0 && dryRun.out.contains("storage pool virtchan"), "\(suggested): \(dryRun.out) \(dryRun.stderr)")
             #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(domain)"))
             #expect(VC.run(["holder", "list"]).out.contains(domain) == false)
         }

@@ -1,4 +1,5 @@
 import Testing
+import Foundation
 import VirtchanProtocol
 
 /// Durations in messages read as a person would write them.
@@ -23,4 +24,24 @@ import VirtchanProtocol
     let now = monotonicNanos()
     #expect(monotonicDeadline(after: .infinity) > now)
     #expect(monotonicDeadline(after: -.infinity) >= now)
+}
+
+/// A URI or name inside a suggested command reads back as itself in a shell.
+@Test func wordsInSuggestedCommandsSurviveTheShell() throws {
+    #expect(shellWord("qemu:///system") == "qemu:///system")
+    #expect(shellWord("qemu+tcp://10.0.0.5/system") == "qemu+tcp://10.0.0.5/system")
+    let awkward = ["qemu+ssh://root@h:2222/system?keyfile=/k&no_tty=1", "it's", "a b", "$HOME", "", "x;rm -rf /", "`id`"]
+    for word in awkward {
+        let printed = shellWord(word)
+        #expect(printed.hasPrefix("'"))
+        // printf reads the word back from the shell, as a user's paste would.
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "printf %s " + printed]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        p.waitUntilExit()
+        #expect(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self) == word)
+    }
 }

@@ -42,7 +42,7 @@ extension Hypervisor {
         while true {
             let left = deadline.timeIntervalSinceNow
             guard left > 1 else {
-                throw VirtchanError(.agentTimeout, "the new agent in \(name) did not answer within \(formatSeconds(timeout)) (see: virtchan exec \(name) -- systemctl status virtchan-agent)")
+                throw VirtchanError(.agentTimeout, "the new agent in \(name) did not answer within \(formatSeconds(timeout)) (see: \(suggested("exec", name, "-- systemctl status virtchan-agent")))")
             }
             if let next = try? waitForAgent(name, timeout: left),
                let pid = try? ExecClient.capture(next, ["/bin/sh", "-c", "echo $PPID"]),

@@ -145,7 +145,7 @@ extension Hypervisor {
     public func runBootstrap(_ name: String, session: AgentSession, options: BootstrapRunOptions = BootstrapRunOptions()) throws -> Int32 {
         let domain = try domain(name)
         guard var meta = domain.virtchanMetadata, var record = meta.bootstrap else {
-            throw VirtchanError(.bootstrapMissing, "domain \(name) has no bootstrap (give one with: virtchan create \(name) --bootstrap SCRIPT)")
+            throw VirtchanError(.bootstrapMissing, "domain \(name) has no bootstrap (give one with: \(suggested("create", name, "--bootstrap SCRIPT")))")
         }
         try reconcile(&meta, domain)
         record = meta.bootstrap ?? record

@@ -26,7 +26,7 @@ extension Hypervisor {
             throw error
         }
         if captured.result.timedOut {
-            throw VirtchanError(.agentTimeout, "cloud-init in \(name) had not finished after \(formatSeconds(timeout)) (see: virtchan exec \(name) -- cloud-init status --long)")
+            throw VirtchanError(.agentTimeout, "cloud-init in \(name) had not finished after \(formatSeconds(timeout)) (see: \(suggested("exec", name, "-- cloud-init status --long")))")
         }
         // `--wait` prints a dot per poll before the report.
         let report = captured.stdoutText.drop(while: { $0 == "." || $0 == "\n" })

@@ -317,7 +317,7 @@ extension Hypervisor {
         let conn = try connection()
         let domain = try conn.requireDomain(name)
         guard domain.isActive else {
-            throw VirtchanError(.notRunning, "domain \(name) is not running on \(uri) (start it with: virsh -c \(shellWord(uri)) start \(shellWord(name)))")
+            throw VirtchanError(.notRunning, "domain \(name) is not running on \(uri) (start it with: \(suggested("start", name, tool: "virsh")))")
         }
         let meta = domain.virtchanMetadata
         let controlName = meta?.controlChannel ?? ChannelNames.control

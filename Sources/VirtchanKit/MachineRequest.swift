@@ -92,7 +92,7 @@ extension Hypervisor {
                                                      cacheDirectory: paths.cacheDirectory)
         }
         if conn.domain(named: name) != nil {
-            throw VirtchanError(.alreadyExists, "a domain named \(name) already exists (remove it with: virtchan destroy \(name), or pick another name)")
+            throw VirtchanError(.alreadyExists, "a domain named \(name) already exists (remove it with: \(suggested("destroy", name)), or pick another name)")
         }
         let stateDir = paths.stateDirectory(for: name)
         let keyedInitrd = paths.keyedInitrd(for: name)

@@ -62,7 +62,7 @@ struct Bootstrap: ParsableCommand {
             let session = try global.waitForAgent(name, timeout: waitTimeout)
             let code = try hypervisor.runBootstrap(name, session: session, options: .printing(force: force, timeout: timeout))
             if code != 0 {
-                FileHandle.standardError.write(Data("virtchan: bootstrap failed with exit code \(code) (see: virtchan bootstrap log \(name))\n".utf8))
+                FileHandle.standardError.write(Data("virtchan: bootstrap failed with exit code \(code) (see: \(hypervisor.suggested("bootstrap log", name)))\n".utf8))
             }
             throw ExitCode(code)
         }
@@ -115,7 +115,7 @@ struct Bootstrap: ParsableCommand {
 
         func run() throws {
             guard let data = try global.hypervisor().bootstrapLog(name) else {
-                throw CLIError("no bootstrap log for \(name) yet (see: virtchan bootstrap status \(name))")
+                throw CLIError("no bootstrap log for \(name) yet (see: \(global.hypervisor().suggested("bootstrap status", name)))")
             }
             FileHandle.standardOutput.write(data)
         }

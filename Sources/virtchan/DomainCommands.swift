@@ -155,8 +155,8 @@ struct Create: ParsableCommand {
 
     /// A wait that failed after the domain started: the domain stays for a look at its console,
     /// and the error says so and how to remove it.
-    static func leftRunning(_ error: Error, _ name: String) -> Error {
-        let detail = "; domain \(name) is left running (remove it with: virtchan destroy \(name))"
+    static func leftRunning(_ error: Error, _ name: String, on hypervisor: Hypervisor) -> Error {
+        let detail = "; domain \(name) is left running (remove it with: \(hypervisor.suggested("destroy", name)))"
         switch error {
         case let e as VirtchanError: return e.appending(detail)
         case let e as TransportError: return e.appending(detail)
@@ -174,19 +174,19 @@ struct Create: ParsableCommand {
         let name = request.name
         let hypervisor = target.hypervisor()
         let machine = try hypervisor.create(request, progress: note, uploaded: uploaded)
-        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: virsh -c \(shellWord(hypervisor.uri)) console \(name)"))")
+        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: " + hypervisor.suggested("console", name, tool: "virsh")))")
         guard let waitTimeout else {
-            if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: virtchan bootstrap run \(name)") }
+            if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: \(hypervisor.suggested("bootstrap run", name))") }
             return 0
         }
         let session: AgentSession
         do {
             session = try target.waitForAgent(name, timeout: waitTimeout)
         } catch let error as VirtchanError where error.code == .agentTimeout {
-            guard case .image = request.boot else { throw Self.leftRunning(error, name) }
+            guard case .image = request.boot else { throw Self.leftRunning(error, name, on: hypervisor) }
             throw hypervisor.abandonImageBoot(name, waited: waitTimeout)
         } catch {
-            throw Self.leftRunning(error, name)
+            throw Self.leftRunning(error, name, on: hypervisor)
         }
         say(String(format: "Agent %@ answered after %.1f s", displaySafe(session.hello.agentVersion, limit: 64), Date().timeIntervalSince(machine.startedAt)))
         guard request.bootstrap != nil else { return 0 }
@@ -200,7 +200,7 @@ struct Create: ParsableCommand {
             try? hypervisor.destroy(name, force: true)
             note("bootstrap failed with exit code \(code); domain \(name) destroyed")
         } else {
-            note("bootstrap failed with exit code \(code); domain \(name) is left running (see: virtchan bootstrap log \(name))")
+            note("bootstrap failed with exit code \(code); domain \(name) is left running (see: \(hypervisor.suggested("bootstrap log", name)))")
         }
         return code
     }

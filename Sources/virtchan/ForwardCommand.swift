@@ -92,7 +92,7 @@ struct Forward: ParsableCommand {
             let record = try global.hypervisor().forwardInBackground(name, specs: specs)
             if json { return try printJSON(record) }
             for f in record.forwards { say("Forwarding \(f)") }
-            say("Serving in the background (pid \(record.pid)); stop with: virtchan forward --stop \(name)")
+            say("Serving in the background (pid \(record.pid)); stop with: \(global.hypervisor().suggested("forward --stop", name))")
             return
         }
         Interruption.install()

@@ -413,6 +413,21 @@ extension EndToEnd {
             #expect(VC.run(["holder", "list"]).out.contains(domain) == false)
         }
 
+        /// A create on another host whose agent does not answer in time leaves the domain there
+        /// for a look, and the command it suggests removes that domain, not a namesake here.
+        @Test func aDomainLeftRunningElsewhereIsRemovedByTheCommandGiven() throws {
+            let domain = "vctest-remote-left"
+            removeAtExit(domain)
+            _ = VC.run(["destroy", domain, "--force"])
+            let created = VC.run(["create", "-c", RemoteHost.ssh, domain, "--accel", "tcg", "--timeout", "1"], timeout: 240)
+            #expect(created.code == 1, "\(created.stderr)")
+            let suggested = created.stderr.components(separatedBy: "remove it with: ").dropFirst().first?.split(separator: ")").first ?? ""
+            #expect(suggested == "virtchan destroy -c '\(RemoteHost.ssh)' \(domain)", "\(created.stderr)")
+            let removed = RemoteHost.shell("'\(VC.binary)'" + suggested.dropFirst("virtchan".count))
+            #expect(removed.code == 0, "\(suggested): \(removed.stderr)")
+            #expect(VC.virsh(["dominfo", domain]).code != 0, "the domain is gone")
+        }
+
         @Test(arguments: RemoteHost.uris)
         func aForwardedPortWorksOverTheTransport(transport: String, uri: String) throws {
             try ready()

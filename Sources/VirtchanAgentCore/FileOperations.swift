@@ -89,7 +89,8 @@ enum FileOps {
                     let target = n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
                     out.append(TreeEntry(kind: .symlink, path: relPath, mode: perm, size: 0, linkTarget: target))
                 default:
-                    continue
+                    // A FIFO, socket or device: listed, so that the host can say it is left out.
+                    out.append(TreeEntry(kind: .other, path: relPath, mode: perm, size: 0, linkTarget: ""))
                 }
                 if out.count > TreeLimits.maxEntries { throw TransferFailure(.tooLarge, "\(root) holds more than a million entries") }
                 nameBytes += relPath.utf8.count + (out.last?.linkTarget.utf8.count ?? 0)

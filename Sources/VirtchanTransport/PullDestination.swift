@@ -25,6 +25,8 @@ public struct TreeSummary: Sendable, Codable {
     public var files = 0
     public var directories = 0
     public var symlinks = 0
+    /// FIFOs, sockets and devices, which are not copied.
+    public var skipped = 0
     public var bytes: UInt64 = 0
     public var seconds: Double = 0
     public init() {}
@@ -78,8 +80,10 @@ extension FileTransfer {
     /// directory, a failure says which entries were already written. Nothing the guest lists
     /// can lead outside `local`: every step below it is taken relative to an open directory
     /// and refuses symbolic links.
-    public func pullTree(_ remote: String, toPath local: String,
-                         options: PullOptions = PullOptions()) throws(TransportError) -> TreeSummary {
+    /// A FIFO, socket or device in the tree is not copied; its guest path goes to `skipped`
+    /// (as the guest names it: make it safe to show).
+    public func pullTree(_ remote: String, toPath local: String, options: PullOptions = PullOptions(),
+                         skipped: (String) -> Void = { _ in }) throws(TransportError) -> TreeSummary {
         let start = monotonicNanos()
         let entries = try listTree(remote)
         var summary: TreeSummary
@@ -90,7 +94,7 @@ extension FileTransfer {
             let root = try DirectoryHandle.open(local)
             var written: [String] = []
             do {
-                summary = try fill(root, from: remote, entries, options: options, written: &written)
+                summary = try fill(root, from: remote, entries, options: options, written: &written, skipped: skipped)
             } catch {
                 guard !written.isEmpty else { throw error }
                 let shown = written.prefix(5).joined(separator: ", ") + (written.count > 5 ? ", …" : "")
@@ -104,7 +108,7 @@ extension FileTransfer {
             defer { if !committed { parent.removeTree(temp) } }
             let root = try parent.child(temp)
             var written: [String] = []
-            summary = try fill(root, from: remote, entries, options: options, written: &written)
+            summary = try fill(root, from: remote, entries, options: options, written: &written, skipped: skipped)
             let umask = Glibc.umask(0)
             Glibc.umask(umask)
             try DirectoryHandle.setMode(root.fd, 0o777 & ~UInt32(umask), of: local)
@@ -118,8 +122,12 @@ extension FileTransfer {
     /// Creates the listed directories, files and links under `root`; directory modes last, so
     /// a read-only directory does not block its own contents.
     private func fill(_ root: DirectoryHandle, from remote: String, _ entries: [TreeEntry], options: PullOptions,
-                      written: inout [String]) throws(TransportError) -> TreeSummary {
+                      written: inout [String], skipped: (String) -> Void) throws(TransportError) -> TreeSummary {
         var summary = TreeSummary()
+        for e in entries where e.kind == .other {
+            skipped(remote + "/" + e.path)
+            summary.skipped += 1
+        }
         func place(_ path: String) throws(TransportError) -> (DirectoryHandle, String) {
             let parts = path.split(separator: "/")
             return (try root.descend(parts.dropLast()), String(parts[parts.count - 1]))

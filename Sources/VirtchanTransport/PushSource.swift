@@ -59,6 +59,7 @@ extension FileTransfer {
                     links.append((String(decoding: buf[0..<n], as: UTF8.self), dest))
                 default:
                     skipped(path)
+                    summary.skipped += 1
                 }
             }
         }

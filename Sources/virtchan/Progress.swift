@@ -61,3 +61,9 @@ func bytes(_ n: UInt64) -> String {
     while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
     return i == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[i])
 }
+
+/// What a tree copy moved, as its summary line starts.
+func describe(_ tree: TreeSummary) -> String {
+    "\(tree.files) files, \(tree.directories) directories, \(tree.symlinks) symlinks (\(bytes(tree.bytes)))"
+        + (tree.skipped > 0 ? ", \(tree.skipped) skipped" : "")
+}

@@ -72,7 +72,7 @@ struct Push: ParsableCommand {
                 FileHandle.standardError.write(Data("virtchan: skipping \(path): not a file, directory or symlink\n".utf8))
             }
             if options.json { return try printJSON(summary) }
-            print("\(summary.files) files, \(summary.directories) directories, \(summary.symlinks) symlinks (\(bytes(summary.bytes))) pushed to \(remote)")
+            print("\(describe(summary)) pushed to \(remote)")
             return
         }
         let dest = try Self.destination(of: local, at: remote, over: transfer)
@@ -115,7 +115,7 @@ struct Push: ParsableCommand {
                 let s = try transfer.pushTree(local, to: remote, mode: explicitMode, parents: parents, guestSHA256: sha256) { path in
                     output.say("skipping \(path): not a file, directory or symlink", to: .stderr)
                 }
-                output.say("\(s.files) files, \(s.directories) directories, \(s.symlinks) symlinks (\(bytes(s.bytes))) pushed to \(remote)")
+                output.say("\(describe(s)) pushed to \(remote)")
             } else {
                 let dest = try Self.destination(of: local, at: remote, over: transfer)
                 let s = try transfer.push(file: local, to: dest, mode: explicitMode, parents: parents, guestSHA256: sha256, progress: nil)
@@ -189,9 +189,11 @@ struct Pull: ParsableCommand {
         // A signal unwinds the pull, which removes its temporary files on the way out.
         Interruption.install()
         if options.recursive {
-            let summary = try transfer.pullTree(remote, toPath: local, options: pullOptions)
+            let summary = try transfer.pullTree(remote, toPath: local, options: pullOptions) { path in
+                FileHandle.standardError.write(Data("virtchan: skipping \(name):\(displaySafe(path, limit: 300)): not a file, directory or symlink\n".utf8))
+            }
             if options.json { return try printJSON(summary) }
-            print("\(summary.files) files, \(summary.directories) directories, \(summary.symlinks) symlinks (\(bytes(summary.bytes))) pulled into \(local)")
+            print("\(describe(summary)) pulled into \(local)")
             return
         }
         let summary: TransferSummary

@@ -50,7 +50,7 @@ extension Hypervisor {
     /// file it made when it ends. Returns the process's exit status.
     public func serveForwards(_ name: String, specs: [ForwardSpec], path: String, ready: Int32) -> Int32 {
         func log(_ line: String) {
-            _ = Array("virtchan forward \(name): \(line)\n".utf8).withUnsafeBytes { writeFully(2, $0) }
+            _ = Array("virtchan forward \(name): \(displaySafe(line, limit: 8192))\n".utf8).withUnsafeBytes { writeFully(2, $0) }
         }
         Interruption.install()
         signal(SIGPIPE, SIG_IGN)

@@ -215,8 +215,10 @@ extension Hypervisor {
             close(ready)
             return delivered
         }
+        // One line each, whatever text from the guest a line carries (an agent's version, an
+        // error): nothing it sends can start a line of its own, such as a "cannot serve".
         func log(_ line: String) {
-            _ = Array("virtchan holder \(name): \(line)\n".utf8).withUnsafeBytes { writeFully(2, $0) }
+            _ = Array("virtchan holder \(name): \(displaySafe(line, limit: 8192))\n".utf8).withUnsafeBytes { writeFully(2, $0) }
         }
         Interruption.install()
         signal(SIGPIPE, SIG_IGN)
@@ -317,7 +319,7 @@ extension Hypervisor {
         let conn = try connection()
         let domain = try conn.requireDomain(name)
         guard domain.isActive else {
-            throw VirtchanError(.notRunning, "domain \(name) is not running on \(uri) (start it with: \(suggested("start", name, tool: "virsh")))")
+            throw VirtchanError(.notRunning, "domain \(name) is not running on \(uri) (start it with: \(suggestedVirsh("start", name)))")
         }
         let meta = domain.virtchanMetadata
         let controlName = meta?.controlChannel ?? ChannelNames.control

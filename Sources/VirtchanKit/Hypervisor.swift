@@ -50,16 +50,20 @@ public final class Hypervisor: Sendable {
         try connection().requireDomain(name)
     }
 
-    /// A command line for a message to suggest about domain `name`: `virtchan SUBCOMMAND`
-    /// (or `virsh`) with this hypervisor's URI unless it is the default one, so that the
-    /// command reaches this domain and not a namesake elsewhere, then the name and `rest`
-    /// (written as given). URI and name read back in a shell as they are.
-    public func suggested(_ subcommand: String, _ name: String, _ rest: String = "", tool: String = "virtchan") -> String {
-        let connect = uri == Connection.defaultURI ? "" : "-c " + shellWord(uri)
-        let words = tool == "virsh" ? [tool, connect, subcommand, shellWord(name), rest]
-                                    : [tool, subcommand, connect, shellWord(name), rest]
-        return words.filter { !$0.isEmpty }.joined(separator: " ")
+    /// A virtchan command for a message to suggest about domain `name`: `virtchan SUBCOMMAND`,
+    /// this hypervisor's URI unless it is the default one (so that the command reaches this
+    /// domain and not a namesake elsewhere), the name, then `rest` as written. URI and name
+    /// read back in a shell as they are.
+    public func suggested(_ subcommand: String, _ name: String, _ rest: String = "") -> String {
+        ["virtchan", subcommand, connectOption, shellWord(name), rest].filter { !$0.isEmpty }.joined(separator: " ")
     }
+
+    /// The same for virsh, which takes the URI before its subcommand.
+    public func suggestedVirsh(_ subcommand: String, _ name: String) -> String {
+        ["virsh", connectOption, subcommand, shellWord(name)].filter { !$0.isEmpty }.joined(separator: " ")
+    }
+
+    private var connectOption: String { uri == Connection.defaultURI ? "" : "-c " + shellWord(uri) }
 
     /// Endpoints are cached for the local system instance only, where libvirt's pid files
     /// tell whether an entry is still current.
@@ -164,7 +168,7 @@ public final class Hypervisor: Sendable {
         // The live XML has the channels, the metadata and, while the domain runs, its id.
         let doc = try LibXMLDocument(parsing: try domain.xml(), name: "the domain XML")
         guard doc.string("string(/domain/@id)") != nil else {
-            throw VirtchanError(.notRunning, "domain \(name) is not running (start it with: \(suggested("start", name, tool: "virsh")))")
+            throw VirtchanError(.notRunning, "domain \(name) is not running (start it with: \(suggestedVirsh("start", name)))")
         }
         let channels = ChannelResolver.channels(in: doc)
         let meta = VirtchanMetadata(domainDocument: doc)

@@ -174,7 +174,7 @@ struct Create: ParsableCommand {
         let name = request.name
         let hypervisor = target.hypervisor()
         let machine = try hypervisor.create(request, progress: note, uploaded: uploaded)
-        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: " + hypervisor.suggested("console", name, tool: "virsh")))")
+        say("Domain \(name) started (\(machine.domainType == "kvm" ? "KVM" : "TCG"), console \(machine.consoleLog.map { "log \($0)" } ?? "on a pseudo-terminal: " + hypervisor.suggestedVirsh("console", name)))")
         guard let waitTimeout else {
             if request.bootstrap != nil { say("Bootstrap is pending; deliver it with: \(hypervisor.suggested("bootstrap run", name))") }
             return 0

@@ -14,7 +14,7 @@ struct Wait: ParsableCommand {
 
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Domain name (several for a fleet command).") var names: [String] = []
-    @Option(help: "Give up after this many seconds (default 90, 600 with --cloud-init).") var timeout: Double?
+    @Option(parsing: .unconditional, help: "Give up after this many seconds (default 90, 600 with --cloud-init).") var timeout: Double?
     @Flag(help: "Also wait until cloud-init has finished its work in the guest.") var cloudInit = false
     @OptionGroup var fleet: FleetOptions
     @Flag(help: "On several domains: one JSON record per domain.") var json = false
@@ -81,8 +81,8 @@ struct Ping: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Domain name (several for a fleet command).") var names: [String] = []
     @OptionGroup var fleet: FleetOptions
-    @Option(name: [.customShort("n"), .long], help: "Number of pings.") var count: Int = 4
-    @Option(help: "Seconds between pings.") var interval: Double = 0
+    @Option(name: [.customShort("n"), .long], parsing: .unconditional, help: "Number of pings.") var count: Int = 4
+    @Option(parsing: .unconditional, help: "Seconds between pings.") var interval: Double = 0
     @Flag(help: "Print JSON.") var json = false
 
     struct Summary: Encodable {
@@ -184,7 +184,7 @@ struct UpdateAgent: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Domain name.") var name: String
     @Option(help: ArgumentHelp("The agent binary (default: the one Scripts/build-guest built).", valueName: "file")) var agent: String?
-    @Option(help: "Give up after this many seconds.") var timeout: Double = 120
+    @Option(parsing: .unconditional, help: "Give up after this many seconds.") var timeout: Double = 120
 
     func validate() throws {
         try requireSeconds(timeout, "--timeout")

@@ -9,7 +9,7 @@ struct BootstrapOptions: ParsableArguments {
     var bootstrapFiles: [String] = []
     @Option(name: .customLong("bootstrap-env"), help: "KEY=VALUE for the script's environment (repeatable).")
     var bootstrapEnv: [String] = []
-    @Option(help: "Kill the script after this many seconds and mark the bootstrap failed.") var bootstrapTimeout: Double?
+    @Option(parsing: .unconditional, help: "Kill the script after this many seconds and mark the bootstrap failed.") var bootstrapTimeout: Double?
     @Flag(help: "Destroy the domain when the bootstrap fails.") var destroyOnFailure = false
 
     /// Checks the script and files before anything is defined.
@@ -47,8 +47,8 @@ struct Bootstrap: ParsableCommand {
         @OptionGroup var global: GlobalOptions
         @Argument(help: "Domain name.") var name: String
         @Flag(help: "Run it even if it already succeeded.") var force = false
-        @Option(help: "Kill the script after this many seconds.") var timeout: Double?
-        @Option(help: "Seconds to wait for the agent.") var waitTimeout: Double = 90
+        @Option(parsing: .unconditional, help: "Kill the script after this many seconds.") var timeout: Double?
+        @Option(parsing: .unconditional, help: "Seconds to wait for the agent.") var waitTimeout: Double = 90
 
         func validate() throws {
             try requireSeconds(timeout, "--timeout")

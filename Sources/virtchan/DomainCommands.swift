@@ -28,8 +28,8 @@ struct Create: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Name of the new domain (several boot side by side).") var names: [String] = []
     @OptionGroup var fleet: FleetOptions
-    @Option(help: "Memory in MiB (default 512, 1024 with --image, or the template's).") var memory: Int?
-    @Option(help: "Virtual CPUs (default 1, or the template's).") var vcpus: Int?
+    @Option(parsing: .unconditional, help: "Memory in MiB (default 512, 1024 with --image, or the template's).") var memory: Int?
+    @Option(parsing: .unconditional, help: "Virtual CPUs (default 1, or the template's).") var vcpus: Int?
     @Option(help: "auto, kvm or tcg. auto takes KVM only where a guest really boots under it.") var accel: Accelerator = .auto
     @Option(help: "Kernel to boot (with --initrd and --cmdline).") var kernel: String?
     @Option(help: "Initramfs for --kernel.") var initrd: String?
@@ -42,12 +42,12 @@ struct Create: ParsableCommand {
     @Option(help: ArgumentHelp("Public key authorized for the image's default user (repeatable).", valueName: "file")) var sshKey: [String] = []
     @Option(help: "Host name of an --image guest (default: the domain's name).") var hostname: String?
     @Option(help: "Your own base domain XML; virtchan adds the controller and channels.") var template: String?
-    @Option(help: "Ports on the virtio-serial controller (3-31; 4-31 with --qemu-ga).") var ports: Int = 16
+    @Option(parsing: .unconditional, help: "Ports on the virtio-serial controller (3-31; 4-31 with --qemu-ga).") var ports: Int = 16
     @Flag(help: "Let libvirt choose the socket paths (read back from the live XML).") var libvirtSocketPaths = false
     @Flag(name: .customLong("qemu-ga"), help: "Also add the org.qemu.guest_agent.0 channel for qemu-guest-agent.") var qemuGA = false
     @Flag(help: "Print the domain XML and change nothing.") var dryRun = false
     @Flag(help: "Return once the domain starts, without waiting for the agent.") var noWait = false
-    @Option(name: [.customLong("wait-timeout"), .customLong("timeout")],
+    @Option(name: [.customLong("wait-timeout"), .customLong("timeout")], parsing: .unconditional,
             help: "Seconds to wait for the agent's hello (default 90, 600 with --image).") var waitTimeout: Double?
     @OptionGroup var bootstrap: BootstrapOptions
 
@@ -288,7 +288,7 @@ struct Prune: ParsableCommand {
 
     @OptionGroup var global: GlobalOptions
     @Option(help: ArgumentHelp("Storage pool.", valueName: "name")) var pool: String = Hypervisor.storagePoolName
-    @Option(help: ArgumentHelp("Keep unused volumes written within this many seconds.", valueName: "seconds")) var minAge: Double = 600
+    @Option(parsing: .unconditional, help: ArgumentHelp("Keep unused volumes written within this many seconds.", valueName: "seconds")) var minAge: Double = 600
     @Flag(help: "List what would be removed, and remove nothing.") var dryRun = false
     @Flag(help: "Print a JSON array with one report per URI.") var json = false
 
@@ -342,7 +342,7 @@ struct Reboot: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @Argument(help: "Domain name.") var name: String
     @Option(help: "agent: the guest's own reboot command; acpi: the virtual power button, as virsh reboot.") var method: RebootMethod = .agent
-    @Option(help: "Give up after this many seconds.") var timeout: Double = 300
+    @Option(parsing: .unconditional, help: "Give up after this many seconds.") var timeout: Double = 300
 
     func validate() throws {
         try requireSeconds(timeout, "--timeout")

@@ -25,7 +25,7 @@ struct Exec: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @OptionGroup var fleet: FleetOptions
     @Flag(help: "On several domains: print one JSON record per domain (with its output) instead of lines.") var json = false
-    @Option(help: "Kill the command after this many seconds and exit 124.") var timeout: Double?
+    @Option(parsing: .unconditional, help: "Kill the command after this many seconds and exit 124.") var timeout: Double?
     @Option(name: .customLong("env"), help: "Set KEY=VALUE in the command's environment (repeatable).") var env: [String] = []
     @Option(help: "Working directory in the guest.") var cwd: String?
     @Flag(name: [.customShort("t"), .long], help: "Run the command on a pseudo-terminal.") var tty = false

@@ -9,7 +9,7 @@ struct FleetOptions: ParsableArguments {
     var all = false
     @Option(help: ArgumentHelp("Domains virtchan manages whose names match this shell glob (repeatable).", valueName: "glob"))
     var match: [String] = []
-    @Option(help: ArgumentHelp("Domains worked on at once (default: 8 per CPU, at least 8, at most 64).", valueName: "n"))
+    @Option(parsing: .unconditional, help: ArgumentHelp("Domains worked on at once (default: 8 per CPU, at least 8, at most 64).", valueName: "n"))
     var parallel: Int?
     @Flag(help: "Print the domains' lines without their names in front.")
     var noPrefix = false

@@ -68,7 +68,7 @@ struct HolderServe: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run a session holder in the foreground.",
                                                     shouldDisplay: false)
     @OptionGroup var global: GlobalOptions
-    @Option(help: "Seconds to wait for the agent.") var timeout: Double = 10
+    @Option(parsing: .unconditional, help: "Seconds to wait for the agent.") var timeout: Double = 10
     @Option(help: "Descriptor to report readiness on.") var readyFd: Int32?
     @Argument(help: "Domain name.") var name: String
 

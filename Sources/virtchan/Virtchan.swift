@@ -91,7 +91,7 @@ struct GlobalOptions: ParsableArguments {
     var connect: [String] = []
     @Flag(help: "Use an agent that holds no key (anything that reaches its channel can drive it).")
     var insecureAgent = false
-    @Option(help: ArgumentHelp("Seconds the domain's session holder stays after the last command (0: it ends with the last one).",
+    @Option(parsing: .unconditional, help: ArgumentHelp("Seconds the domain's session holder stays after the last command (0: it ends with the last one).",
                                discussion: "Commands on one domain share one holder process, started by the first; see 'virtchan holder --help'.",
                                valueName: "seconds"))
     var persist: Double = 60
@@ -156,7 +156,7 @@ struct Target {
 func requireSeconds(_ value: Double?, _ option: String, orZero: Bool = false) throws {
     guard let value else { return }
     guard value.isFinite, orZero ? value >= 0 : value > 0 else {
-        throw ValidationError("\(option) takes \(orZero ? "0 or more" : "a positive number of") seconds, not \(value)")
+        throw ValidationError("\(option) takes \(orZero ? "0 or more" : "a positive number of") seconds, not \(String(format: "%g", value))")
     }
 }
 

@@ -174,8 +174,9 @@ extension EndToEnd {
             #expect(!holderFiles.contains { $0.hasPrefix("vctest-nosuch-") }, "\(holderFiles)")
         }
 
-        /// A number of seconds that is none is a usage error, never a crash or a wait forever.
-        @Test func secondsThatAreNoneAreRefused() {
+        /// A number out of range (NaN, infinite, negative seconds; no pings) is a usage error, never a
+        /// crash or a wait forever.
+        @Test func numbersOutOfRangeAreUsageErrors() {
             for (args, fragment) in [
                 (["exec", "vctest-any", "--timeout", "nan", "--", "true"], "--timeout takes a positive number of seconds, not nan"),
                 (["exec", "vctest-any", "--timeout", "inf", "--", "true"], "--timeout takes a positive number of seconds, not inf"),
@@ -184,6 +185,9 @@ extension EndToEnd {
                 (["wait", "vctest-any", "--timeout", "inf"], "--timeout takes a positive number of seconds, not inf"),
                 (["prune", "--min-age", "nan"], "--min-age takes 0 or more seconds, not nan"),
                 (["create", "vctest-bad", "--wait-timeout", "inf"], "--wait-timeout takes a positive number of seconds, not inf"),
+                // A negative number is read as the option's value, not as another option.
+                (["exec", "vctest-any", "--timeout", "-5", "--", "true"], "--timeout takes a positive number of seconds, not -5"),
+                (["ping", "vctest-any", "-n", "-1"], "--count must be at least 1"),
             ] {
                 let r = VC.run(args)
                 #expect(r.code == 64, "\(args): \(r.stderr)")

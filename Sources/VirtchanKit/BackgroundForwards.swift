@@ -91,6 +91,14 @@ extension Hypervisor {
 
     /// The background forwards running for this user, on any URI. One whose process is gone
     /// (killed) leaves files that go here.
+    /// The background forward, of any domain on any URI, that listens where `spec` would
+    /// (its host address and port), if one does.
+    public static func backgroundForward(listeningAs spec: ForwardSpec) -> ForwardRecord? {
+        guard spec.direction == .local, spec.bindPort != 0 else { return nil }
+        let bound = "\(spec.bindHost):\(spec.bindPort) "
+        return backgroundForwards().first { $0.forwards.contains { $0.hasPrefix(bound) } }
+    }
+
     public static func backgroundForwards() -> [ForwardRecord] {
         let dir = forwardDirectory
         let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []

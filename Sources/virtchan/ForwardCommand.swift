@@ -89,7 +89,12 @@ struct Forward: ParsableCommand {
             throw ExitCode(status)
         }
         if background {
-            let record = try global.hypervisor().forwardInBackground(name, specs: specs)
+            let record: ForwardRecord
+            do {
+                record = try global.hypervisor().forwardInBackground(name, specs: specs)
+            } catch {
+                throw namingBackgroundForwards(error)
+            }
             if json { return try printJSON(record) }
             for f in record.forwards { say("Forwarding \(f)") }
             say("Serving in the background (pid \(record.pid)); stop with: \(global.hypervisor().suggested("forward --stop", name))")
@@ -100,7 +105,11 @@ struct Forward: ParsableCommand {
         let forwarder = PortForwarder(session: session, specs: specs) { text in
             FileHandle.standardError.write(Data("virtchan: \(text)\n".utf8))
         }
-        try forwarder.start()
+        do {
+            try forwarder.start()
+        } catch {
+            throw namingBackgroundForwards(error)
+        }
         for b in forwarder.bound { say("Forwarding \(b)") }
         say("Serving until Ctrl-C")
         do {
@@ -110,6 +119,17 @@ struct Forward: ParsableCommand {
             guard error.code == .interrupted else { throw error }
             throw ExitCode(128 + (error.signal ?? SIGINT))
         }
+    }
+
+    /// `error`, naming virtchan's own background forward when one already listens where a
+    /// port of this command would (a forward started twice).
+    private func namingBackgroundForwards(_ error: Error) -> Error {
+        for spec in specs {
+            guard let other = Hypervisor.backgroundForward(listeningAs: spec) else { continue }
+            let stop = Hypervisor(uri: other.uri).suggested("forward --stop", other.domain)
+            return CLIError("\(error); a background forward of \(other.domain) (pid \(other.pid)) listens there: stop it with: \(stop)")
+        }
+        return error
     }
 
     private func listBackground() throws {

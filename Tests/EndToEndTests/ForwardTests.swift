@@ -183,6 +183,9 @@ extension EndToEnd {
             let again = VC.run(["forward", SharedGuest.name, "\(port):127.0.0.1:8080", "--background"], timeout: 60)
             #expect(again.code == 1)
             #expect(again.stderr.contains("cannot listen on 127.0.0.1:\(port): Address already in use"), "\(again.stderr)")
+            // It names the forward that has the port, and how to stop it.
+            #expect(again.stderr.contains("a background forward of \(SharedGuest.name) (pid \(record.pid)) listens there: stop it with: virtchan forward --stop \(SharedGuest.name)"),
+                    "\(again.stderr)")
             #expect(try running().count == 1)
 
             let stopped = VC.run(["forward", "--stop", SharedGuest.name])

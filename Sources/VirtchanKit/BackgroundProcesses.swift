@@ -69,7 +69,10 @@ extension Hypervisor {
             // At most an hour a poll: the loop polls again until the deadline.
             let left = Int32(min(max(0, deadline.timeIntervalSinceNow), 3600) * 1000)
             let rc = poll(&p, 1, left)
-            if rc < 0 && errno == EINTR { continue }
+            if rc < 0 && errno == EINTR {
+                try Interruption.check()
+                continue
+            }
             if rc == 0 && deadline.timeIntervalSinceNow > 0 { continue }
             if rc == 0 {
                 // Still starting: waiting on libvirt, which answers nothing about a domain while

@@ -99,6 +99,7 @@ extension Hypervisor {
                         }
                         throw TransportError(.busy, message)
                     }
+                    try Interruption.check()
                     Thread.sleep(forTimeInterval: 0.05)
                 }
             }

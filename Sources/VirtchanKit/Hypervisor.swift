@@ -225,6 +225,7 @@ public final class Hypervisor: Sendable {
     public func waitForAgent(_ name: String, timeout: Double = 90) throws -> AgentSession {
         let deadline = Date().addingTimeInterval(timeout)
         while true {
+            try Interruption.check()
             let left = deadline.timeIntervalSinceNow
             do {
                 return try session(with: name, timeout: max(1, left))

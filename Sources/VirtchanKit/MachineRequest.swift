@@ -106,10 +106,18 @@ extension Hypervisor {
         }
         try? fm.removeItem(atPath: stateDir)
         unlink(paths.abandonedConsoleLog(for: name))
+        // Ctrl-C (SIGINT, SIGTERM, SIGHUP, once the command installed `Interruption`) stops a
+        // create between its steps and during uploads, and undoes it as any failure does.
+        func undone(_ error: Error) -> Error {
+            guard let sig = Interruption.pending else { return error }
+            return TransportError(.interrupted, "\(Interruption.describe(sig)) while \(name) was being created; nothing of it is left",
+                                  errno: EINTR, signal: sig)
+        }
         let domain: Domain
         do {
             let key = try writeStateDirectory(stateDir, for: request, keyed: prepared.keyed, initrdBase: prepared.initrdBase,
                                               keyedInitrd: keyedInitrd)
+            try Interruption.check()
             if remote, case let .kernel(kernel, initrd, cmdline) = prepared.spec.boot {
                 let pool = try storagePool(for: request, on: conn)
                 var initrdPath: String?
@@ -132,18 +140,23 @@ extension Hypervisor {
                 try attach(image, key: key, to: &prepared.spec, request: request, pool: pool, remote: remote,
                            volumes: &volumes, progress: progress, uploaded: uploaded)
             }
+            try Interruption.check()
             let document = try DomainXML.build(prepared.spec, domainType: domainType)
             domain = try conn.define(xml: document.serialize())
         } catch {
             removeFiles()
-            throw error
+            throw undone(error)
         }
         do {
+            try Interruption.check()
             try domain.start()
+            // A signal while QEMU started: the domain goes again, as if it had not started.
+            try Interruption.check()
         } catch {
+            if domain.isActive { try? domain.destroy() }
             try? domain.undefine()
             removeFiles()
-            throw error
+            throw undone(error)
         }
         // QEMU has read the initramfs into memory; nobody but its owner may read the key again.
         if prepared.initrdBase != nil && !remote { KeyedInitrd.reclaim(keyedInitrd) }

@@ -1,5 +1,6 @@
 import CLibvirt
 import Glibc
+import VirtchanProtocol
 
 /// A libvirt storage pool. The class owns the `virStoragePoolPtr` and keeps its connection
 /// alive. Files that QEMU must open on the host that runs it (a kernel, an initramfs) reach
@@ -264,6 +265,10 @@ public final class StorageVolume: @unchecked Sendable {
         defer { buffer.deallocate() }
         var sent = 0
         while sent < length {
+            if let sig = Interruption.pending {
+                _ = vc_virStreamAbort(stream)
+                throw ProvisioningError(.io, "the upload into the volume \(name) stopped: \(Interruption.describe(sig))")
+            }
             let n = read(fd, buffer, min(chunk, length - sent))
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {

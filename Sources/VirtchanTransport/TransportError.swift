@@ -1,6 +1,14 @@
 import Glibc
 import VirtchanProtocol
 
+extension Interruption {
+    /// Throws `.interrupted` when a signal arrived.
+    public static func check() throws(TransportError) {
+        guard let sig = pending else { return }
+        throw TransportError(.interrupted, describe(sig), errno: EINTR, signal: sig)
+    }
+}
+
 /// Every failure of the host's side of a conversation with the agent.
 public struct TransportError: Error, CustomStringConvertible, Sendable {
     public struct Code: Hashable, Sendable, CustomStringConvertible {

@@ -134,6 +134,9 @@ struct Create: ParsableCommand {
             return
         }
         let waitTimeout = self.waitTimeout ?? (image == nil ? 90 : 600)
+        // Ctrl-C undoes a create that has not started its domain; once it runs, the domain stays
+        // and the error says how to remove it.
+        Interruption.install()
         if names.count == 1 {
             // Uploads to another host draw a bar on a terminal, each under the line naming it.
             let uploads = UploadBars()
@@ -146,7 +149,7 @@ struct Create: ParsableCommand {
         }
         let requests = Dictionary(uniqueKeysWithValues: names.map { ($0, request($0)) })
         let (wait, bootstrap) = (noWait ? nil : waitTimeout, self.bootstrap)
-        try runFleet(names, global, fleet, json: false) { member, output, target in
+        try runFleet(names, global, fleet, json: false, unwinding: true) { member, output, target in
             try Self.create(requests[member.name]!, through: target, waitTimeout: wait, bootstrap: bootstrap,
                             say: { output.say($0) }, note: { output.say($0, to: .stderr) },
                             output: { stream, bytes in output.write(stream, bytes); return true })

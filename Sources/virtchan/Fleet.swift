@@ -46,8 +46,9 @@ func requireDomains(_ names: [String], _ fleet: FleetOptions) throws {
 }
 
 /// Runs `job` on the domains a fleet command names, prints their lines and a summary (or
-/// JSON), and ends the command: exit 0 when every domain succeeded, else 1.
-func runFleet(_ names: [String], _ global: GlobalOptions, _ fleet: FleetOptions, json: Bool,
+/// JSON), and ends the command: exit 0 when every domain succeeded, else 1. Ctrl-C ends it at
+/// once, or with `unwinding`, ends each job at its next step, which undoes what it began.
+func runFleet(_ names: [String], _ global: GlobalOptions, _ fleet: FleetOptions, json: Bool, unwinding: Bool = false,
               job: @escaping @Sendable (FleetMember, FleetOutput, Target) throws -> Int32) throws -> Never {
     let picked = Fleet.members(fleet.selection(names, global), allowsUnkeyedAgents: global.insecureAgent)
     if picked.members.isEmpty && picked.unreachable.isEmpty {
@@ -56,13 +57,17 @@ func runFleet(_ names: [String], _ global: GlobalOptions, _ fleet: FleetOptions,
     // Ctrl-C (or SIGTERM, SIGHUP) ends the whole command at once, even where the parent started
     // it with them ignored or blocked; each holder then kills the guest processes it ran for it.
     // (The job threads inherit the mask.)
-    var endingSignals = sigset_t()
-    sigemptyset(&endingSignals)
-    for sig in [SIGINT, SIGTERM, SIGHUP] {
-        sigaddset(&endingSignals, sig)
-        signal(sig) { _exit(128 + $0) }
+    if unwinding {
+        Interruption.install()
+    } else {
+        var endingSignals = sigset_t()
+        sigemptyset(&endingSignals)
+        for sig in [SIGINT, SIGTERM, SIGHUP] {
+            sigaddset(&endingSignals, sig)
+            signal(sig) { _exit(128 + $0) }
+        }
+        pthread_sigmask(SIG_UNBLOCK, &endingSignals, nil)
     }
-    pthread_sigmask(SIG_UNBLOCK, &endingSignals, nil)
     let printer = FleetPrinter(picked.members, prefixed: !fleet.noPrefix, collecting: json)
     var outcomes = Fleet.run(picked.members, parallel: fleet.parallel ?? Fleet.defaultParallelism,
                              lines: { printer.line($0, $1, $2) }) { member, output in
@@ -77,6 +82,8 @@ func runFleet(_ names: [String], _ global: GlobalOptions, _ fleet: FleetOptions,
     } else {
         printer.summary(outcomes)
     }
+    // Stopped by a signal: the status of a command that the signal ended, as a shell expects.
+    if unwinding, let sig = Interruption.pending { throw ExitCode(128 + sig) }
     throw ExitCode(outcomes.allSatisfy(\.succeeded) ? 0 : 1)
 }
 

@@ -96,6 +96,34 @@ extension EndToEnd {
             #expect(VC.virsh(["domstate", name]).code != 0)
         }
 
+        /// Ctrl-C during create: before the domain starts, everything create made goes; once
+        /// it runs, it stays, and the error says so and how to remove it. Either way, 130.
+        @Test func ctrlCDuringCreateLeavesNothingHalfMade() throws {
+            let name = "vctest-interrupted"
+            removeAtExit(name)
+            _ = VC.run(["destroy", name, "--force"])
+            let early = try Background(["create", name, "--accel", "tcg"])
+            usleep(50_000)
+            kill(early.process.processIdentifier, SIGINT)
+            #expect(early.wait(60) == 130)
+            let saidEarly = early.seen.map(\.1).joined(separator: "\n")
+            #expect(saidEarly.contains("interrupted by SIGINT while \(name) was being created; nothing of it is left"), "\(saidEarly)")
+            #expect(VC.virsh(["dominfo", name]).code != 0, "no definition is left")
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(name)"), "no state directory is left")
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/boot/\(name).initrd"), "no initramfs is left")
+
+            // Once the domain has started, create waits for its agent: Ctrl-C then keeps it.
+            let late = try Background(["create", name, "--accel", "tcg"])
+            #expect(eventually(60, interval: 0.01) { late.seen.contains { $0.1.hasPrefix("Domain \(name) started") } })
+            kill(late.process.processIdentifier, SIGINT)
+            #expect(late.wait(60) == 130)
+            let saidLate = late.seen.map(\.1).joined(separator: "\n")
+            #expect(saidLate.contains("interrupted by SIGINT; domain \(name) is left running (remove it with: virtchan destroy \(name))"),
+                    "\(saidLate)")
+            #expect(VC.virsh(["domstate", name]).out.contains("running"))
+            #expect(VC.run(["destroy", name]).code == 0)
+        }
+
         @Test func destroyKeepDefinitionStopsButKeeps() throws {
             let name = "vctest-keep"
             removeAtExit(name)

@@ -521,6 +521,28 @@ extension EndToEnd {
             #expect(!VC.virsh(["vol-list", "virtchan"]).out.contains("/var/lib/virtchan/pool/base-"))
         }
 
+        /// Ctrl-C while a create uploads a base image to the other host stops the upload within
+        /// a chunk and takes back everything the create made there and here.
+        @Test func ctrlCDuringAnUploadLeavesNothingThere() throws {
+            let image = CloudGuest.image
+            try #require(FileManager.default.fileExists(atPath: image), "no \(image); Scripts/build-cloud-image builds it")
+            let domain = "vctest-remote-interrupted"
+            removeAtExit(domain)
+            _ = VC.run(["destroy", "-c", RemoteHost.tcp, domain, "--force"])
+            _ = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0"], timeout: 60)
+            let create = try Background(["create", "-c", RemoteHost.tcp, domain, "--image", image, "--accel", "tcg", "--no-wait"])
+            #expect(eventually(60, interval: 0.01) { create.seen.contains { $0.1.contains("uploading \(image)") } })
+            kill(create.process.processIdentifier, SIGINT)
+            #expect(create.wait(30) == 130)
+            let said = create.seen.map(\.1).joined(separator: "\n")
+            #expect(said.contains("interrupted by SIGINT while \(domain) was being created; nothing of it is left"), "\(said)")
+            #expect(VC.virsh(["dominfo", domain]).code != 0)
+            let volumes = VC.virsh(["vol-list", "virtchan"]).out
+            #expect(!volumes.contains("/var/lib/virtchan/pool/base-"), "no part of the upload stays: \(volumes)")
+            #expect(!volumes.contains(domain), "\(volumes)")
+            #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(domain)"))
+        }
+
         /// Through the library, create over TCP reports each upload's bytes as they go: one
         /// rising count per upload, each ending at the size of the file it sends (the kernel,
         /// uploaded again once prune has removed it, and the domain's initramfs).

@@ -3,8 +3,9 @@ import Glibc
 nonisolated(unsafe) private var pendingSignal: sig_atomic_t = 0
 
 /// SIGINT, SIGTERM and SIGHUP turned into an error at the next wait, so that a command which
-/// writes files on the host (a pull) unwinds and removes what it had not finished, instead of
-/// dying with a temporary file left behind. Only commands that call `install()` are affected.
+/// writes files on the host (a pull) or makes a domain (create) unwinds and removes what it
+/// had not finished, instead of dying with it left behind. Only commands that call
+/// `install()` are affected; the host's waits and loops look at ``pending``.
 public enum Interruption {
     public static let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
 
@@ -27,9 +28,8 @@ public enum Interruption {
     /// The signal that arrived, if any.
     public static var pending: Int32? { pendingSignal == 0 ? nil : Int32(pendingSignal) }
 
-    /// Throws `.interrupted` when a signal arrived.
-    static func check() throws(TransportError) {
-        guard let sig = pending else { return }
-        throw TransportError(.interrupted, "interrupted by \(sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "signal \(sig)")", errno: EINTR, signal: sig)
+    /// What stopped the command, for its error: "interrupted by SIGINT".
+    public static func describe(_ sig: Int32) -> String {
+        "interrupted by \(sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : sig == SIGHUP ? "SIGHUP" : "signal \(sig)")"
     }
 }

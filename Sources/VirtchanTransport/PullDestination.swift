@@ -92,6 +92,7 @@ extension FileTransfer {
                 throw TransportError(.invalidArgument, "\(local) exists and is not a directory")
             }
             let root = try DirectoryHandle.open(local)
+            try checkSpace(for: entries, of: remote, in: root, replacing: local)
             var written: [String] = []
             do {
                 summary = try fill(root, from: remote, entries, options: options, written: &written, skipped: skipped)
@@ -102,6 +103,7 @@ extension FileTransfer {
             }
         } else {
             let parent = try DirectoryHandle.open(parentPath(local))
+            try checkSpace(for: entries, of: remote, in: parent, replacing: nil)
             let base = lastComponent(local)
             let temp = try parent.makeTemporaryDirectory(for: base)
             var committed = false
@@ -117,6 +119,25 @@ extension FileTransfer {
         }
         summary.seconds = Double(monotonicNanos() - start) / 1e9
         return summary
+    }
+
+    /// Refuses a tree before anything is written when its files, as the guest lists them, do not
+    /// fit on the file system of `dir`: each lands beside the file it replaces under `existing`
+    /// (if any) before the old one goes, in the order of the listing. So a full disk does not
+    /// leave an existing directory half updated.
+    private func checkSpace(for entries: [TreeEntry], of remote: String, in dir: DirectoryHandle,
+                            replacing existing: String?) throws(TransportError) {
+        // What the files written so far add, and the most that is needed at any one time.
+        var added: Int64 = 0, peak: Int64 = 0
+        for e in entries where e.kind == .regular {
+            let size = Int64(clamping: e.size)
+            var st = Glibc.stat()
+            let old = existing.flatMap { lstat($0 + "/" + e.path, &st) == 0 && st.st_mode & S_IFMT == S_IFREG ? Int64(st.st_size) : nil } ?? 0
+            peak = max(peak, added &+ size)
+            added = added &+ size &- old
+        }
+        guard let free = freeBytes(onFileSystemOf: dir.fd), peak > 0, UInt64(peak) > free else { return }
+        throw TransportError(.io, "not enough space for \(remote): its files need \(peak) bytes at once and the local file system has \(free) free")
     }
 
     /// Creates the listed directories, files and links under `root`; directory modes last, so

@@ -164,8 +164,8 @@ struct Pull: ParsableCommand {
         its checksum verifies, and a failed or interrupted pull leaves nothing behind. Modes \
         come from the guest without setuid, setgid and sticky bits (root may keep them with \
         --preserve-special-modes). With -r, REMOTE's contents go into LOCAL: a new LOCAL \
-        appears whole or not at all; into an existing directory, a failure names what was \
-        already written. No entry may lead outside LOCAL, and no symbolic link below LOCAL is \
+        appears whole or not at all; a tree that would not fit is refused before anything is \
+        written; into an existing directory, another failure names what was already written. No entry may lead outside LOCAL, and no symbolic link below LOCAL is \
         followed.
         """)
 

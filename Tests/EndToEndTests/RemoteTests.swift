@@ -489,18 +489,23 @@ extension EndToEnd {
             #expect(!after.contains(base), "\(after)")
         }
 
+        /// `create --image --no-wait` of `domain` over TCP, started in the background after
+        /// prune has taken every unused volume, so that the base image goes up again.
+        func createUploadingTheBase(_ domain: String) throws -> Background {
+            let image = CloudGuest.image
+            try #require(FileManager.default.fileExists(atPath: image), "no \(image); Scripts/build-cloud-image builds it")
+            removeAtExit(domain)
+            _ = VC.run(["destroy", "-c", RemoteHost.tcp, domain, "--force"])
+            _ = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0"], timeout: 60)
+            return try Background(["create", "-c", RemoteHost.tcp, domain, "--image", image, "--accel", "tcg", "--no-wait"])
+        }
+
         /// prune at its default minimum age, run over and over while a create on the same host
         /// uploads a base image and makes the domain's volumes, takes none of them: what is being
         /// written, or was just written, stays. Once the domain is gone they all go.
         @Test func pruneDuringACreateLeavesItAlone() throws {
-            let image = CloudGuest.image
-            try #require(FileManager.default.fileExists(atPath: image), "no \(image); Scripts/build-cloud-image builds it")
             let domain = "vctest-remote-prune-race"
-            removeAtExit(domain)
-            _ = VC.run(["destroy", "-c", RemoteHost.tcp, domain, "--force"])
-            // So that the base goes up again under the prunes.
-            _ = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0"], timeout: 60)
-            let create = try Background(["create", "-c", RemoteHost.tcp, domain, "--image", image, "--accel", "tcg", "--no-wait"])
+            let create = try createUploadingTheBase(domain)
             var prunes = 0
             while create.isRunning && prunes < 200 {
                 let r = VC.run(["prune", "-c", RemoteHost.tcp], timeout: 60)
@@ -524,14 +529,9 @@ extension EndToEnd {
         /// Ctrl-C while a create uploads a base image to the other host stops the upload within
         /// a chunk and takes back everything the create made there and here.
         @Test func ctrlCDuringAnUploadLeavesNothingThere() throws {
-            let image = CloudGuest.image
-            try #require(FileManager.default.fileExists(atPath: image), "no \(image); Scripts/build-cloud-image builds it")
             let domain = "vctest-remote-interrupted"
-            removeAtExit(domain)
-            _ = VC.run(["destroy", "-c", RemoteHost.tcp, domain, "--force"])
-            _ = VC.run(["prune", "-c", RemoteHost.tcp, "--min-age", "0"], timeout: 60)
-            let create = try Background(["create", "-c", RemoteHost.tcp, domain, "--image", image, "--accel", "tcg", "--no-wait"])
-            #expect(eventually(60, interval: 0.01) { create.seen.contains { $0.1.contains("uploading \(image)") } })
+            let create = try createUploadingTheBase(domain)
+            #expect(eventually(60, interval: 0.01) { create.seen.contains { $0.1.contains("uploading \(CloudGuest.image)") } })
             kill(create.process.processIdentifier, SIGINT)
             #expect(create.wait(30) == 130)
             let said = create.seen.map(\.1).joined(separator: "\n")

@@ -128,23 +128,33 @@ extension EndToEnd {
         @Test func aFailedTreePullIsAllOrNothingOrSaysWhatItWrote() throws {
             try SharedGuest.require()
             let small = "\(work)/small"
-            try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
-            #expect(VC.runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", small]).code == 0)
-            defer { _ = VC.runProgram("/bin/umount", [small]) }
-            VC.guest("rm -rf /tmp/aon && mkdir -p /tmp/aon/sub && echo first > /tmp/aon/a.txt && head -c 3145728 /dev/zero > /tmp/aon/sub/big")
+            let unmount = try smallFileSystem(at: small, size: "1m")
+            defer { unmount() }
+            VC.guest("rm -rf /tmp/aon && mkdir -p /tmp/aon/d1 && echo first > /tmp/aon/a.txt && echo deep > /tmp/aon/d1/x && head -c 3145728 /dev/zero > /tmp/aon/big")
             defer { VC.guest("rm -rf /tmp/aon") }
 
+            // A tree that does not fit is refused before anything is written, new or not.
             let fresh = VC.run(["pull", name, "-r", "/tmp/aon", "\(small)/new"])
             #expect(fresh.code == 1)
-            #expect(fresh.stderr.contains("not enough space"), "\(fresh.stderr)")
+            #expect(fresh.stderr.contains("not enough space for /tmp/aon: its files need 3145739 bytes at once"), "\(fresh.stderr)")
             #expect(contents(small).isEmpty, "a failed pull into a new directory left: \(contents(small))")
+            try FileManager.default.createDirectory(atPath: "\(small)/existing/d1/x", withIntermediateDirectories: true)
+            try "kept\n".write(toFile: "\(small)/existing/d1/x/kept", atomically: false, encoding: .utf8)
+            let tooBig = VC.run(["pull", name, "-r", "/tmp/aon", "\(small)/existing"])
+            #expect(tooBig.code == 1)
+            #expect(tooBig.stderr.contains("not enough space") && !tooBig.stderr.contains("partly updated"), "\(tooBig.stderr)")
+            #expect(contents("\(small)/existing") == ["d1"])
 
-            try FileManager.default.createDirectory(atPath: "\(small)/existing", withIntermediateDirectories: true)
+            // Here d1/x is a directory, in the guest a file: the pull stops at it, after a.txt
+            // (the top of a tree is listed before what is below it).
+            VC.guest("rm /tmp/aon/big")
+            try "kept\n".write(toFile: "\(small)/existing/d1/x/kept", atomically: false, encoding: .utf8)
             let partial = VC.run(["pull", name, "-r", "/tmp/aon", "\(small)/existing"])
             #expect(partial.code == 1)
-            #expect(partial.stderr.contains("was already partly updated"), "\(partial.stderr)")
-            #expect(partial.stderr.contains("a.txt"))
-            #expect(!contents("\(small)/existing/sub").contains { $0.contains("virtchan") })
+            #expect(partial.stderr.contains("cannot put \(small)/existing/d1/x in place: a directory is there"), "\(partial.stderr)")
+            #expect(partial.stderr.contains("was already partly updated: 1 of 3 entries written (a.txt)"), "\(partial.stderr)")
+            #expect(contents("\(small)/existing/d1/x") == ["kept"])
+            #expect(!contents("\(small)/existing/d1").contains { $0.contains("virtchan") })
         }
 
         /// Only root reaches the agent's sockets: neither a plain user nor a QEMU process (all of

@@ -260,3 +260,12 @@ enum SharedGuest {
         if w.code != 0 { throw BootError(message: "agent not ready: \(w.stderr)") }
     }
 }
+
+/// A tmpfs of `size` ("1m") mounted at `path`, a disk that fills up; the function returned
+/// unmounts it.
+func smallFileSystem(at path: String, size: String) throws -> () -> Void {
+    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    let mounted = VC.runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=\(size)", "tmpfs", path])
+    try #require(mounted.code == 0, "cannot mount a tmpfs at \(path): \(mounted.stderr)")
+    return { _ = VC.runProgram("/bin/umount", [path]) }
+}

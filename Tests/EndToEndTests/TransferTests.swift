@@ -195,9 +195,8 @@ extension EndToEnd {
         @Test func fullHostDiskKeepsTheOldFile() throws {
             try SharedGuest.require()
             let small = "\(work)/small"
-            try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
-            #expect(VC.runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", small]).code == 0)
-            defer { _ = VC.runProgram("/bin/umount", [small]) }
+            let unmount = try smallFileSystem(at: small, size: "1m")
+            defer { unmount() }
             try "the old contents\n".write(toFile: "\(small)/four", atomically: false, encoding: .utf8)
             VC.guest("head -c 4194304 /dev/urandom > /tmp/four-random")
             defer { VC.guest("rm -f /tmp/four-random") }
@@ -210,33 +209,6 @@ extension EndToEnd {
             // The session and the agent are fine afterwards.
             #expect(VC.run(["pull", name, "/tmp/four-random", "\(work)/four-random"]).code == 0)
             #expect(VC.guest("sha256sum /tmp/four-random").out.hasPrefix(try sha256(file: "\(work)/four-random")))
-        }
-
-        /// A tree that does not fit is refused before anything is written, whether it would be
-        /// new or update a directory that is there (which is then left as it was).
-        @Test func aTreeThatDoesNotFitWritesNothing() throws {
-            try SharedGuest.require()
-            let small = "\(work)/small-tree"
-            try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
-            #expect(VC.runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=2m", "tmpfs", small]).code == 0)
-            defer { _ = VC.runProgram("/bin/umount", [small]) }
-            VC.guest("rm -rf /tmp/fits && mkdir -p /tmp/fits/a && head -c 900000 /dev/zero > /tmp/fits/a/first && head -c 1500000 /dev/zero > /tmp/fits/second")
-            defer { VC.guest("rm -rf /tmp/fits") }
-            let fresh = VC.run(["pull", name, "-r", "/tmp/fits", "\(small)/new"])
-            #expect(fresh.code == 1)
-            #expect(fresh.stderr.contains("not enough space for /tmp/fits: its files need 2400000 bytes at once"), "\(fresh.stderr)")
-            #expect(try FileManager.default.contentsOfDirectory(atPath: small).isEmpty)
-            try FileManager.default.createDirectory(atPath: "\(small)/there", withIntermediateDirectories: false)
-            try "kept\n".write(toFile: "\(small)/there/note", atomically: false, encoding: .utf8)
-            let update = VC.run(["pull", name, "-r", "/tmp/fits", "\(small)/there"])
-            #expect(update.code == 1)
-            #expect(!update.stderr.contains("partly updated"), "\(update.stderr)")
-            #expect(try FileManager.default.contentsOfDirectory(atPath: "\(small)/there") == ["note"])
-            // Once it fits, it comes whole.
-            VC.guest("rm /tmp/fits/second")
-            let fits = VC.run(["pull", name, "-r", "/tmp/fits", "\(small)/there"])
-            #expect(fits.code == 0, "\(fits.stderr)")
-            #expect((try? FileManager.default.attributesOfItem(atPath: "\(small)/there/a/first")[.size] as? Int) == 900000)
         }
 
         @Test func hostKilledMidPushLeavesNothing() throws {

@@ -65,14 +65,12 @@ extension Hypervisor {
         let deadline = Date().addingTimeInterval(timeout)
         var chunk = [UInt8](repeating: 0, count: 512)
         while bytes.count < 8192 && !bytes.contains(10) {
+            try Interruption.check()
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             // At most an hour a poll: the loop polls again until the deadline.
             let left = Int32(min(max(0, deadline.timeIntervalSinceNow), 3600) * 1000)
             let rc = poll(&p, 1, left)
-            if rc < 0 && errno == EINTR {
-                try Interruption.check()
-                continue
-            }
+            if rc < 0 && errno == EINTR { continue }
             if rc == 0 && deadline.timeIntervalSinceNow > 0 { continue }
             if rc == 0 {
                 // Still starting: waiting on libvirt, which answers nothing about a domain while

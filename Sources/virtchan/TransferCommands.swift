@@ -64,6 +64,8 @@ struct Push: ParsableCommand {
         }
         if fleet.isFleet(names, global) { try pushToFleet(explicitMode) }
         let name = names[0]
+        // Ctrl-C ends the push with its own status and a word; the agent drops what it had.
+        Interruption.install()
         let transfer = try global.transfer(name)
         options.configure(transfer)
         if options.recursive {
@@ -136,6 +138,8 @@ struct Push: ParsableCommand {
         var total: UInt64 = 0
         do {
             while true {
+                // Each time round: a stdin that never ends (cat /dev/zero) still stops at Ctrl-C.
+                try Interruption.check()
                 let n = read(0, buf.baseAddress!, buf.count)
                 if n < 0 && errno == EINTR { continue }
                 if n < 0 { throw CLIError("reading stdin: \(String(cString: strerror(errno)))") }

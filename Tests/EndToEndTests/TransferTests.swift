@@ -211,18 +211,36 @@ extension EndToEnd {
             #expect(VC.guest("sha256sum /tmp/four-random").out.hasPrefix(try sha256(file: "\(work)/four-random")))
         }
 
-        @Test func hostKilledMidPushLeavesNothing() throws {
+        /// Killed, or stopped with Ctrl-C (then with its status and a word), a push leaves
+        /// nothing in the guest.
+        @Test(arguments: [SIGKILL, SIGINT])
+        func hostStoppedMidPushLeavesNothing(signal: Int32) throws {
             try SharedGuest.require()
             let src = "\(work)/kill-push"
             try makeFile(src, size: 128 << 20)
             VC.guest("rm -rf /tmp/kp && mkdir /tmp/kp")
             let bg = try Background(["push", name, src, "/tmp/kp/file"])
             #expect(eventually(30, interval: 0.02) { channels(name).first { $0.role == "data" }?.state == "connected" })
-            kill(bg.process.processIdentifier, SIGKILL)
-            _ = bg.wait(5)
+            kill(bg.process.processIdentifier, signal)
+            #expect(bg.wait(30) == 128 + signal)
+            if signal == SIGINT {
+                #expect(bg.seen.contains { $0.1 == "virtchan: error: interrupted by SIGINT" }, "\(bg.seen.map(\.1))")
+            }
             #expect(eventually(10) { VC.guest("ls -A /tmp/kp").out == "" }, "a partial file was left in the guest")
             #expect(VC.run(["push", name, "\(work)/kill-push", "/tmp/kp/file"]).code == 0)
             VC.guest("rm -rf /tmp/kp")
+        }
+
+        /// A push from a stdin that never ends (it is spooled to learn its size) stops at
+        /// Ctrl-C, and the guest gets nothing.
+        @Test func aPushFromEndlessStdinStopsAtCtrlC() throws {
+            try SharedGuest.require()
+            let bg = try Background(["push", name, "-", "/tmp/endless"], stdin: "/dev/zero")
+            usleep(300_000)
+            kill(bg.process.processIdentifier, SIGINT)
+            #expect(bg.wait(20) == 130)
+            #expect(bg.seen.contains { $0.1 == "virtchan: error: interrupted by SIGINT" }, "\(bg.seen.map(\.1))")
+            #expect(VC.guest("ls /tmp/endless").code != 0)
         }
 
         @Test func agentKilledMidPullLeavesNothing() throws {

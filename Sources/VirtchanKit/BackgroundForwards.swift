@@ -89,8 +89,6 @@ extension Hypervisor {
         return 0
     }
 
-    /// The background forwards running for this user, on any URI. One whose process is gone
-    /// (killed) leaves files that go here.
     /// The background forward, of any domain on any URI, that listens where `spec` would
     /// (its host address and port), if one does.
     public static func backgroundForward(listeningAs spec: ForwardSpec) -> ForwardRecord? {
@@ -99,6 +97,8 @@ extension Hypervisor {
         return backgroundForwards().first { $0.forwards.contains { $0.hasPrefix(bound) } }
     }
 
+    /// The background forwards running for this user, on any URI. One whose process is gone
+    /// (killed) leaves files that go here.
     public static func backgroundForwards() -> [ForwardRecord] {
         let dir = forwardDirectory
         let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []

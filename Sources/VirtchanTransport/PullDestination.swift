@@ -79,9 +79,9 @@ extension FileTransfer {
     /// built beside, under a temporary name, and renamed into place); into an existing
     /// directory, a failure says which entries were already written. Nothing the guest lists
     /// can lead outside `local`: every step below it is taken relative to an open directory
-    /// and refuses symbolic links.
-    /// A FIFO, socket or device in the tree is not copied; its guest path goes to `skipped`
-    /// (as the guest names it: make it safe to show).
+    /// and refuses symbolic links. A tree that would not fit is refused before anything is
+    /// written. A FIFO, socket or device in the tree is not copied; its guest path goes to
+    /// `skipped` (as the guest names it: make it safe to show).
     public func pullTree(_ remote: String, toPath local: String, options: PullOptions = PullOptions(),
                          skipped: (String) -> Void = { _ in }) throws(TransportError) -> TreeSummary {
         let start = monotonicNanos()

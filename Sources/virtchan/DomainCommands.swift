@@ -157,9 +157,10 @@ struct Create: ParsableCommand {
     }
 
     /// A wait that failed after the domain started: the domain stays for a look at its console,
-    /// and the error says so and how to remove it.
-    static func leftRunning(_ error: Error, _ name: String, on hypervisor: Hypervisor) -> Error {
-        let detail = "; domain \(name) is left running (remove it with: \(hypervisor.suggested("destroy", name)))"
+    /// and the error says so and how to remove it, and how to deliver its bootstrap if it has one.
+    static func leftRunning(_ error: Error, _ name: String, on hypervisor: Hypervisor, bootstrapPending: Bool) -> Error {
+        var detail = "; domain \(name) is left running (remove it with: \(hypervisor.suggested("destroy", name)))"
+        if bootstrapPending { detail += "; its bootstrap is pending (deliver it with: \(hypervisor.suggested("bootstrap run", name)))" }
         switch error {
         case let e as VirtchanError: return e.appending(detail)
         case let e as TransportError: return e.appending(detail)
@@ -186,10 +187,12 @@ struct Create: ParsableCommand {
         do {
             session = try target.waitForAgent(name, timeout: waitTimeout)
         } catch let error as VirtchanError where error.code == .agentTimeout {
-            guard case .image = request.boot else { throw Self.leftRunning(error, name, on: hypervisor) }
+            guard case .image = request.boot else {
+                throw Self.leftRunning(error, name, on: hypervisor, bootstrapPending: request.bootstrap != nil)
+            }
             throw hypervisor.abandonImageBoot(name, waited: waitTimeout)
         } catch {
-            throw Self.leftRunning(error, name, on: hypervisor)
+            throw Self.leftRunning(error, name, on: hypervisor, bootstrapPending: request.bootstrap != nil)
         }
         say(String(format: "Agent %@ answered after %.1f s", displaySafe(session.hello.agentVersion, limit: 64), Date().timeIntervalSince(machine.startedAt)))
         guard request.bootstrap != nil else { return 0 }

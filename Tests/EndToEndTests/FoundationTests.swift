@@ -112,15 +112,21 @@ extension EndToEnd {
             #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/domains/\(name)"), "no state directory is left")
             #expect(!FileManager.default.fileExists(atPath: "/var/lib/virtchan/boot/\(name).initrd"), "no initramfs is left")
 
-            // Once the domain has started, create waits for its agent: Ctrl-C then keeps it.
-            let late = try Background(["create", name, "--accel", "tcg"])
+            // Once the domain has started, create waits for its agent: Ctrl-C then keeps it, and
+            // its bootstrap waits to be delivered.
+            let script = "/tmp/vctest-interrupted.sh"
+            try "#!/bin/sh\necho delivered\n".write(toFile: script, atomically: true, encoding: .utf8)
+            defer { unlink(script) }
+            let late = try Background(["create", name, "--accel", "tcg", "--bootstrap", script])
             #expect(eventually(60, interval: 0.01) { late.seen.contains { $0.1.hasPrefix("Domain \(name) started") } })
             kill(late.process.processIdentifier, SIGINT)
             #expect(late.wait(60) == 130)
             let saidLate = late.seen.map(\.1).joined(separator: "\n")
-            #expect(saidLate.contains("interrupted by SIGINT; domain \(name) is left running (remove it with: virtchan destroy \(name))"),
+            #expect(saidLate.contains("interrupted by SIGINT; domain \(name) is left running (remove it with: virtchan destroy \(name)); its bootstrap is pending (deliver it with: virtchan bootstrap run \(name))"),
                     "\(saidLate)")
             #expect(VC.virsh(["domstate", name]).out.contains("running"))
+            let delivered = VC.run(["bootstrap", "run", name], timeout: 120)
+            #expect(delivered.code == 0 && delivered.out.contains("delivered"), "\(delivered.out) \(delivered.stderr)")
             #expect(VC.run(["destroy", name]).code == 0)
         }
 

@@ -127,14 +127,19 @@ extension FileTransfer {
     /// leave an existing directory half updated.
     private func checkSpace(for entries: [TreeEntry], of remote: String, in dir: DirectoryHandle,
                             replacing existing: String?) throws(TransportError) {
-        // What the files written so far add, and the most that is needed at any one time.
+        // What the files written so far add, and the most that is needed at any one time. The
+        // sizes are the guest's: the sums stop at Int64.max rather than wrap round.
+        func sum(_ a: Int64, _ b: Int64) -> Int64 {
+            let (total, overflow) = a.addingReportingOverflow(b)
+            return overflow ? .max : total
+        }
         var added: Int64 = 0, peak: Int64 = 0
         for e in entries where e.kind == .regular {
             let size = Int64(clamping: e.size)
             var st = Glibc.stat()
             let old = existing.flatMap { lstat($0 + "/" + e.path, &st) == 0 && st.st_mode & S_IFMT == S_IFREG ? Int64(st.st_size) : nil } ?? 0
-            peak = max(peak, added &+ size)
-            added = added &+ size &- old
+            peak = max(peak, sum(added, size))
+            added = sum(added, size) - old
         }
         guard let free = freeBytes(onFileSystemOf: dir.fd), peak > 0, UInt64(peak) > free else { return }
         throw TransportError(.io, "not enough space for \(remote): its files need \(peak) bytes at once and the local file system has \(free) free")

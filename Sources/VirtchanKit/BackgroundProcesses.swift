@@ -40,14 +40,16 @@ extension Hypervisor {
     }
 
     /// The virtchan executable that runs holders and background forwards:
-    /// `VIRTCHAN_EXECUTABLE`, this program when it is virtchan, a virtchan beside it, or one on
-    /// PATH.
+    /// `VIRTCHAN_EXECUTABLE`, this program when it is virtchan, a virtchan-full (or virtchan)
+    /// beside it, or a virtchan on PATH.
     static func virtchanExecutable() throws -> String {
         if let env = getenv("VIRTCHAN_EXECUTABLE").map({ String(cString: $0) }), !env.isEmpty { return env }
         let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
-        if (me as NSString).lastPathComponent == "virtchan" { return me }
-        let sibling = ((me as NSString).deletingLastPathComponent as NSString).appendingPathComponent("virtchan")
-        if !me.isEmpty, access(sibling, X_OK) == 0 { return sibling }
+        if ["virtchan", "virtchan-full"].contains((me as NSString).lastPathComponent) { return me }
+        for program in ["virtchan-full", "virtchan"] where !me.isEmpty {
+            let sibling = ((me as NSString).deletingLastPathComponent as NSString).appendingPathComponent(program)
+            if access(sibling, X_OK) == 0 { return sibling }
+        }
         for dir in (getenv("PATH").map { String(cString: $0) } ?? "").split(separator: ":") {
             let candidate = String(dir) + "/virtchan"
             if access(candidate, X_OK) == 0 { return candidate }

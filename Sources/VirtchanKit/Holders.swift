@@ -29,39 +29,22 @@ public struct HolderRecord: Sendable, Codable, Equatable {
 
 extension Hypervisor {
     /// Where session holders keep their sockets, locks, records and logs.
-    public static var holderDirectory: String { runtimeDirectory + "/holders" }
+    public static var holderDirectory: String { HolderFiles.directory }
 
     /// The socket of the holder that serves `name` on this hypervisor: one per URI and
     /// domain name, so domains of the same name on two hosts never share one.
-    public func holderSocket(for name: String) -> String {
-        Self.holderDirectory + "/" + fileStem(for: name) + ".sock"
-    }
+    public func holderSocket(for name: String) -> String { HolderFiles.socket(uri: uri, name: name) }
 
-    /// A file name for `name` on this hypervisor, the same for the same URI and domain name
-    /// and different otherwise: its readable part, then a hash of both.
-    func fileStem(for name: String) -> String {
-        // Plain byte work: this runs in every command, before anything else is needed.
-        let slug = String(decoding: name.utf8.filter { byte in
-            (byte >= 0x30 && byte <= 0x39) || (byte | 0x20 >= 0x61 && byte | 0x20 <= 0x7a) || byte == 0x2e || byte == 0x5f || byte == 0x2d
-        }.prefix(40), as: UTF8.self)
-        let digits = Array("0123456789abcdef".utf8)
-        let hash = SHA256Digest.hash(Array((uri + "\n" + name).utf8)).prefix(8).flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }
-        return slug + "-" + String(decoding: hash, as: UTF8.self)
-    }
+    /// A file name for `name` on this hypervisor (see ``HolderFiles/stem(uri:name:)``).
+    func fileStem(for name: String) -> String { HolderFiles.stem(uri: uri, name: name) }
 
     // MARK: the client's side
 
     /// A session through the holder of `name`, starting one when none runs.
     func heldSession(with name: String, persist: Double, timeout: Double) throws -> AgentSession {
         let socket = holderSocket(for: name)
-        let console = paths.consoleLog(for: name)
-        let local = Connection.isLocal(uri: uri)
-        var endpoint = AgentEndpoint(domain: name, controlSocket: "", dataSocket: nil,
-                                     consoleLog: local && access(console, F_OK) == 0 ? console : nil)
-        endpoint.holderSocket = socket
-        if !local { endpoint.remoteURI = uri }
         // Whether this command accepts an agent without a key, whoever started the holder.
-        loadCredentials(&endpoint)
+        let endpoint = AgentEndpoint.throughHolder(of: name, on: uri, paths: paths, allowUnkeyed: allowsUnkeyedAgents)
         do {
             return try AgentSession.connect(endpoint, timeout: timeout)
         } catch {

@@ -13,12 +13,8 @@ public final class Connection: @unchecked Sendable {
         vc_virt_silence_errors()
     }()
 
-    /// The URI virsh would use: `LIBVIRT_DEFAULT_URI`, else qemu:///system.
-    public static var defaultURI: String {
-        if let env = getenv("LIBVIRT_DEFAULT_URI").map({ String(cString: $0) }), !env.isEmpty { return env }
-        // As virsh: root drives the system instance, anyone else their own session.
-        return geteuid() == 0 ? "qemu:///system" : "qemu:///session"
-    }
+    /// The URI virsh would use (see ``LibvirtURI/standard``).
+    public static var defaultURI: String { LibvirtURI.standard }
 
     /// Opens a connection. The corresponding C function is `virConnectOpen`.
     public init(uri: String? = nil) throws(ProvisioningError) {
@@ -173,25 +169,10 @@ public final class Connection: @unchecked Sendable {
     /// channels are reached through libvirt streams.
     public var isLocal: Bool { Self.isLocal(uri: uri) }
 
-    public static func isLocal(uri: String) -> Bool { remoteHost(of: uri) == nil }
+    public static func isLocal(uri: String) -> Bool { LibvirtURI.isLocal(uri) }
 
-    /// The host (with its port, if the URI gives one) a remote URI reaches, "" for a network
-    /// transport to this machine (`qemu+ssh:///system`); nil for this host's own daemons.
-    public static func remoteHost(of uri: String) -> String? {
-        // scheme[+transport]://[user@]host[:port]/path?query, read byte by byte: every command
-        // asks, and Foundation's URL parser costs more than the rest of this put together.
-        let bytes = Array(uri.utf8)
-        guard let colon = bytes.firstIndex(of: UInt8(ascii: ":")),
-              bytes.count >= colon + 3, bytes[colon + 1] == UInt8(ascii: "/"), bytes[colon + 2] == UInt8(ascii: "/") else {
-            return nil
-        }
-        let scheme = bytes[..<colon]
-        var authority = bytes[(colon + 3)...].prefix { $0 != UInt8(ascii: "/") && $0 != UInt8(ascii: "?") }
-        if let at = authority.lastIndex(of: UInt8(ascii: "@")) { authority = authority[(at + 1)...] }
-        let host = String(decoding: authority, as: UTF8.self)
-        if let plus = scheme.firstIndex(of: UInt8(ascii: "+")), !scheme[(plus + 1)...].elementsEqual("unix".utf8) { return host }
-        return host.isEmpty ? nil : host
-    }
+    /// See ``LibvirtURI/remoteHost(of:)``.
+    public static func remoteHost(of uri: String) -> String? { LibvirtURI.remoteHost(of: uri) }
 
     /// Has libvirt probe the far end every `interval` seconds and drop the connection after
     /// `count` probes go unanswered, so a lost network link fails what waits on it instead of

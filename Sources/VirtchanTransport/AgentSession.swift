@@ -202,7 +202,7 @@ public final class AgentSession {
     deinit { close(control.fd) }
 
     /// Flushes output and reads input until something arrives or `deadline` passes.
-    static func pump(_ c: FramedConnection, until deadline: UInt64, extra: Int32 = -1) throws(TransportError) {
+    package static func pump(_ c: FramedConnection, until deadline: UInt64, extra: Int32 = -1) throws(TransportError) {
         var fds = [Poller.interest(c)]
         try Poller.wait(&fds, milliseconds: Poller.milliseconds(until: deadline))
         if fds[0].revents & Int16(POLLOUT) != 0 || c.pendingOutput > 0 {
@@ -297,7 +297,7 @@ public final class AgentSession {
     }
 }
 
-func decodeOrThrow<M: WireMessage>(_ type: M.Type, _ frame: Frame) throws(TransportError) -> M {
+package func decodeOrThrow<M: WireMessage>(_ type: M.Type, _ frame: Frame) throws(TransportError) -> M {
     do {
         return try M.decode(frame)
     } catch {

@@ -3,6 +3,7 @@ import Synchronization
 import Testing
 import VirtchanAgentCore
 import VirtchanProtocol
+import VirtchanFileTransfer
 import VirtchanTransport
 
 /// A flag one thread sets and another reads.

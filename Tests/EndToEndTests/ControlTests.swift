@@ -119,6 +119,42 @@ extension EndToEnd {
             #expect(VC.run(["exec", name, "-n", "--", "/tmp/not-exec"]).code == 126)
         }
 
+        /// `virtchan exec` serves a command itself when the domain's holder runs, and hands it
+        /// to virtchan-full when none does: the command ends the same either way (output,
+        /// stdin, status, the error line).
+        @Test func execEndsTheSameWithAndWithoutAHolder() throws {
+            try SharedGuest.require()
+            VC.guest("printf 'echo hi' > /tmp/not-exec; chmod 0644 /tmp/not-exec")
+            let cases: [([String], Data?)] = [
+                (["-n", "--", "sh", "-c", "echo out; echo err >&2; exit 3"], nil),
+                (["--", "tr", "a-z", "A-Z"], Data("piped in\n".utf8)),
+                (["-n", "--", "no-such-command"], nil),
+                (["-n", "--", "/tmp/not-exec"], nil),
+                (["-n", "--", "sh", "-c", "kill -TERM $$"], nil),
+            ]
+            for (args, input) in cases {
+                releaseChannels()
+                let cold = VC.run(["exec", name, "--persist", "0"] + args, stdin: input)
+                #expect(eventually(5) { !VC.run(["holder", "list", "--json"]).out.contains("\"\(name)\"") }, "a holder stayed after --persist 0")
+                #expect(VC.run(["exec", name, "-n", "--", "true"]).code == 0, "starts a holder")
+                let warm = VC.run(["exec", name] + args, stdin: input)
+                #expect(warm.code == cold.code && warm.out == cold.out && warm.stderr == cold.stderr,
+                        "\(args): \(cold.code) \(cold.out.debugDescription) \(cold.stderr.debugDescription) against \(warm.code) \(warm.out.debugDescription) \(warm.stderr.debugDescription)")
+            }
+            releaseChannels()
+        }
+
+        /// `virtchan` alone, without virtchan-full beside it, says what is missing.
+        @Test func virtchanWithoutTheFullProgramSaysWhatIsMissing() throws {
+            let dir = NSTemporaryDirectory() + "vctest-lone-\(getpid())"
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            try FileManager.default.copyItem(atPath: VC.binary, toPath: dir + "/virtchan")
+            let r = VC.runProgram(dir + "/virtchan", ["list"])
+            #expect(r.code == 1)
+            #expect(r.stderr == "virtchan: error: cannot run \(dir)/virtchan-full: No such file or directory (virtchan-full is installed beside virtchan)\n")
+        }
+
         @Test func envCwdAndTTY() throws {
             try SharedGuest.require()
             let r = VC.run(["exec", name, "-n", "--env", "FOO=bar baz", "--cwd", "/tmp", "--", "sh", "-c", "echo \"$FOO\"; pwd"])

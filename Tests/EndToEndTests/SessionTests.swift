@@ -23,14 +23,18 @@ private enum PlainUser {
 
     static var home: String { "/home/\(name)" }
 
-    /// The virtchan binary where the user can run it (the build tree may be closed to them).
+    /// virtchan, and virtchan-full beside it, where the user can run them (the build tree may
+    /// be closed to them).
     static let binary: String = {
         let dir = "/tmp/vctest-user-bin"
         try? FileManager.default.removeItem(atPath: dir)
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        try? FileManager.default.copyItem(atPath: VC.binary, toPath: dir + "/virtchan")
         chmod(dir, 0o755)
-        chmod(dir + "/virtchan", 0o755)
+        let built = (VC.binary as NSString).deletingLastPathComponent
+        for program in ["virtchan", "virtchan-full"] {
+            try? FileManager.default.copyItem(atPath: built + "/" + program, toPath: dir + "/" + program)
+            chmod(dir + "/" + program, 0o755)
+        }
         return dir + "/virtchan"
     }()
 

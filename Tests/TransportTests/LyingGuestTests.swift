@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import VirtchanProtocol
+import VirtchanFileTransfer
 @testable import VirtchanTransport
 
 /// A flag shared with the scripted peer's thread.

@@ -1,4 +1,5 @@
 import Glibc
+import VirtchanTransport
 
 /// An open directory on the host, and the file work a pull does inside it. Every operation is
 /// relative to the directory's descriptor and never follows a symbolic link at the name it is

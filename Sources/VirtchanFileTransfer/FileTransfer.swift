@@ -1,6 +1,7 @@
 import Glibc
 import Crypto
 import VirtchanProtocol
+import VirtchanTransport
 
 public struct TransferSummary: Sendable, Codable {
     public var bytes: UInt64

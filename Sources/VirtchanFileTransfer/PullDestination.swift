@@ -1,5 +1,6 @@
 import Glibc
 import VirtchanProtocol
+import VirtchanTransport
 
 /// How a pull lands what the guest sends.
 public struct PullOptions: Sendable {

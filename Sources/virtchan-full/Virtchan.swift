@@ -26,10 +26,11 @@ struct Virtchan: ParsableCommand {
 
     static func main() {
         do {
-            // The commonest short command skips building the parser (see Exec.QuickForm).
-            if let quick = Exec.QuickForm(CommandLine.arguments.dropFirst()) {
-                try quick.run()
-                return
+            // The commonest short command skips building the parser, a reflection of every
+            // subcommand that is about a third of a warm `exec vm -- true`.
+            if let quick = ExecCommandLine(quickForm: CommandLine.arguments.dropFirst()) {
+                let target = Target(connect: quick.connect, insecureAgent: quick.insecureAgent, persist: quick.persist)
+                try Exec.run(quick.options, in: quick.name, through: target)
             }
             var command: ParsableCommand
             do {
@@ -145,9 +146,7 @@ struct Target {
     }
 
     private func warnIfUnkeyed(_ session: AgentSession, warn: (String) -> Void = Target.warnOnStderr) -> AgentSession {
-        if !session.agentHoldsKey {
-            warn("warning: the agent in \(session.endpoint.domain) holds no key; anything that reaches its channel can drive it")
-        }
+        if let warning = session.unkeyedWarning { warn(warning) }
         return session
     }
 }

@@ -82,61 +82,8 @@ struct Exec: ParsableCommand {
         } catch {
             throw CLIError("\(error)", exitCode: 125)
         }
-        do {
-            let result = try ExecClient.run(session, options)
-            if result.timedOut {
-                FileHandle.standardError.write(Data("virtchan: \(options.argv[0]) timed out after \(formatSeconds(options.timeout ?? 0)) and was killed\n".utf8))
-            }
-            throw ExitCode(result.status)
-        } catch let e as TransportError {
-            if let remote = e.remote {
-                switch remote.remoteCode {
-                case .commandNotFound: throw CLIError(remote.message, exitCode: 127)
-                case .permission: throw CLIError(remote.message, exitCode: 126)
-                case .denied: throw CLIError(remote.message, exitCode: 126)
-                default: throw CLIError(remote.message, exitCode: 125)
-                }
-            }
-            throw CLIError(e.message, exitCode: 125)
-        }
-    }
-
-    /// `exec NAME [-n] [-t] [-c URI] [--persist S] [--insecure-agent] -- COMMAND...`, read
-    /// without ArgumentParser: building its command tree (a reflection of every subcommand)
-    /// is about a third of a warm `exec vm -- true`. Anything else, including every mistake and
-    /// --help, is left to the full parser (nil), so it is read and reported as always.
-    struct QuickForm {
-        var target = Target()
-        var name = ""
-        var options = ExecOptions(argv: [])
-
-        init?<Arguments: Collection<String>>(_ arguments: Arguments) {
-            guard arguments.first == "exec", let dashes = arguments.firstIndex(of: "--") else { return nil }
-            options.argv = Array(arguments[arguments.index(after: dashes)...])
-            guard !options.argv.isEmpty else { return nil }
-            var names: [String] = []
-            var rest = arguments[arguments.index(after: arguments.startIndex)..<dashes].makeIterator()
-            while let word = rest.next() {
-                switch word {
-                case "-n", "--no-stdin": options.forwardStdin = false
-                case "-t", "--tty": options.tty = true
-                case "--insecure-agent": target.insecureAgent = true
-                case "-c", "--connect":
-                    // A second URI makes it a fleet command.
-                    guard target.connect == nil, let uri = rest.next() else { return nil }
-                    target.connect = uri
-                case "--persist":
-                    guard let text = rest.next(), let seconds = Double(text), seconds >= 0, seconds.isFinite else { return nil }
-                    target.persist = seconds
-                default:
-                    guard !word.hasPrefix("-") else { return nil }
-                    names.append(word)
-                }
-            }
-            guard names.count == 1 else { return nil }
-            name = names[0]
-        }
-
-        func run() throws { try Exec.run(options, in: name, through: target) }
+        let ending = ExecCommandLine.run(session, options)
+        if let message = ending.message { throw CLIError(message, exitCode: ending.status) }
+        throw ExitCode(ending.status)
     }
 }

@@ -1,5 +1,6 @@
 import Glibc
 import VirtchanProtocol
+import VirtchanTransport
 
 extension FileTransfer {
     /// Pushes the host file at `local` to `remote` in the guest, with `mode` (default: the

@@ -1,4 +1,5 @@
 import Foundation
+import VirtchanFileTransfer
 import VirtchanTransport
 
 /// A one-line progress bar on stderr: bytes, rate, ETA. Silent unless stderr is a terminal.

@@ -165,7 +165,7 @@ extension Hypervisor {
 
     /// Gives up on an image boot whose agent never answered (within `waited` seconds): the
     /// domain and its volumes are removed, its console log is kept at
-    /// ``HostPaths/abandonedConsoleLog(for:)``, and the error returned says what to do.
+    /// `HostPaths.abandonedConsoleLog(for:)`, and the error returned says what to do.
     public func abandonImageBoot(_ name: String, waited: Double) -> VirtchanError {
         let kept = paths.abandonedConsoleLog(for: name)
         unlink(kept)

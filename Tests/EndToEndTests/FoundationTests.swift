@@ -7,6 +7,8 @@ extension EndToEnd {
     @Suite struct Provisioning {
         @Test func sharedGuestBootsWithBothChannels() throws {
             try SharedGuest.require()
+            // An exec leaves the domain's session holder on the control port, and the data port free.
+            #expect(VC.run(["exec", SharedGuest.name, "-n", "--", "true"]).code == 0)
             let rows = channels(SharedGuest.name)
             let control = try #require(rows.first { $0.role == "control" })
             let data = try #require(rows.first { $0.role == "data" })
@@ -103,7 +105,7 @@ extension EndToEnd {
             removeAtExit(name)
             _ = VC.run(["destroy", name, "--force"])
             let early = try Background(["create", name, "--accel", "tcg"])
-            usleep(50_000)
+            #expect(eventually(30, interval: 0.001) { catches(SIGINT, pid: early.process.processIdentifier) })
             kill(early.process.processIdentifier, SIGINT)
             #expect(early.wait(60) == 130)
             let saidEarly = early.seen.map(\.1).joined(separator: "\n")

@@ -195,6 +195,16 @@ func releaseChannels(of domain: String = SharedGuest.name) {
     _ = VC.run(["holder", "stop", domain])
 }
 
+/// Whether process `pid` has a handler for `signal` (its SigCgt line in /proc): a command that
+/// reacts to Ctrl-C by undoing its work installs one as it starts, and a signal sent before then
+/// ends the process as it would any program.
+func catches(_ signal: Int32, pid: pid_t) -> Bool {
+    guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("SigCgt:") }),
+          let mask = UInt64(line.dropFirst("SigCgt:".count).trimmingCharacters(in: .whitespaces), radix: 16) else { return false }
+    return mask & (1 << UInt64(signal - 1)) != 0
+}
+
 /// Polls `condition` until it holds or `timeout` passes.
 func eventually(_ timeout: Double, interval: Double = 0.2, _ condition: () -> Bool) -> Bool {
     let deadline = Date().addingTimeInterval(timeout)

@@ -236,6 +236,7 @@ extension EndToEnd {
         @Test func aPushFromEndlessStdinStopsAtCtrlC() throws {
             try SharedGuest.require()
             let bg = try Background(["push", name, "-", "/tmp/endless"], stdin: "/dev/zero")
+            #expect(eventually(30, interval: 0.001) { catches(SIGINT, pid: bg.process.processIdentifier) })
             usleep(300_000)
             kill(bg.process.processIdentifier, SIGINT)
             #expect(bg.wait(20) == 130)

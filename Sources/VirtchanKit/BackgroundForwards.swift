@@ -39,7 +39,7 @@ extension Hypervisor {
         _ = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, what: what, log: path + ".log")
         guard let data = FileManager.default.contents(atPath: path + ".json"),
               let record = try? JSONDecoder().decode(ForwardRecord.self, from: data) else {
-            throw Self.endedBeforeServing(what, log: path + ".log")
+            throw BackgroundProcess.endedBeforeServing(what, log: path + ".log")
         }
         return record
     }
@@ -54,8 +54,8 @@ extension Hypervisor {
         }
         Interruption.install()
         signal(SIGPIPE, SIG_IGN)
-        Self.closeInheritedDescriptors(keeping: [ready])
-        let lockFD = Self.takeLock(path)
+        BackgroundProcess.closeInheritedDescriptors(keeping: [ready])
+        let lockFD = BackgroundProcess.takeLock(path)
         defer {
             for suffix in Self.forwardFiles { unlink(path + suffix) }
             if let lockFD { close(lockFD) }
@@ -116,7 +116,7 @@ extension Hypervisor {
     /// Whether the forward whose files start with `path` still runs; when it does not, its
     /// files go.
     private static func isLive(_ path: String) -> Bool {
-        isLocked(path, files: forwardFiles)
+        BackgroundProcess.isLocked(path, files: forwardFiles)
     }
 
     /// What a background forward makes beside the path in its record.

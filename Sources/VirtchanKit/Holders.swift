@@ -113,36 +113,11 @@ extension Hypervisor {
         let log = holderSocket(for: name) + ".log"
         var link: Int32?
         if mayFork {
-            var pair: [Int32] = [-1, -1]
-            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
-                close(pipeFDs[1])
-                throw VirtchanError(.io, "socketpair: \(String(cString: strerror(errno)))")
-            }
-            let pid = fork()
-            if pid == 0 {
-                close(pipeFDs[0])
-                close(pair[0])
-                setsid()
-                let null = open("/dev/null", O_RDWR)
-                dup2(null, 0)
-                dup2(null, 1)
-                let logFD = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
-                if logFD >= 0 { dup2(logFD, 2) }
-                var none = sigset_t()
-                sigemptyset(&none)
-                sigprocmask(SIG_SETMASK, &none, nil)
-                for sig in [SIGINT, SIGTERM, SIGHUP, SIGCHLD] { signal(sig, SIG_DFL) }
+            link = try HolderProcess.fork(log: log, readyPipe: pipeFDs) { ready, starter in
                 var options = SessionHolder.Options()
                 options.persist = persist
-                _exit(serveHolder(name, options: options, timeout: timeout, ready: pipeFDs[1], starter: pair[1]))
-            }
-            close(pipeFDs[1])
-            close(pair[1])
-            guard pid > 0 else {
-                close(pair[0])
-                throw VirtchanError(.io, "cannot start the session holder: fork: \(String(cString: strerror(errno)))")
-            }
-            link = pair[0]
+                return serveHolder(name, options: options, timeout: timeout, ready: ready, starter: starter)
+            }.link
         } else {
             try spawnHolder(for: name, persist: persist, timeout: timeout, ready: pipeFDs[1], log: log)
         }
@@ -180,73 +155,8 @@ extension Hypervisor {
     /// ``SessionHolder/init(agent:listener:socketPath:options:openData:starter:log:)``).
     public func serveHolder(_ name: String, options: SessionHolder.Options, timeout: Double, ready: Int32?,
                             starter: Int32? = nil) -> Int32 {
-        let status = serve(name, options: options, timeout: timeout, ready: ready, starter: starter)
-        // After the holder's files are gone: a channel that libvirt has not opened yet must
-        // still be closed by this process (see ChannelStream.settleAbandonedOpens).
-        ChannelStream.settleAbandonedOpens()
-        return status
-    }
-
-    private func serve(_ name: String, options: SessionHolder.Options, timeout: Double, ready: Int32?,
-                       starter: Int32?) -> Int32 {
-        /// Whether the line reached the command that started this holder (it stops waiting
-        /// after its timeout).
-        @discardableResult
-        func report(_ line: String) -> Bool {
-            guard let ready else { return true }
-            let bytes = Array((line + "\n").utf8)
-            let delivered = bytes.withUnsafeBytes { writeFully(ready, $0) }
-            close(ready)
-            return delivered
-        }
-        // One line each, whatever text from the guest a line carries (an agent's version, an
-        // error): nothing it sends can start a line of its own, such as a "cannot serve".
-        func log(_ line: String) {
-            _ = Array("virtchan holder \(name): \(displaySafe(line, limit: 8192))\n".utf8).withUnsafeBytes { writeFully(2, $0) }
-        }
-        Interruption.install()
-        signal(SIGPIPE, SIG_IGN)
-        Self.closeInheritedDescriptors(keeping: [ready, starter].compactMap { $0 })
-        let socket = holderSocket(for: name)
-        makePrivateDirectories(Self.holderDirectory)
-        guard let lockFD = Self.takeLock(socket) else {
-            report("held")
-            return 0
-        }
-        // Everything the holder made goes when it ends; the lock file last, while still held,
-        // so a holder starting meanwhile sees the file is not the one it locked and retries.
-        defer {
-            for suffix in Self.holderFiles { unlink(socket + suffix) }
-            close(lockFD)
-        }
-        // Lines of an earlier holder of this domain are of no use any more.
-        _ = ftruncate(2, 0)
-        let recordPath = socket + ".json"
-        do {
-            let (agent, openData, locks) = try openHeldChannels(name, timeout: timeout)
-            let listener = try UnixSocket.listen(socket, backlog: 128)
-            chmod(socket, 0o600)
-            setNonBlocking(listener)
-            // The command that started this holder waits for nothing but the socket, and its
-            // hello is answered before the record for `holder list` is written.
-            guard report("ready") else {
-                // Nobody waits for this holder any more (it took longer than its starter's
-                // timeout, waiting on libvirt): end rather than keep the channel from others.
-                log("the command that started this holder stopped waiting for it; ending")
-                return 0
-            }
-            let holder = SessionHolder(agent: agent, listener: listener, socketPath: socket, options: options,
-                                       openData: openData, starter: starter, log: log)
-            let why = holder.run {
-                let record = HolderRecord(domain: name, uri: uri, pid: getpid(), socket: socket, persistSeconds: options.persist)
-                try? writePrivateFile(recordPath, JSONEncoder().encode(record), durable: false)
-                log("serving (pid \(getpid()), agent \(agent.hello.agentVersion))")
-            }
-            holder.shutDown(reason: why)
-            log("ended: \(why)")
-            withExtendedLifetime(locks) {}
-            return 0
-        } catch {
+        let status = HolderProcess.serve(name, uri: uri, options: options, ready: ready, starter: starter,
+                                         open: { try openHeldChannels(name, timeout: timeout) }) { error in
             var error = error
             // A channel takes one client: another URI's holder of a domain of this name (this
             // machine reached as qemu:///system and as qemu+tcp://localhost, say) keeps it.
@@ -264,40 +174,28 @@ extension Hypervisor {
                 // cannot see.
                 error = TransportError(.timeout, timeout.message + "; if virtchan is in use on the domain's host, a session holder there keeps the channel ('virtchan holder list' there)")
             }
-            // Commands that wait for this holder, which they did not start, read why here.
-            let encoded = Self.encodeReadyError(error)
-            log(StartingHolder.failureMark + encoded.dropFirst("error ".count))
-            report(encoded)
-            return 1
+            return Self.encodeReadyError(error)
         }
+        // After the holder's files are gone: a channel that libvirt has not opened yet must
+        // still be closed by this process (see ChannelStream.settleAbandonedOpens).
+        ChannelStream.settleAbandonedOpens()
+        return status
     }
 
     /// The agent session and the data channel's opener: the channel sockets on this host, or
     /// libvirt streams for a remote URI.
-    private func openHeldChannels(_ name: String, timeout: Double) throws
-        -> (AgentSession, SessionHolder.DataOpener, [ChannelLock]) {
+    private func openHeldChannels(_ name: String, timeout: Double) throws -> HolderProcess.Channels {
         if Connection.isLocal(uri: uri) {
             // The domain first: a name that is not there, or not running, leaves no lock file.
-            var endpoint = try endpoint(of: name)
-            let control = try ChannelLock(domain: name, role: "control", label: "control channel of \(name)")
-            let data = try ChannelLock(domain: name, role: "data", label: "data channel of \(name)")
-            let fd: Int32
             do {
-                fd = try UnixSocket.connect(endpoint.controlSocket)
-            } catch {
+                return try .local(endpoint(of: name), timeout: timeout)
+            } catch let error as TransportError where error.code == .unreachable {
                 // The cached socket moved or vanished (a restarted domain): ask libvirt.
-                guard error.code == .unreachable else { throw error }
                 endpointCache?.remove(name)
-                endpoint = try running(name).endpoint
+                var endpoint = try running(name).endpoint
                 loadCredentials(&endpoint)
-                fd = try UnixSocket.connect(endpoint.controlSocket)
+                return try .local(endpoint, timeout: timeout)
             }
-            let session = try AgentSession.connect(endpoint, over: fd, timeout: timeout)
-            let dataPath = endpoint.dataSocket
-            return (session, {
-                guard let dataPath else { throw TransportError(.unreachable, "domain \(name) has no data channel") }
-                return try UnixSocket.connect(dataPath)
-            }, [control, data])
         }
         // A remote domain: libvirt streams over the connection's own transport (ssh, TLS, TCP).
         let conn = try connection()
@@ -318,7 +216,7 @@ extension Hypervisor {
         loadCredentials(&endpoint)
         let fd = try ChannelStream.open(domain, channel: controlName, timeout: timeout)
         let session = try AgentSession.connect(endpoint, over: fd, timeout: timeout)
-        return (session, { try ChannelStream.open(domain, channel: dataName, timeout: timeout) }, [])
+        return HolderProcess.Channels(agent: session, openData: { try ChannelStream.open(domain, channel: dataName, timeout: timeout) }, locks: [])
     }
 
     // MARK: listing and stopping
@@ -341,11 +239,8 @@ extension Hypervisor {
     /// a record and a socket behind: neither is ever taken for a live one, and both go here
     /// (under the lock, so a holder starting at this moment waits).
     private static func isLive(_ record: HolderRecord) -> Bool {
-        isLocked(record.socket, files: holderFiles)
+        BackgroundProcess.isLocked(record.socket, files: HolderProcess.files)
     }
-
-    /// What a holder makes beside its socket's path (and the socket itself).
-    static let holderFiles = ["", ".json", ".log", ".lock"]
 
     /// Stops the holder of `name` on this hypervisor, if one runs; its clients' commands end
     /// with an error. Returns the holder that was asked to stop, and whether it did in time.
@@ -359,7 +254,7 @@ extension Hypervisor {
     /// Sends SIGTERM and waits for the holder to let go of its lock; whether it did in time.
     @discardableResult
     public static func stop(_ record: HolderRecord, timeout: Double = 5) -> Bool {
-        terminate(record.pid, lockedAt: record.socket, files: holderFiles, timeout: timeout)
+        terminate(record.pid, lockedAt: record.socket, files: HolderProcess.files, timeout: timeout)
     }
 }
 
@@ -367,10 +262,6 @@ extension Hypervisor {
 /// for it: a holder that cannot serve writes why there before it removes its files, and the
 /// descriptor opened here keeps that line readable after the file is gone.
 private struct StartingHolder {
-    /// What comes before the encoded error (see ``Hypervisor/encodeReadyError(_:)``) in the
-    /// line of a holder that cannot serve.
-    static let failureMark = "cannot serve: "
-
     let path: String
     private var fd: Int32 = -1
 
@@ -407,7 +298,7 @@ private struct StartingHolder {
         let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, $0.count, 0) }
         guard n > 0 else { return nil }
         for line in String(decoding: bytes[0..<n], as: UTF8.self).split(separator: "\n").reversed() {
-            if let mark = line.range(of: Self.failureMark) {
+            if let mark = line.range(of: HolderProcess.failureMark) {
                 return Hypervisor.decodeReadyError(String(line[mark.upperBound...]))
             }
         }

@@ -9,12 +9,16 @@ public enum HolderFiles {
     /// A file name for domain `name` on `uri`, the same for the same pair and different
     /// otherwise: its readable part, then a hash of both.
     public static func stem(uri: String, name: String) -> String {
-        let slug = String(decoding: name.utf8.filter { byte in
-            (byte >= 0x30 && byte <= 0x39) || (byte | 0x20 >= 0x61 && byte | 0x20 <= 0x7a) || byte == 0x2e || byte == 0x5f || byte == 0x2d
-        }.prefix(40), as: UTF8.self)
         let digits = Array("0123456789abcdef".utf8)
         let hash = SHA256Digest.hash(Array((uri + "\n" + name).utf8)).prefix(8).flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }
-        return slug + "-" + String(decoding: hash, as: UTF8.self)
+        return stemPrefix(name: name) + String(decoding: hash, as: UTF8.self)
+    }
+
+    /// How the stems of domain `name` begin, on any URI (and those of a few other names).
+    public static func stemPrefix(name: String) -> String {
+        String(decoding: name.utf8.filter { byte in
+            (byte >= 0x30 && byte <= 0x39) || (byte | 0x20 >= 0x61 && byte | 0x20 <= 0x7a) || byte == 0x2e || byte == 0x5f || byte == 0x2d
+        }.prefix(40), as: UTF8.self) + "-"
     }
 
     public static func socket(uri: String, name: String) -> String {

@@ -1,6 +1,5 @@
 import Glibc
 import VirtchanProtocol
-import VirtchanTransport
 
 /// The process that holds one domain's channels and serves every virtchan process on this
 /// host that works on the domain, in the manner of an ssh ControlMaster.

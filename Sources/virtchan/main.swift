@@ -2,10 +2,12 @@ import Glibc
 import VirtchanProtocol
 import VirtchanTransport
 
-// `virtchan exec NAME -- COMMAND` on a domain whose session holder is running is served here,
-// by a program with no Foundation, no argument parser and no libvirt, which starts in a third
-// of the time the full program takes. Every other command line, and an exec that needs a
-// holder started, goes unchanged to virtchan-full, the program beside this one.
+// `virtchan exec NAME -- COMMAND` is served here, by a program with no Foundation, no argument
+// parser and no libvirt, which starts in a third of the time the full program takes: through
+// the domain's session holder when it runs, and otherwise through one it starts, as
+// virtchan-full would, when the domain is one of this host's that the endpoint cache knows.
+// Every other command line, and an exec that needs libvirt, goes unchanged to virtchan-full,
+// the program beside this one.
 
 /// Runs virtchan-full with this command line in place of this process.
 func handOver() -> Never {
@@ -20,21 +22,84 @@ func handOver() -> Never {
     exit(1)
 }
 
+/// Whether a holder of a domain named like `name` runs for another URI (this machine reached
+/// as qemu:///system and as qemu+tcp://localhost, say): virtchan-full then tells, when the
+/// channel turns out to be kept, which one keeps it.
+func anotherHolderMayKeep(_ name: String, besides socket: String) -> Bool {
+    let prefix = HolderFiles.stemPrefix(name: name)
+    guard let dir = opendir(HolderFiles.directory) else { return false }
+    defer { closedir(dir) }
+    while let entry = readdir(dir) {
+        let file = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        guard file.hasPrefix(prefix), file.hasSuffix(".sock.lock") else { continue }
+        let other = HolderFiles.directory + "/" + file.dropLast(".lock".count)
+        if other != socket && BackgroundProcess.isLocked(other, files: HolderProcess.files) { return true }
+    }
+    return false
+}
+
+/// Starts the holder of `command`'s domain on qemu:///system from the endpoint cache, and
+/// returns this command's session through it; nil when virtchan-full must do it (the cache
+/// does not know the domain, its socket is gone, another command is starting a holder, or one
+/// of another URI may keep the channel).
+func startHolder(_ command: ExecCommandLine, uri: String, through endpoint: AgentEndpoint) throws(TransportError) -> AgentSession? {
+    let name = command.name
+    let socket = HolderFiles.socket(uri: uri, name: name)
+    guard uri == "qemu:///system", var channels = EndpointCache().lookup(name),
+          !anotherHolderMayKeep(name, besides: socket) else { return nil }
+    channels.key = endpoint.key
+    channels.allowsUnkeyedAgent = endpoint.allowsUnkeyedAgent
+    var pipeFDs: [Int32] = [-1, -1]
+    guard pipe(&pipeFDs) == 0 else { throw TransportError.system("pipe") }
+    for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+    defer { close(pipeFDs[0]) }
+    makePrivateDirectories(HolderFiles.directory)
+    let log = socket + ".log"
+    let timeout = 10.0
+    let holder = try HolderProcess.fork(log: log, readyPipe: pipeFDs) { ready, starter in
+        var options = SessionHolder.Options()
+        options.persist = command.persist
+        return HolderProcess.serve(name, uri: uri, options: options, ready: ready, starter: starter,
+                                   open: { try .local(channels, timeout: timeout) },
+                                   failureLine: { BackgroundProcess.errorLine($0 as? TransportError ?? TransportError(.io, "\($0)")) })
+    }
+    do {
+        let line = try BackgroundProcess.readyLine(pipeFDs[0], timeout: timeout + 5, accepting: ["ready", "held"],
+                                                   what: "the session holder of \(name)", log: log,
+                                                   decode: BackgroundProcess.transportError(fromLine:))
+        guard line == "ready" else {
+            close(holder.link)
+            return nil
+        }
+    } catch {
+        close(holder.link)
+        let failure = error as? TransportError ?? TransportError(.io, "\(error)")
+        guard failure.code == .unreachable else { throw failure }
+        // The cached socket is gone (the domain restarted): virtchan-full asks libvirt, once
+        // this holder has let go of everything it took.
+        var status: Int32 = 0
+        while waitpid(holder.pid, &status, 0) < 0 && errno == EINTR {}
+        return nil
+    }
+    return try AgentSession.connect(endpoint, holderLink: holder.link, timeout: timeout)
+}
+
 guard let command = ExecCommandLine(quickForm: CommandLine.arguments.dropFirst()) else { handOver() }
 let uri = command.connect ?? LibvirtURI.standard
-// No holder: handed over before anything else is read.
-guard access(HolderFiles.socket(uri: uri, name: command.name), F_OK) == 0 else { handOver() }
 let endpoint = AgentEndpoint.throughHolder(of: command.name, on: uri, paths: .current, allowUnkeyed: command.insecureAgent)
-let session: AgentSession
+var session: AgentSession?
 do {
-    session = try AgentSession.connect(endpoint, timeout: 10)
-} catch where error.code == .unreachable {
-    // No holder, or the socket of one that died: starting one is the full program's work.
-    handOver()
+    do {
+        session = try AgentSession.connect(endpoint, timeout: 10)
+    } catch where error.code == .unreachable {
+        // No holder, or the socket of one that died.
+        session = try startHolder(command, uri: uri, through: endpoint)
+    }
 } catch {
     writeStderrLine("virtchan: error: \(error)")
     exit(125)
 }
+guard let session else { handOver() }
 if let warning = session.unkeyedWarning { writeStderrLine("virtchan: " + warning) }
 let ending = ExecCommandLine.run(session, command.options)
 if let message = ending.message { writeStderrLine("virtchan: error: " + message) }

@@ -17,7 +17,7 @@ public struct ExecCommandLine {
     /// `exec NAME [-n] [-t] [-c URI] [--persist S] [--insecure-agent] -- COMMAND...` (the
     /// words after the program's name), read without an argument parser. Anything else,
     /// every mistake and --help among them, is nil: the full parser reads and reports it.
-    public init?<Arguments: Collection<String>>(quickForm arguments: Arguments) {
+    public init?(quickForm arguments: ArraySlice<String>) {
         guard arguments.first == "exec", let dashes = arguments.firstIndex(of: "--") else { return nil }
         options.argv = Array(arguments[arguments.index(after: dashes)...])
         guard !options.argv.isEmpty else { return nil }

@@ -58,7 +58,7 @@ extension Hypervisor {
     }
 
     /// The line a background process reports on its ready pipe (see
-    /// ``BackgroundProcess/readyLine(_:timeout:accepting:what:log:decode:)``).
+    /// `BackgroundProcess.readyLine(_:timeout:accepting:what:log:decode:)` in VirtchanTransport).
     static func readyLine(_ fd: Int32, timeout: Double, accepting accepted: Set<String> = ["ready"],
                           what: String, log: String) throws -> String {
         try BackgroundProcess.readyLine(fd, timeout: timeout, accepting: accepted, what: what, log: log, decode: decodeReadyError)

@@ -152,7 +152,8 @@ extension Hypervisor {
     /// reports on `ready` (a pipe from the process that started it) `ready`, `held` (another
     /// holder has the domain) or `error ...`, then serves; returns the process exit status.
     /// `starter`: this holder's first client, connected before the holder was (see
-    /// ``SessionHolder/init(agent:listener:socketPath:options:openData:starter:log:)``).
+    /// `SessionHolder.init(agent:listener:socketPath:options:openData:starter:log:)` in
+    /// VirtchanTransport).
     public func serveHolder(_ name: String, options: SessionHolder.Options, timeout: Double, ready: Int32?,
                             starter: Int32? = nil) -> Int32 {
         let status = HolderProcess.serve(name, uri: uri, options: options, ready: ready, starter: starter,

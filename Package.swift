@@ -55,8 +55,8 @@ let package = Package(
         ]),
         // `virtchan`: `exec` on one domain, through its session holder (started here when the
         // endpoint cache knows the domain), in a program that starts in a third of the time;
-        // anything else it hands to virtchan-full beside it. Linked static-PIE in release builds: no dynamic loader, and
-        // still at a random address (see Linking/ld-static-pie).
+        // anything else it hands to virtchan-full beside it. Linked static-PIE in release
+        // builds: no dynamic loader, and still at a random address (see Linking/ld-static-pie).
         .executableTarget(name: "virtchan", dependencies: ["VirtchanTransport", "VirtchanProtocol"],
                           linkerSettings: [.unsafeFlags(["-static-executable", "-use-ld=" + Context.packageDirectory + "/Linking/ld-static-pie",
                                                           "-Xclang-linker", "-static-pie", "-Xlinker", "-z", "-Xlinker", "pack-relative-relocs"],

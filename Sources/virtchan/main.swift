@@ -45,10 +45,10 @@ func anotherHolderMayKeep(_ name: String, besides socket: String) -> Bool {
 func startHolder(_ command: ExecCommandLine, uri: String, through endpoint: AgentEndpoint) throws(TransportError) -> AgentSession? {
     let name = command.name
     let socket = HolderFiles.socket(uri: uri, name: name)
-    guard uri == "qemu:///system", var channels = EndpointCache().lookup(name),
+    guard uri == "qemu:///system", var cached = EndpointCache().lookup(name),
           !anotherHolderMayKeep(name, besides: socket) else { return nil }
-    channels.key = endpoint.key
-    channels.allowsUnkeyedAgent = endpoint.allowsUnkeyedAgent
+    cached.key = endpoint.key
+    cached.allowsUnkeyedAgent = endpoint.allowsUnkeyedAgent
     var pipeFDs: [Int32] = [-1, -1]
     guard pipe(&pipeFDs) == 0 else { throw TransportError.system("pipe") }
     for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
@@ -60,15 +60,17 @@ func startHolder(_ command: ExecCommandLine, uri: String, through endpoint: Agen
         var options = SessionHolder.Options()
         options.persist = command.persist
         return HolderProcess.serve(name, uri: uri, options: options, ready: ready, starter: starter,
-                                   open: { try .local(channels, timeout: timeout) },
+                                   open: { try .local(cached, timeout: timeout) },
                                    failureLine: { BackgroundProcess.errorLine($0 as? TransportError ?? TransportError(.io, "\($0)")) })
     }
     do {
         let line = try BackgroundProcess.readyLine(pipeFDs[0], timeout: timeout + 5, accepting: ["ready", "held"],
                                                    what: "the session holder of \(name)", log: log,
                                                    decode: BackgroundProcess.transportError(fromLine:))
+        // "held": another command started a holder meanwhile; virtchan-full uses that one.
         guard line == "ready" else {
             close(holder.link)
+            reap(holder.pid)
             return nil
         }
     } catch {
@@ -77,11 +79,17 @@ func startHolder(_ command: ExecCommandLine, uri: String, through endpoint: Agen
         guard failure.code == .unreachable else { throw failure }
         // The cached socket is gone (the domain restarted): virtchan-full asks libvirt, once
         // this holder has let go of everything it took.
-        var status: Int32 = 0
-        while waitpid(holder.pid, &status, 0) < 0 && errno == EINTR {}
+        reap(holder.pid)
         return nil
     }
     return try AgentSession.connect(endpoint, holderLink: holder.link, timeout: timeout)
+}
+
+/// Waits for a holder that ended before serving, so that virtchan-full, which takes this
+/// process's place, inherits no child.
+func reap(_ pid: pid_t) {
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
 }
 
 guard let command = ExecCommandLine(quickForm: CommandLine.arguments.dropFirst()) else { handOver() }

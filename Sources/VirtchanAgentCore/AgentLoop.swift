@@ -48,6 +48,8 @@ public final class Agent: @unchecked Sendable {
     var nextTcpID: UInt32 = 0
     var signalFD: Int32 = -1
     var stopping = false
+    /// /dev/null and output pipes made ahead for the next command (ExecProcess.swift).
+    let stdio = StdioReserve()
 
     static let capabilities = [Capability.ping, Capability.info, Capability.exec, Capability.execStdin,
                                Capability.execSignal, Capability.execTTY, Capability.execOutputClosed, Capability.execResize,
@@ -171,7 +173,9 @@ public final class Agent: @unchecked Sendable {
             return
         }
 
-        if fds[0].revents != 0 { handleSignals() }
+        // A signal that interrupted the poll has its byte in the pipe already (the handler
+        // wrote it before poll returned): serve it in this turn of the loop, not the next.
+        if rc < 0 || fds[0].revents != 0 { handleSignals() }
         let now = monotonicNanos()
         if controlHost.awayLonger(than: 250_000_000, now: now) { controlHost.recheck() }
 
@@ -204,6 +208,8 @@ public final class Agent: @unchecked Sendable {
             serviceTransfer(t, revents: dataSlot >= 0 ? fds[dataSlot].revents : 0)
         }
         if let c = self.control, c.pendingOutput > 0, !controlHost.away { flushControl(c) }
+        // With no command running and the answers sent, the next command's pipes cost nobody.
+        if execs.isEmpty { stdio.refill() }
     }
 
     func handleSignals() {

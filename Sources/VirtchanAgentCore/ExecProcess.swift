@@ -92,7 +92,7 @@ enum Spawner {
 
     /// Starts `request`'s command. With `noInput` (and no tty), its stdin is /dev/null and it
     /// has no stdin pipe.
-    static func spawn(_ request: ExecStart, id: UInt32, noInput: Bool = false) throws(SpawnFailure) -> ExecProcess {
+    static func spawn(_ request: ExecStart, id: UInt32, noInput: Bool = false, stdio: StdioReserve) throws(SpawnFailure) -> ExecProcess {
         guard let command = request.argv.first, !command.isEmpty else {
             throw SpawnFailure(code: .badRequest, errno: 0, message: "no command given")
         }
@@ -133,16 +133,15 @@ enum Spawner {
         } else {
             var streams = [(0, false), (1, true), (2, true)]
             if noInput {
-                let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+                let null = stdio.nullInput()
                 if null >= 0 {
-                    childFDs.append(null)
                     childStdio[0] = null
                     streams.removeFirst()
                 }
                 // Without /dev/null, a pipe whose write end goes at once reads as empty all the same.
             }
             for (childFD, parentReads) in streams {
-                guard let p = makePipe() else {
+                guard let p = parentReads ? stdio.outputPipe() : makePipe() else {
                     let e = errno
                     cleanup()
                     throw SpawnFailure(code: .failed, errno: e, message: "pipe: \(errnoText(e))")
@@ -211,8 +210,47 @@ enum Spawner {
             close(stdinParent)
             stdinParent = -1
         }
-        for fd in parentFDs { setNonBlocking(fd) }
+        // The output pipes' ends come non-blocking from the reserve; stdin's end (the pty's,
+        // with a terminal) is set here.
+        if stdinParent >= 0 { setNonBlocking(stdinParent) }
         return ExecProcess(id: id, pid: pid, tty: request.tty, stdin: stdinParent, stdout: stdoutParent, stderr: stderrParent)
+    }
+}
+
+/// The descriptors commands' standard streams are made of, made ahead of need. Under TCG, two
+/// pipes and an open of /dev/null cost the agent a third of a millisecond between a request
+/// and its process start; so one /dev/null stays open for every command started with no input,
+/// and the next command's output pipes are made while the agent has nothing else to do
+/// (``refill()``). Every descriptor here is close-on-exec: no command inherits the reserve.
+final class StdioReserve {
+    /// Output pipes (stdout and stderr) kept ready: one command's worth.
+    private static let depth = 2
+    private var devNull: Int32 = -1
+    private var pipes: [(read: Int32, write: Int32)] = []
+
+    /// /dev/null for reading, opened once; -1 when it cannot be opened.
+    func nullInput() -> Int32 {
+        if devNull < 0 { devNull = open("/dev/null", O_RDONLY | O_CLOEXEC) }
+        return devNull
+    }
+
+    /// A pipe for a command's output: the agent's read end non-blocking, the write end (the
+    /// command's) blocking. From the reserve, or made now when it is empty.
+    func outputPipe() -> (read: Int32, write: Int32)? {
+        pipes.popLast() ?? Self.makeOutputPipe()
+    }
+
+    /// Tops the reserve up.
+    func refill() {
+        _ = nullInput()
+        while pipes.count < Self.depth, let p = Self.makeOutputPipe() { pipes.append(p) }
+    }
+
+    private static func makeOutputPipe() -> (read: Int32, write: Int32)? {
+        guard let p = makePipe() else { return nil }
+        // F_SETFL ignores the access mode: O_NONBLOCK is then the only status flag set.
+        _ = fcntl(p.read, F_SETFL, O_NONBLOCK)
+        return p
     }
 }
 

@@ -13,7 +13,7 @@ extension Agent {
             return fail(id, .denied, "running \(command) is denied by the agent's policy")
         }
         do {
-            let process = try Spawner.spawn(request, id: id, noInput: noInput)
+            let process = try Spawner.spawn(request, id: id, noInput: noInput, stdio: stdio)
             process.inputWindowed = inputWindowed
             execs[id] = process
             log.debug("exec \(id): \(request.argv.joined(separator: " ")) as pid \(process.pid)")

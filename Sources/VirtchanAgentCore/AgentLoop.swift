@@ -39,8 +39,10 @@ public final class Agent: @unchecked Sendable {
     var lastHelloAck: HelloAck?
     /// The session's running processes by request id; each streams on its own.
     var execs: [UInt32: ExecProcess] = [:]
-    /// Processes of an ended session, killed and not yet reaped.
-    var killedPIDs: [pid_t] = []
+    /// Processes left to reap: those whose exit is recorded (reaped once it has gone to the
+    /// host: under TCG a reap costs a tenth of a millisecond) and those of an ended session,
+    /// killed.
+    var unreapedPIDs: [pid_t] = []
     var transfer: Transfer?
     /// Forwarded connections and guest listeners of the session, by id (TcpForwarding.swift).
     var tcpLinks: [UInt32: TcpLink] = [:]
@@ -208,7 +210,9 @@ public final class Agent: @unchecked Sendable {
             serviceTransfer(t, revents: dataSlot >= 0 ? fds[dataSlot].revents : 0)
         }
         if let c = self.control, c.pendingOutput > 0, !controlHost.away { flushControl(c) }
-        // With no command running and the answers sent, the next command's pipes cost nobody.
+        // With the answers sent: the reaping, and with no command running, the next command's
+        // pipes, cost nobody a wait.
+        if !unreapedPIDs.isEmpty { reapRecorded() }
         if execs.isEmpty { stdio.refill() }
     }
 
@@ -226,30 +230,43 @@ public final class Agent: @unchecked Sendable {
     }
 
     func reapChildren() {
-        var status: Int32 = 0
         guard getpid() == 1 else {
             // Only the processes started for the host: whatever else shares this process (a
-            // test that runs the agent in process) reaps its own children.
-            for exec in execs.values where exec.exit == nil && waitpid(exec.pid, &status, WNOHANG) == exec.pid {
-                recordExit(exec, status: status)
+            // test that runs the agent in process) reaps its own children. Each ended one is
+            // looked at, not reaped: `reapRecorded()` does that after the answers are sent.
+            for exec in execs.values where exec.exit == nil {
+                var info = siginfo_t()
+                guard waitid(P_PID, id_t(exec.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0,
+                      info._sifields._sigchld.si_pid == exec.pid else { continue }
+                let value = info._sifields._sigchld.si_status
+                recordExit(exec, info.si_code == CLD_EXITED ? ExecExit(code: value, signal: 0) : ExecExit(code: -1, signal: value))
+                unreapedPIDs.append(exec.pid)
             }
-            killedPIDs.removeAll { waitpid($0, &status, WNOHANG) == $0 }
             return
         }
         // As init, every orphan in the guest is the agent's to reap.
+        var status: Int32 = 0
         while true {
             let pid = waitpid(-1, &status, WNOHANG)
             if pid <= 0 { break }
-            if let exec = execs.values.first(where: { $0.pid == pid }) { recordExit(exec, status: status) }
+            guard let exec = execs.values.first(where: { $0.pid == pid }) else { continue }
+            let termSig = status & 0x7f
+            recordExit(exec, termSig == 0 ? ExecExit(code: (status >> 8) & 0xff, signal: 0) : ExecExit(code: -1, signal: termSig))
         }
-        killedPIDs = []
+        unreapedPIDs = []
     }
 
-    private func recordExit(_ exec: ExecProcess, status: Int32) {
-        let termSig = status & 0x7f
-        exec.exit = termSig == 0 ? ExecExit(code: (status >> 8) & 0xff, signal: 0) : ExecExit(code: -1, signal: termSig)
+    /// Reaps what ``reapChildren()`` recorded and what an ended session killed, once dead.
+    func reapRecorded() {
+        var status: Int32 = 0
+        // A pid that is no longer a child (ECHILD) is forgotten too.
+        unreapedPIDs.removeAll { waitpid($0, &status, WNOHANG) != 0 }
+    }
+
+    private func recordExit(_ exec: ExecProcess, _ exit: ExecExit) {
+        exec.exit = exit
         exec.exitedAt = monotonicNanos()
-        log.debug("exec \(exec.id) pid \(exec.pid) ended: code \(exec.exit?.code ?? 0) signal \(termSig)")
+        log.debug("exec \(exec.id) pid \(exec.pid) ended: code \(exit.code) signal \(exit.signal)")
     }
 
     func flushControl(_ control: FramedConnection) {
@@ -292,7 +309,7 @@ public final class Agent: @unchecked Sendable {
                 log.info("killing exec \(exec.id) (pid \(exec.pid)): \(reason)")
                 kill(-exec.pid, SIGKILL)
                 kill(exec.pid, SIGKILL)
-                killedPIDs.append(exec.pid)
+                unreapedPIDs.append(exec.pid)
             }
             exec.closeAll()
         }

@@ -77,6 +77,10 @@ struct SpawnFailure: Error {
 
 enum Spawner {
     static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    /// The environment of a command that asks for none and has no terminal, as `envp`: made
+    /// once, never freed, never written to.
+    nonisolated(unsafe) private static let defaultEnvironment: [UnsafeMutablePointer<CChar>?] =
+        ["PATH=" + defaultPath, "HOME=/root"].map { (entry: String) in strdup(entry) } + [nil]
 
     /// Dispositions a child must not inherit: every signal with a handler here (the handler
     /// would be the agent's code, which the child cannot run), and those the agent ignores or
@@ -90,12 +94,8 @@ enum Spawner {
         return set
     }()
 
-    /// Starts `request`'s command. With `noInput` (and no tty), its stdin is /dev/null and it
-    /// has no stdin pipe.
-    static func spawn(_ request: ExecStart, id: UInt32, noInput: Bool = false, stdio: StdioReserve) throws(SpawnFailure) -> ExecProcess {
-        guard let command = request.argv.first, !command.isEmpty else {
-            throw SpawnFailure(code: .badRequest, errno: 0, message: "no command given")
-        }
+    /// The default environment with the terminal's TERM and what `request` sets over it.
+    private static func environment(of request: ExecStart) throws(SpawnFailure) -> [String: String] {
         var env: [String: String] = ["PATH": defaultPath, "HOME": "/root"]
         if request.tty { env["TERM"] = "xterm-256color" }
         for item in request.env {
@@ -104,6 +104,18 @@ enum Spawner {
             }
             env[String(item[..<eq])] = String(item[item.index(after: eq)...])
         }
+        return env
+    }
+
+    /// Starts `request`'s command. With `noInput` (and no tty), its stdin is /dev/null and it
+    /// has no stdin pipe.
+    static func spawn(_ request: ExecStart, id: UInt32, noInput: Bool = false, stdio: StdioReserve) throws(SpawnFailure) -> ExecProcess {
+        guard let command = request.argv.first, !command.isEmpty else {
+            throw SpawnFailure(code: .badRequest, errno: 0, message: "no command given")
+        }
+        // A command that brings no environment of its own (the usual case) gets the default
+        // one, made once.
+        let env = request.tty || !request.env.isEmpty ? try environment(of: request) : nil
 
         // The agent's ends, and the child's ends (closed here once the child has them).
         var parentFDs: [Int32] = []
@@ -159,15 +171,15 @@ enum Spawner {
         }
 
         let argv = request.argv.map { strdup($0) } + [nil]
-        let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        let envp = env.map { $0.map { strdup("\($0.key)=\($0.value)") } + [nil] } ?? Self.defaultEnvironment
         defer {
             for p in argv { free(p) }
-            for p in envp { free(p) }
+            if env != nil { for p in envp { free(p) } }
         }
         var pid: pid_t = 0
         var stage: Int32 = 0
         let rc = command.withCString { file in
-            (env["PATH"] ?? "").withCString { searchPath in
+            (env.map { $0["PATH"] ?? "" } ?? defaultPath).withCString { searchPath in
                 // An empty cwd is the root, as the protocol says, whatever the agent's own.
                 (request.cwd.isEmpty ? "/" : request.cwd).withCString { cwd in
                     withOptionalCString(slavePath) { tty in

@@ -289,6 +289,23 @@ extension EndToEnd {
             #expect(!tty.out.contains("not for the guest"))
         }
 
+        /// A command holds its three streams and nothing else of the agent's (which keeps the
+        /// next command's pipes and /dev/null open, made ahead), with input and without; and
+        /// the commands that ended, their exits sent, leave no zombie behind in the guest.
+        @Test func aCommandHoldsOnlyItsStreamsAndLeavesNoZombie() throws {
+            try SharedGuest.require()
+            for flags in [["-n"], []] {
+                // `; true` keeps the shell from replacing itself with ls: $$ is the command.
+                let r = VC.run(["exec", name] + flags + ["--", "sh", "-c", "ls /proc/$$/fd; true"], stdin: Data(), timeout: 60)
+                #expect(r.code == 0)
+                #expect(r.out == "0\n1\n2\n", "exec \(flags): \(r.out) \(r.stderr)")
+            }
+            for code in 0..<3 { #expect(VC.run(["exec", name, "-n", "--", "sh", "-c", "exit \(code)"], timeout: 60).code == Int32(code)) }
+            let zombies = VC.guest("grep -l '^State:.*Z' /proc/[0-9]*/status; true")
+            #expect(zombies.code == 0)
+            #expect(zombies.out.isEmpty, "\(zombies.out)")
+        }
+
         /// `virtchan exec vm -- yes | head -2` ends as the local pipeline would: the guest
         /// process gets SIGPIPE once nobody reads, and its 141 comes back.
         @Test func closedOutputPipeStopsTheGuestProcess() throws {

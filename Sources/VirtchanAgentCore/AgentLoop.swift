@@ -40,7 +40,7 @@ public final class Agent: @unchecked Sendable {
     /// The session's running processes by request id; each streams on its own.
     var execs: [UInt32: ExecProcess] = [:]
     /// Processes left to reap: those whose exit is recorded (reaped once it has gone to the
-    /// host: under TCG a reap costs a tenth of a millisecond) and those of an ended session,
+    /// host: under TCG a reap costs the guest about 0.15 ms) and those of an ended session,
     /// killed.
     var unreapedPIDs: [pid_t] = []
     var transfer: Transfer?

@@ -77,10 +77,12 @@ struct SpawnFailure: Error {
 
 enum Spawner {
     static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    /// The environment of a command that asks for none and has no terminal, as `envp`: made
-    /// once, never freed, never written to.
+    /// Every command's environment before its terminal's TERM and its own entries.
+    private static let baseEnvironment = ["PATH": defaultPath, "HOME": "/root"]
+    /// The base environment as `envp`, for a command that brings none and has no terminal:
+    /// made once, never freed, never written to.
     nonisolated(unsafe) private static let defaultEnvironment: [UnsafeMutablePointer<CChar>?] =
-        ["PATH=" + defaultPath, "HOME=/root"].map { (entry: String) in strdup(entry) } + [nil]
+        baseEnvironment.map { strdup("\($0.key)=\($0.value)") } + [nil]
 
     /// Dispositions a child must not inherit: every signal with a handler here (the handler
     /// would be the agent's code, which the child cannot run), and those the agent ignores or
@@ -94,9 +96,9 @@ enum Spawner {
         return set
     }()
 
-    /// The default environment with the terminal's TERM and what `request` sets over it.
+    /// The base environment with the terminal's TERM and what `request` sets over it.
     private static func environment(of request: ExecStart) throws(SpawnFailure) -> [String: String] {
-        var env: [String: String] = ["PATH": defaultPath, "HOME": "/root"]
+        var env = baseEnvironment
         if request.tty { env["TERM"] = "xterm-256color" }
         for item in request.env {
             guard let eq = item.firstIndex(of: "="), eq != item.startIndex else {
@@ -113,8 +115,8 @@ enum Spawner {
         guard let command = request.argv.first, !command.isEmpty else {
             throw SpawnFailure(code: .badRequest, errno: 0, message: "no command given")
         }
-        // A command that brings no environment of its own (the usual case) gets the default
-        // one, made once.
+        // A command that brings no environment of its own (the usual case) gets the base one,
+        // made once.
         let env = request.tty || !request.env.isEmpty ? try environment(of: request) : nil
 
         // The agent's ends, and the child's ends (closed here once the child has them).

@@ -204,7 +204,8 @@ public final class FileTransfer {
         var digest = TransferDigest()
         var sha: Crypto.SHA256? = hostSHA256 || guestSHA256 ? Crypto.SHA256() : nil
         var received: UInt64 = 0
-        var writeback = WritebackPacer(fd: fd)
+        let writeback = DurableWriteback(fd: fd)
+        defer { writeback?.finish() }
         var lastHeard = monotonicNanos()
         var lastDataByte = lastHeard
         var lastPing = lastHeard

@@ -114,88 +114,92 @@ do {
     }.trimmingCharacters(in: .whitespacesAndNewlines)
     guard dataPort.hasPrefix("/dev/vport") else { fail("cannot find the data port in the guest") }
 
+    // VIRTCHAN_BENCH_ONLY=control stops after the control path, =transfer skips it and stops
+    // after the local transfers (for quick rounds on one path).
+    let only = ProcessInfo.processInfo.environment["VIRTCHAN_BENCH_ONLY"]
+
     // --- control path -------------------------------------------------------------------
-    try withSession { s in
-        var pings: [Double] = []
-        for _ in 0..<5 { _ = try s.ping() }
-        for _ in 0..<200 { pings.append(try s.ping() * 1000) }
-        emit("ping_ms", median(pings), 3)
-        var inproc: [Double] = []
-        for _ in 0..<rounds {
+    if only != "transfer" {
+        try withSession { s in
+            var pings: [Double] = []
+            for _ in 0..<5 { _ = try s.ping() }
+            for _ in 0..<200 { pings.append(try s.ping() * 1000) }
+            emit("ping_ms", median(pings), 3)
+            var inproc: [Double] = []
+            for _ in 0..<rounds {
+                let t = now()
+                var o = ExecOptions(argv: ["true"])
+                o.forwardStdin = false
+                _ = try ExecClient.run(s, o)
+                inproc.append((now() - t) * 1000)
+            }
+            emit("exec_session_ms", median(inproc))
+        }
+        var qgaPings: [Double] = []
+        for _ in 0..<5 { _ = try qga("{\"execute\":\"guest-ping\"}") }
+        for _ in 0..<200 {
             let t = now()
-            var o = ExecOptions(argv: ["true"])
-            o.forwardStdin = false
-            _ = try ExecClient.run(s, o)
-            inproc.append((now() - t) * 1000)
+            _ = try qga("{\"execute\":\"guest-ping\"}")
+            qgaPings.append((now() - t) * 1000)
         }
-        emit("exec_session_ms", median(inproc))
-    }
-    var qgaPings: [Double] = []
-    for _ in 0..<5 { _ = try qga("{\"execute\":\"guest-ping\"}") }
-    for _ in 0..<200 {
-        let t = now()
-        _ = try qga("{\"execute\":\"guest-ping\"}")
-        qgaPings.append((now() - t) * 1000)
-    }
-    emit("qga_ping_ms", median(qgaPings), 3)
+        emit("qga_ping_ms", median(qgaPings), 3)
 
-    // The same through a session holder, in process: what the holder's hop adds.
-    do {
-        let held = try Hypervisor(sharing: .holder(persist: 30)).session(with: domainName, timeout: 60)
-        var times: [Double] = []
-        for _ in 0..<rounds {
+        // The same through a session holder, in process: what the holder's hop adds.
+        do {
+            let held = try Hypervisor(sharing: .holder(persist: 30)).session(with: domainName, timeout: 60)
+            var times: [Double] = []
+            for _ in 0..<rounds {
+                let t = now()
+                var o = ExecOptions(argv: ["true"])
+                o.forwardStdin = false
+                _ = try ExecClient.run(held, o)
+                times.append((now() - t) * 1000)
+            }
+            emit("exec_held_session_ms", median(times))
+        }
+
+        // qemu-guest-agent's exec: guest-exec with its output captured, then guest-exec-status
+        // every 2 ms until it has exited, on the one connection.
+        func qgaExecOnce() throws -> Double {
             let t = now()
-            var o = ExecOptions(argv: ["true"])
-            o.forwardStdin = false
-            _ = try ExecClient.run(held, o)
-            times.append((now() - t) * 1000)
+            let started = try qga("{\"execute\":\"guest-exec\",\"arguments\":{\"path\":\"/bin/true\",\"capture-output\":true}}") as? [String: Any]
+            guard let pid = started?["pid"] as? Int else { fail("guest-exec gave no pid") }
+            while true {
+                let st = try qga("{\"execute\":\"guest-exec-status\",\"arguments\":{\"pid\":\(pid)}}") as? [String: Any]
+                if st?["exited"] as? Bool == true { break }
+                usleep(2000)
+            }
+            return (now() - t) * 1000
         }
-        emit("exec_held_session_ms", median(times))
-    }
 
-    // qemu-guest-agent's exec: guest-exec with its output captured, then guest-exec-status
-    // every 2 ms until it has exited, on the one connection.
-    func qgaExecOnce() throws -> Double {
-        let t = now()
-        let started = try qga("{\"execute\":\"guest-exec\",\"arguments\":{\"path\":\"/bin/true\",\"capture-output\":true}}") as? [String: Any]
-        guard let pid = started?["pid"] as? Int else { fail("guest-exec gave no pid") }
-        while true {
-            let st = try qga("{\"execute\":\"guest-exec-status\",\"arguments\":{\"pid\":\(pid)}}") as? [String: Any]
-            if st?["exited"] as? Bool == true { break }
-            usleep(2000)
-        }
-        return (now() - t) * 1000
-    }
-
-    // The whole CLI with a warm session holder, then with no holder (each command starts one
-    // that ends with it, and the next command waits until it is gone, off the clock); each
-    // round in turn with qemu-guest-agent's exec, so that whatever else the machine does falls
-    // on both alike.
-    var cli: [Double] = [], cold: [Double] = [], qgaExec: [Double] = []
-    guard runCLI(["exec", domainName, "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
-    _ = try qgaExecOnce()
-    for _ in 0..<(2 * rounds + 1) {
-        let t = now()
+        // The whole CLI with a warm session holder, then with no holder (each command starts one
+        // that ends with it, and the next command waits until it is gone, off the clock); each
+        // round in turn with qemu-guest-agent's exec, so that whatever else the machine does falls
+        // on both alike.
+        var cli: [Double] = [], cold: [Double] = [], qgaExec: [Double] = []
         guard runCLI(["exec", domainName, "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
-        cli.append((now() - t) * 1000)
-        qgaExec.append(try qgaExecOnce())
-    }
-    // As many rounds as warm: a single start without a holder varies by a third from one to
-    // the next, and fifteen left the median moving by a tenth between runs.
-    for _ in 0..<(2 * rounds + 1) {
+        _ = try qgaExecOnce()
+        for _ in 0..<(2 * rounds + 1) {
+            let t = now()
+            guard runCLI(["exec", domainName, "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
+            cli.append((now() - t) * 1000)
+            qgaExec.append(try qgaExecOnce())
+        }
+        // As many rounds as warm: a single start without a holder varies by a third from one to
+        // the next, and fifteen left the median moving by a tenth between runs.
+        for _ in 0..<(2 * rounds + 1) {
+            releaseChannels()
+            let t = now()
+            guard runCLI(["exec", domainName, "--persist", "0", "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
+            cold.append((now() - t) * 1000)
+            qgaExec.append(try qgaExecOnce())
+        }
         releaseChannels()
-        let t = now()
-        guard runCLI(["exec", domainName, "--persist", "0", "-n", "--", "true"]) == 0 else { fail("virtchan exec failed") }
-        cold.append((now() - t) * 1000)
-        qgaExec.append(try qgaExecOnce())
+        emit("exec_ms", median(cli))
+        emit("exec_cold_ms", median(cold))
+        emit("qga_exec_ms", median(qgaExec))
     }
-    releaseChannels()
-    emit("exec_ms", median(cli))
-    emit("exec_cold_ms", median(cold))
-    emit("qga_exec_ms", median(qgaExec))
-
-    // VIRTCHAN_BENCH_ONLY=control stops here (for quick rounds on the control path).
-    if ProcessInfo.processInfo.environment["VIRTCHAN_BENCH_ONLY"] == "control" { exit(0) }
+    if only == "control" { exit(0) }
 
     // --- data path ----------------------------------------------------------------------
     let local = "/tmp/virtchan-bench-\(getpid())"
@@ -221,6 +225,9 @@ do {
         let t = now()
         guard runCLI(["push", domainName, local, guestFile, "--quiet"] + connect) == 0 else { fail("virtchan push failed") }
         pushes.append(Double(fileMiB) / (now() - t))
+        // Into a fresh file, as the bare port's pull: replacing the last round's copy would add
+        // the freeing of its blocks to this clock.
+        unlink(back)
         let u = now()
         guard runCLI(["pull", domainName, guestFile, back, "--quiet"] + connect) == 0 else { fail("virtchan pull failed") }
         pulls.append(Double(fileMiB) / (now() - u))
@@ -248,7 +255,7 @@ do {
             let ddDone = DispatchSemaphore(value: 0)
             nonisolated(unsafe) let session = s
             Thread.detachNewThread {
-                var o = ExecOptions(argv: ["/bin/sh", "-c", "dd if=\(dataPort) of=\(guestRaw) bs=1M count=\(fileMiB) iflag=fullblock 2>/dev/null"])
+                var o = ExecOptions(argv: ["/bin/sh", "-c", "dd if=\(dataPort) of=\(guestRaw) bs=64k count=\(fileMiB * 16) iflag=fullblock 2>/dev/null"])
                 o.forwardStdin = false
                 status.value = (try? ExecClient.run(session, o, stdin: 0, terminal: 1) { _, _ in true })?.status ?? -1
                 ddDone.signal()
@@ -277,32 +284,38 @@ do {
             let landed = try guestRun(s, "stat -c %s \(guestRaw)").trimmingCharacters(in: .whitespacesAndNewlines)
             guard landed == String(fileBytes) else { throw TransportError(.io, "raw push delivered \(landed) of \(fileBytes) bytes") }
         }
-        // Raw pull: the guest writes the file into the port, the host reads it off the socket.
+        // Raw pull: the guest writes the file into the port, the host reads it off the socket
+        // into a fresh file; the clock runs from the first byte received to the last written.
         try withSession { s in
+            unlink(back)
+            let out = open(back, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
             let fd = try UnixSocket.connect(dataSocket)
             setNonBlocking(fd, false)
             nonisolated(unsafe) let session = s
             let ddDone = DispatchSemaphore(value: 0)
-            let t = now()
             Thread.detachNewThread {
                 // The port stays open (the shell holds it) until the host has read everything:
                 // bytes still queued when the guest closes a port are lost.
-                var o = ExecOptions(argv: ["/bin/sh", "-c", "exec 3>\(dataPort); dd if=\(guestRaw) bs=32k >&3 2>/dev/null; read -t 30 x <&3; true"])
+                var o = ExecOptions(argv: ["/bin/sh", "-c", "exec 3>\(dataPort); dd if=\(guestRaw) bs=64k >&3 2>/dev/null; read -t 30 x <&3; true"])
                 o.forwardStdin = false
                 _ = try? ExecClient.run(session, o, stdin: 0, terminal: 1) { _, _ in true }
                 ddDone.signal()
             }
             defer { ddDone.wait() }
-            let out = open(back, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            while (try? ChannelResolver.channels(inDomainXML: domain.xml()))?.first(where: { $0.role == .data })?.state != "connected" {
+                usleep(1000)
+            }
+            var first: Double?
             var got = 0
             while got < fileBytes {
                 let n = read(fd, chunk.baseAddress!, chunk.count)
                 if n <= 0 { break }
+                if first == nil { first = now() }
                 _ = write(out, chunk.baseAddress!, n)
                 got += n
             }
             close(out)
-            rawPull.append(Double(fileMiB) / (now() - t))
+            rawPull.append(Double(fileMiB) / (now() - (first ?? now())))
             close(fd) // the guest's read sees the hang-up and the shell ends
             guard got == fileBytes else { throw TransportError(.io, "raw pull got \(got) of \(fileBytes) bytes") }
         }
@@ -312,6 +325,10 @@ do {
     emit("pull_mib_s", median(pulls), 1)
     emit("raw_push_mib_s", median(rawPush), 1)
     emit("raw_pull_mib_s", median(rawPull), 1)
+    if only == "transfer" {
+        unlink(local); unlink(back)
+        exit(0)
+    }
 
     // --- forwarded TCP: a guest httpd reached through `virtchan forward` ------------------
     do {

@@ -165,7 +165,7 @@ public final class Agent: @unchecked Sendable {
         if controlAway { timeout = 250 }
         if execs.values.contains(where: { $0.exit != nil }) { timeout = 50 }
         if let t = transfer, t.dataHost.away || t.phase == .awaitingAck { timeout = 100 }
-        if let t = transfer, t.kind == .pull, t.phase == .streaming, t.data.pendingOutput < FrameLimits.dataChunk, !t.dataHost.away {
+        if let t = transfer, t.kind == .pull, t.phase == .streaming, t.data.pendingOutput == 0, !t.dataHost.away {
             timeout = 0
         }
         let rc = poll(&fds, nfds_t(fds.count), timeout)

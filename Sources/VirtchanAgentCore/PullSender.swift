@@ -49,8 +49,11 @@ extension Agent {
         if revents & Int16(POLLHUP | POLLERR) != 0 && revents & Int16(POLLOUT) == 0 && t.data.pendingOutput > 0 {
             return noteDataHup(t)
         }
+        // The next frame is read only once the last one is written out whole: it then starts
+        // at the front of the buffer, where a frame added behind a partly written one would
+        // first have the rest moved down (half a frame's copy, on average, per frame).
         var rounds = 0
-        while t.data.pendingOutput < FrameLimits.dataChunk && t.phase == .streaming && rounds < 8 {
+        while flushPull(t) && t.phase == .streaming && rounds < 8 {
             rounds += 1
             // The file is read straight into the output buffer, behind the frame header.
             var readErrno: Int32 = 0
@@ -68,7 +71,8 @@ extension Agent {
                 }
                 t.data.send(DataEnd(size: t.bytes, digest: t.digest.digest()), id: t.id)
                 t.phase = .awaitingAck
-                break
+                _ = flushPull(t)
+                return
             }
             // One byte more than announced is read on purpose, to notice a file that grew.
             guard t.bytes + UInt64(n) <= t.expectedSize else {
@@ -77,17 +81,24 @@ extension Agent {
             t.digest.add(payloadHash: hash, length: n)
             t.bytes += UInt64(n)
         }
+    }
+
+    /// Writes what the pull has queued; true when all of it went out (the port takes more).
+    private func flushPull(_ t: Transfer) -> Bool {
         do {
             let before = t.data.pendingOutput
-            try t.data.flush()
+            let empty = try t.data.flush()
             if t.data.pendingOutput < before { t.dataConnected = true }
+            return empty
         } catch {
-            if error.errno == EAGAIN { return }
+            if error.errno == EAGAIN { return false }
             if t.dataConnected {
-                return abortTransfer(t, TransferFailure(errno: error.errno, "writing the data port"))
+                abortTransfer(t, TransferFailure(errno: error.errno, "writing the data port"))
+                return false
             }
             // Not a POLLHUP: looking again at once could spin on a port that keeps failing.
             t.dataHost.hostLeft(looking: false)
+            return false
         }
     }
 

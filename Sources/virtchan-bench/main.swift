@@ -217,6 +217,13 @@ do {
     func clearGuest() throws { _ = try withSession { try guestRun($0, "rm -f \(guestFile) \(guestRaw) /tmp/qga.bin") } }
     try clearGuest()
 
+    /// Waits until libvirt's live XML shows the guest holding the data port open.
+    func waitUntilDataPortConnected() {
+        while (try? ChannelResolver.channels(inDomainXML: domain.xml()))?.first(where: { $0.role == .data })?.state != "connected" {
+            usleep(1000)
+        }
+    }
+
     var pushes: [Double] = [], pulls: [Double] = []
     /// One round of virtchan push and pull through a warm session holder.
     func cliRound(uri: String? = nil, into pushes: inout [Double], _ pulls: inout [Double]) throws {
@@ -260,10 +267,8 @@ do {
                 status.value = (try? ExecClient.run(session, o, stdin: 0, terminal: 1) { _, _ in true })?.status ?? -1
                 ddDone.signal()
             }
-            // Wait for dd to open the port: bytes sent to a closed port are dropped.
-            while (try? ChannelResolver.channels(inDomainXML: domain.xml()))?.first(where: { $0.role == .data })?.state != "connected" {
-                usleep(1000)
-            }
+            // Bytes sent to a port the guest has not opened yet are dropped.
+            waitUntilDataPortConnected()
             t = now()
             let f = open(local, O_RDONLY)
             var sent = 0
@@ -302,9 +307,7 @@ do {
                 ddDone.signal()
             }
             defer { ddDone.wait() }
-            while (try? ChannelResolver.channels(inDomainXML: domain.xml()))?.first(where: { $0.role == .data })?.state != "connected" {
-                usleep(1000)
-            }
+            waitUntilDataPortConnected()
             var first: Double?
             var got = 0
             while got < fileBytes {

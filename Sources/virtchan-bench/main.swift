@@ -56,6 +56,19 @@ func withSession<T>(_ body: (AgentSession) throws -> T) throws -> T {
     }
 }
 
+/// Milliseconds of each of `rounds` runs of `true` over an open session, in process.
+func execTimes(_ session: AgentSession) throws -> [Double] {
+    var times: [Double] = []
+    for _ in 0..<rounds {
+        let t = now()
+        var o = ExecOptions(argv: ["true"])
+        o.forwardStdin = false
+        _ = try ExecClient.run(session, o)
+        times.append((now() - t) * 1000)
+    }
+    return times
+}
+
 /// A guest command's stdout, over an open session.
 func guestRun(_ session: AgentSession, _ shell: String) throws -> String {
     let out = try ExecClient.capture(session, ["/bin/sh", "-c", shell], timeout: nil)
@@ -125,15 +138,7 @@ do {
             for _ in 0..<5 { _ = try s.ping() }
             for _ in 0..<200 { pings.append(try s.ping() * 1000) }
             emit("ping_ms", median(pings), 3)
-            var inproc: [Double] = []
-            for _ in 0..<rounds {
-                let t = now()
-                var o = ExecOptions(argv: ["true"])
-                o.forwardStdin = false
-                _ = try ExecClient.run(s, o)
-                inproc.append((now() - t) * 1000)
-            }
-            emit("exec_session_ms", median(inproc))
+            emit("exec_session_ms", median(try execTimes(s)))
         }
         var qgaPings: [Double] = []
         for _ in 0..<5 { _ = try qga("{\"execute\":\"guest-ping\"}") }
@@ -147,15 +152,7 @@ do {
         // The same through a session holder, in process: what the holder's hop adds.
         do {
             let held = try Hypervisor(sharing: .holder(persist: 30)).session(with: domainName, timeout: 60)
-            var times: [Double] = []
-            for _ in 0..<rounds {
-                let t = now()
-                var o = ExecOptions(argv: ["true"])
-                o.forwardStdin = false
-                _ = try ExecClient.run(held, o)
-                times.append((now() - t) * 1000)
-            }
-            emit("exec_held_session_ms", median(times))
+            emit("exec_held_session_ms", median(try execTimes(held)))
         }
 
         // qemu-guest-agent's exec: guest-exec with its output captured, then guest-exec-status

@@ -223,8 +223,6 @@ public final class Agent: @unchecked Sendable {
             case SIGIO:
                 controlHost.recheck()
                 transfer?.dataHost.recheck()
-                // Or a lease broken: a truncation or a writer waits for the pull to let go.
-                if let t = transfer, let mapping = t.mapping, !mapping.held { stopMapping(t) }
             case SIGTERM, SIGINT: stopping = true
             default: break
             }

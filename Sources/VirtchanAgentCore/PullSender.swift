@@ -36,9 +36,8 @@ extension Agent {
             let t = Transfer(id: id, kind: .pull, dataFD: dataFD, path: request.path, fileFD: fd, tempPath: "",
                              mode: UInt32(st.st_mode & 0o7777), expectedSize: UInt64(st.st_size),
                              wantSHA256: request.wantSHA256)
-            t.mapping = LeasedMapping(fd: fd, size: UInt64(st.st_size))
             transfer = t
-            log.debug("pull \(id) of \(request.path): \(st.st_size) bytes\(t.mapping == nil ? "" : ", sent from its pages under a lease")")
+            log.debug("pull \(id) of \(request.path): \(st.st_size) bytes")
             reply(DataReady(size: UInt64(st.st_size), mode: UInt32(st.st_mode & 0o7777)), id: id)
         } catch {
             close(fd)
@@ -56,18 +55,6 @@ extension Agent {
         var rounds = 0
         while flushPull(t) && t.phase == .streaming && rounds < 8 {
             rounds += 1
-            if let mapping = t.mapping {
-                let count = Int(min(t.expectedSize - t.bytes, UInt64(FrameLimits.dataChunk)))
-                if count > 0, let payload = mapping.bytes(at: Int(t.bytes), count: count) {
-                    t.sha?.update(payload)
-                    let hash = t.data.sendBorrowing(.data, id: t.id, payload: payload)
-                    t.digest.add(payloadHash: hash, length: count)
-                    t.bytes += UInt64(count)
-                    continue
-                }
-                // At the end the file is read once more, to notice one that grew.
-                if count > 0 { stopMapping(t) } else { t.readInsteadOfMapping() }
-            }
             // The file is read straight into the output buffer, behind the frame header.
             var readErrno: Int32 = 0
             let (n, hash) = t.data.sendInPlace(.data, id: t.id, maxPayload: FrameLimits.dataChunk) { room in
@@ -94,14 +81,6 @@ extension Agent {
             t.digest.add(payloadHash: hash, length: n)
             t.bytes += UInt64(n)
         }
-    }
-
-    /// Goes on reading `t` once its lease breaks (another process truncates the file or opens
-    /// it to write, and waits for the agent to let go) or its pages cannot be had.
-    func stopMapping(_ t: Transfer) {
-        guard t.mapping != nil else { return }
-        log.info("pull of \(t.path): the file is being changed; reading the rest (\(t.bytes) of \(t.expectedSize) bytes sent)")
-        t.readInsteadOfMapping()
     }
 
     /// Writes what the pull has queued; true when all of it went out (the port takes more).

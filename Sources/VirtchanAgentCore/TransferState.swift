@@ -21,8 +21,6 @@ final class Transfer {
     var sha: SHA256Digest?
     /// Push: the file goes to disk while it arrives (see ``WritebackPacer``).
     var writeback: WritebackPacer?
-    /// Pull: the file's pages, sent without reading them into a buffer (see ``LeasedMapping``).
-    var mapping: LeasedMapping?
     var phase = Phase.streaming
     /// Whether the host's end of the data port has been seen connected.
     var dataConnected = false
@@ -47,29 +45,9 @@ final class Transfer {
 
     /// Closes the data port and the file; a push that did not complete loses its temp file.
     func close(completed: Bool) {
-        if let mapping {
-            // The port closes below: what it still owed is dropped, not copied out of pages
-            // that may be gone.
-            data.discardOutput()
-            mapping.release()
-            self.mapping = nil
-        }
         if fileFD >= 0 { Glibc.close(fileFD); fileFD = -1 }
         if kind == .push && !completed { unlink(tempPath) }
         closePort(data.fd)
-    }
-}
-
-extension Transfer {
-    /// Goes on from the mapping to reading the file at `bytes`, giving the lease back at once:
-    /// the payload still queued is copied out first (its pages are there until the lease is
-    /// given back).
-    func readInsteadOfMapping() {
-        guard let mapping else { return }
-        data.keepBorrowed()
-        mapping.release()
-        self.mapping = nil
-        lseek(fileFD, off_t(bytes), SEEK_SET)
     }
 }
 

@@ -29,9 +29,6 @@ public final class FramedConnection {
     public let fd: Int32
     public let decoder: FrameDecoder
     private let out: ByteBuffer
-    /// The payload of the last frame queued by ``sendBorrowing(_:id:flags:payload:)``, what of
-    /// it is not yet written: it goes out after everything in `out`.
-    private var borrowed: UnsafeRawBufferPointer?
     private let readChunk: Int
 
     public init(fd: Int32, maxPayload: Int = FrameLimits.maxPayload, readBufferSize: Int = 256 * 1024) {
@@ -42,10 +39,9 @@ public final class FramedConnection {
     }
 
     /// Bytes queued but not yet written.
-    public var pendingOutput: Int { out.count + (borrowed?.count ?? 0) }
+    public var pendingOutput: Int { out.count }
 
     public func send(_ frame: Frame) {
-        keepBorrowed()
         _ = frame.payload.withUnsafeBytes { FrameEncoder.append(frame.type, id: frame.id, flags: frame.flags, payload: $0, to: out) }
     }
 
@@ -55,46 +51,17 @@ public final class FramedConnection {
 
     @discardableResult
     public func send(_ type: MessageType, id: UInt32, flags: UInt16 = 0, payload: UnsafeRawBufferPointer) -> UInt64 {
-        keepBorrowed()
-        return FrameEncoder.append(type, id: id, flags: flags, payload: payload, to: out)
+        FrameEncoder.append(type, id: id, flags: flags, payload: payload, to: out)
     }
 
     /// Queues a frame whose payload `fill` writes straight into the output buffer.
     public func sendInPlace(_ type: MessageType, id: UInt32, flags: UInt16 = 0, maxPayload: Int,
                             fill: (UnsafeMutableRawBufferPointer) -> Int) -> (count: Int, hash: UInt64) {
-        keepBorrowed()
-        return FrameEncoder.appendInPlace(type, id: id, flags: flags, maxPayload: maxPayload, to: out, fill: fill)
-    }
-
-    /// Queues a frame whose payload is written from where it lies (a mapped file), not copied:
-    /// the caller keeps `payload` readable and unchanged until ``pendingOutput`` is 0 or it
-    /// calls ``keepBorrowed()``. Returns the payload's hash.
-    @discardableResult
-    public func sendBorrowing(_ type: MessageType, id: UInt32, flags: UInt16 = 0, payload: UnsafeRawBufferPointer) -> UInt64 {
-        keepBorrowed()
-        precondition(payload.count <= FrameLimits.maxPayload, "frame payload over the limit")
-        let hash = XXH64.hash(payload)
-        let header = out.reserve(FrameLimits.headerSize)
-        FrameEncoder.writeHeader(UnsafeMutableRawBufferPointer(rebasing: header[0..<FrameLimits.headerSize]), type, id: id,
-                                 flags: flags, length: payload.count, payloadHash: hash)
-        out.commit(FrameLimits.headerSize)
-        borrowed = payload.isEmpty ? nil : payload
-        return hash
-    }
-
-    /// Copies what is left of a borrowed payload into the output buffer, so that its source
-    /// can go away (and so that a frame queued next goes out behind it).
-    public func keepBorrowed() {
-        guard let rest = borrowed else { return }
-        borrowed = nil
-        let room = out.reserve(rest.count)
-        room.baseAddress!.copyMemory(from: rest.baseAddress!, byteCount: rest.count)
-        out.commit(rest.count)
+        FrameEncoder.appendInPlace(type, id: id, flags: flags, maxPayload: maxPayload, to: out, fill: fill)
     }
 
     /// Drops queued output (the session it belonged to is gone).
     public func discardOutput() {
-        borrowed = nil
         out.removeAll()
         out.shrink(to: 64 * 1024)
     }
@@ -103,14 +70,11 @@ public final class FramedConnection {
     /// Returns true when nothing is left queued.
     @discardableResult
     public func flush() throws(SystemError) -> Bool {
-        while !out.isEmpty || borrowed != nil {
-            let n = writeQueued()
+        while !out.isEmpty {
+            let r = out.readable
+            let n = write(fd, r.baseAddress!, r.count)
             if n > 0 {
-                let fromOut = min(n, out.count)
-                out.consume(fromOut)
-                if let rest = borrowed, n > fromOut {
-                    borrowed = n - fromOut == rest.count ? nil : UnsafeRawBufferPointer(rebasing: rest[(n - fromOut)...])
-                }
+                out.consume(n)
                 continue
             }
             if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return false }
@@ -118,19 +82,6 @@ public final class FramedConnection {
             throw SystemError("write")
         }
         return true
-    }
-
-    /// One write of the output buffer and the borrowed payload behind it.
-    private func writeQueued() -> Int {
-        guard let rest = borrowed else {
-            let r = out.readable
-            return write(fd, r.baseAddress!, r.count)
-        }
-        guard !out.isEmpty else { return write(fd, rest.baseAddress!, rest.count) }
-        let r = out.readable
-        var pieces = [iovec(iov_base: UnsafeMutableRawPointer(mutating: r.baseAddress!), iov_len: r.count),
-                      iovec(iov_base: UnsafeMutableRawPointer(mutating: rest.baseAddress!), iov_len: rest.count)]
-        return writev(fd, &pieces, 2)
     }
 
     /// Reads whatever is available (up to `limit` bytes in all) straight into the decoder.

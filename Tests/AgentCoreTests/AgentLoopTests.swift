@@ -111,7 +111,6 @@ struct RelayedPorts: PortOpener {
         options.ports = RelayedPorts(control: control, data: data)
         options.key = key
         options.logPath = dir + "/agent.log"
-        options.verbose = true
         let agent = Agent(options: options)
         let stopped = Flag()
         Thread {
@@ -426,86 +425,6 @@ extension AgentLoopTests {
             let rest = try collectExecs(session, [200], within: 10)
             #expect(output(rest, 200) == "one\ntwo\n")
             #expect(rest.last?.type == .execExit)
-        }
-    }
-}
-
-/// A pull of a large file is sent from the file's mapped pages under a read lease. A process
-/// that changes the file meanwhile does not wait for the pull, and the pull then ends saying
-/// what happened, with the agent serving on.
-extension AgentLoopTests {
-    private func makeFile(_ path: String, size: Int) throws -> Data {
-        let bytes = Data((0..<size).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 13) })
-        try bytes.write(to: URL(fileURLWithPath: path))
-        return bytes
-    }
-
-    /// Pulls `remote` into a new file, holding the first frame back until `meanwhile` returned
-    /// (the agent's port fills up and it waits with a frame half written).
-    private func pullPausing(_ transfer: FileTransfer, _ remote: String, into local: String,
-                             meanwhile: @escaping () -> Void) -> Result<TransferSummary, TransportError> {
-        let fd = open(local, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        defer { close(fd) }
-        var paused = false
-        do {
-            return .success(try transfer.pull(remote, into: fd, progress: { _, _ in
-                guard !paused else { return }
-                paused = true
-                meanwhile()
-            }))
-        } catch {
-            return .failure(error)
-        }
-    }
-
-    @Test func aLargePullIsSentFromTheFilesPagesWhole() throws {
-        try withAgent(key: AgentKey.generate()) { endpoint, dir in
-            let session = try AgentSession.connect(endpoint, timeout: 10)
-            let transfer = FileTransfer(session: session)
-            // Not a multiple of a page or of a frame, to end on a short piece.
-            let bytes = try makeFile(dir + "/large", size: (9 << 20) + 4097)
-            let pulled = try transfer.pull(dir + "/large", toPath: dir + "/back")
-            #expect(pulled.bytes == UInt64(bytes.count))
-            #expect(FileManager.default.contents(atPath: dir + "/back") == bytes)
-            let log = (try? String(contentsOfFile: dir + "/agent.log", encoding: .utf8)) ?? ""
-            #expect(log.contains("sent from its pages under a lease"), "\(log)")
-        }
-    }
-
-    @Test(arguments: [(": >", 0, "shrank"), ("printf tail >>", (16 << 20) + 4, "grew")])
-    func aFileChangedDuringAPullEndsItSayingSo(change: String, sizeAfter: Int, said: String) throws {
-        try withAgent(key: AgentKey.generate()) { endpoint, dir in
-            let session = try AgentSession.connect(endpoint, timeout: 10)
-            let transfer = FileTransfer(session: session)
-            let path = dir + "/changing"
-            _ = try makeFile(path, size: 16 << 20)
-            var seconds = -1.0, status: Int32 = -1
-            let result = pullPausing(transfer, path, into: dir + "/back") {
-                // The agent holds a lease on the file, and the shell opening it to write waits
-                // for the agent to let go, which it does at once (not after the kernel's 45 s).
-                let start = monotonicNanos()
-                let p = Process()
-                p.executableURL = URL(fileURLWithPath: "/bin/sh")
-                p.arguments = ["-c", "\(change) '\(path)'"]
-                try? p.run()
-                p.waitUntilExit()
-                seconds = Double(monotonicNanos() - start) / 1e9
-                status = p.terminationStatus
-            }
-            // The change was made, and soon.
-            #expect(status == 0)
-            #expect((try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) == sizeAfter)
-            #expect(seconds >= 0 && seconds < 10, "`\(change)` waited \(seconds) s for the pull")
-            switch result {
-            case .success: Issue.record("the pull of a file that \(said) succeeded")
-            case .failure(let error): #expect(error.message.contains(said), "\(error.message)")
-            }
-            let log = (try? String(contentsOfFile: dir + "/agent.log", encoding: .utf8)) ?? ""
-            #expect(log.contains("the file is being changed; reading the rest"), "\(log)")
-            // The agent serves on.
-            #expect(try session.ping() >= 0)
-            _ = try makeFile(dir + "/after", size: 2 << 20)
-            #expect(try transfer.pull(dir + "/after", toPath: dir + "/after-back").bytes == 2 << 20)
         }
     }
 }

@@ -20,6 +20,9 @@ let qgaMiB = args.count > 4 ? Int(args[4]) ?? 16 : 16
 let remoteURI = args.count > 5 ? args[5] : nil
 let fileBytes = fileMiB << 20
 let rounds = 15
+/// Interleaved rounds of each transfer: a single 128 MiB transfer here varies by a fifth from
+/// one to the next, and with five rounds a ratio's median moved by 0.1-0.2 between runs.
+let transferRounds = 11
 
 func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
 func now() -> Double { Double(monotonicNanos()) / 1e9 }
@@ -249,8 +252,7 @@ do {
     // Warm-up: the first writes into a fresh guest's tmpfs pay for its page faults.
     try cliRound(into: &pushes, &pulls)
     pushes = []; pulls = []
-    // Five interleaved rounds: single transfers here vary by a fifth from one to the next.
-    for _ in 0..<5 {
+    for _ in 0..<transferRounds {
         try cliRound(into: &pushes, &pulls)
         try withSession { s in
             let fd = try UnixSocket.connect(dataSocket)
@@ -372,7 +374,7 @@ do {
     if let remoteURI {
         var remoteExec: [Double] = [], localExec: [Double] = []
         var remotePush: [Double] = [], remotePull: [Double] = [], localPush: [Double] = [], localPull: [Double] = []
-        for _ in 0..<5 {
+        for _ in 0..<transferRounds {
             for uri in [remoteURI, nil] as [String?] {
                 releaseChannels()
                 let connect = uri.map { ["--connect", $0] } ?? []

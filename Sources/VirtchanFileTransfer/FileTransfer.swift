@@ -256,7 +256,10 @@ public final class FileTransfer {
                 try Poller.wait(&fds, milliseconds: 500)
                 if fds[0].revents != 0 {
                     let outcome: ReadOutcome
-                    do { outcome = try data.fill(limit: 4 << 20) } catch {
+                    // One socket buffer's worth, then its frames are checked and written: QEMU
+                    // stops taking the guest's bytes while the socket is full, and a few MiB
+                    // read ahead meant the guest waited while they were hashed and written.
+                    do { outcome = try data.fill(limit: 256 << 10) } catch {
                         throw TransportError(.agentGone, "the data channel failed: \(error)")
                     }
                     if outcome == .eof { throw TransportError(.agentGone, "the data channel closed mid-transfer") }

@@ -217,9 +217,12 @@ do {
     func clearGuest() throws { _ = try withSession { try guestRun($0, "rm -f \(guestFile) \(guestRaw) /tmp/qga.bin") } }
     try clearGuest()
 
-    /// Waits until libvirt's live XML shows the guest holding the data port open.
+    /// Waits until libvirt's live XML shows the guest holding the data port open; a guest
+    /// whose `dd` has not opened it within 30 s ends the bench.
     func waitUntilDataPortConnected() {
+        let deadline = now() + 30
         while (try? ChannelResolver.channels(inDomainXML: domain.xml()))?.first(where: { $0.role == .data })?.state != "connected" {
+            if now() > deadline { fail("the guest did not open its data port within 30 s for the bare-port transfer") }
             usleep(1000)
         }
     }

@@ -190,8 +190,10 @@ public final class FileTransfer {
     // MARK: pull
 
     /// Receives `remote` into `fd` (positioned at the start of an empty file or a stream).
-    /// `checkSize` is asked before any byte is written, with the size the guest announced.
-    public func pull(_ remote: String, into fd: Int32, guestSHA256: Bool = false,
+    /// `announced` is asked before any byte is written, with the size and mode the guest
+    /// announced. With `durable`, a regular file is flushed to disk while it arrives (see
+    /// ``PullOptions/sync``; the caller's fsync then finds little left).
+    public func pull(_ remote: String, into fd: Int32, guestSHA256: Bool = false, durable: Bool = false,
                      announced: ((UInt64, UInt32) throws(TransportError) -> Void)? = nil,
                      progress: ProgressHandler? = nil) throws(TransportError) -> TransferSummary {
         let data = try dataConnection()
@@ -204,7 +206,7 @@ public final class FileTransfer {
         var digest = TransferDigest()
         var sha: Crypto.SHA256? = hostSHA256 || guestSHA256 ? Crypto.SHA256() : nil
         var received: UInt64 = 0
-        let writeback = DurableWriteback(fd: fd)
+        let writeback = durable ? DurableWriteback(fd: fd) : nil
         defer { writeback?.finish() }
         var lastHeard = monotonicNanos()
         var lastDataByte = lastHeard
@@ -256,10 +258,11 @@ public final class FileTransfer {
                 try Poller.wait(&fds, milliseconds: 500)
                 if fds[0].revents != 0 {
                     let outcome: ReadOutcome
-                    // One socket buffer's worth, then its frames are checked and written: QEMU
-                    // stops taking the guest's bytes while the socket is full, and a few MiB
-                    // read ahead meant the guest waited while they were hashed and written.
-                    do { outcome = try data.fill(limit: 256 << 10) } catch {
+                    // One frame, then it is checked and written: QEMU stops taking the guest's
+                    // bytes while the socket is full, and a few MiB read ahead meant the guest
+                    // waited while they were hashed and written. Reads end at the frame's end,
+                    // so the next frame is never moved down in the buffer.
+                    do { outcome = try data.fillFrame() } catch {
                         throw TransportError(.agentGone, "the data channel failed: \(error)")
                     }
                     if outcome == .eof { throw TransportError(.agentGone, "the data channel closed mid-transfer") }

@@ -8,10 +8,16 @@ public struct PullOptions: Sendable {
     public var preserveSpecialModes = false
     /// Also compute SHA-256 in the guest.
     public var guestSHA256 = false
+    /// Make each file durable before it replaces its destination: its data goes to disk while
+    /// it arrives and an fsync ends it, so a crash of the host cannot leave it empty or partial.
+    /// Without it a pull is as durable as `cp`: the rename is still atomic, the data reaches the
+    /// disk when the kernel writes it back.
+    public var sync = false
 
-    public init(preserveSpecialModes: Bool = false, guestSHA256: Bool = false) {
+    public init(preserveSpecialModes: Bool = false, guestSHA256: Bool = false, sync: Bool = false) {
         self.preserveSpecialModes = preserveSpecialModes
         self.guestSHA256 = guestSHA256
+        self.sync = sync
     }
 
     /// The mode a file or directory gets on the host: the guest's permission bits, without
@@ -66,9 +72,9 @@ extension FileTransfer {
             close(fd)
             if !committed { unlinkat(dir.fd, temp, 0) }
         }
-        let summary = try pull(remote, into: fd, guestSHA256: options.guestSHA256, progress: progress)
+        let summary = try pull(remote, into: fd, guestSHA256: options.guestSHA256, durable: options.sync, progress: progress)
         try DirectoryHandle.setMode(fd, options.hostMode(summary.mode ?? 0o644), of: dir.join(name))
-        guard fsync(fd) == 0 || errno == EINVAL else {
+        if options.sync && fsync(fd) != 0 && errno != EINVAL {
             throw TransportError.system("cannot write \(dir.join(name))")
         }
         try dir.rename(temp, to: name)

@@ -15,8 +15,11 @@ public enum FrameLimits {
     public static let headerSize = 24
     /// Largest payload any frame may carry; a header that claims more is rejected unread.
     public static let maxPayload = 1 << 20
-    /// Payload size of data frames on the data port.
-    public static let dataChunk = 256 * 1024
+    /// Payload size of data frames on the data port: with its header a frame is 256 KiB, a
+    /// multiple of what the guest's port takes in one write (32 KiB) and of its receive
+    /// buffers (4 KiB). A frame of 256 KiB of payload left 24 bytes for a write of their own,
+    /// one more port buffer and notification to QEMU per frame (512 per 128 MiB pulled).
+    public static let dataChunk = 256 * 1024 - headerSize
     /// Largest output chunk the agent sends in one exec output frame.
     public static let execChunk = 64 * 1024
 }
@@ -170,6 +173,20 @@ public final class FrameDecoder {
         var out: Frame?
         _ = nextInPlace { v in out = Frame(v.type, id: v.id, flags: v.flags, payload: Array(v.payload)) }
         return out
+    }
+
+    /// How many more bytes complete the frame at the head of the buffer; 0 when it is whole,
+    /// or when the head cannot start a frame (``nextInPlace(_:)`` then skips it). A reader
+    /// that never asks for more stops at each frame's end, and the buffer, emptied by taking
+    /// the frame out, starts over at its front: no byte of a payload is ever moved.
+    public var bytesToFrameEnd: Int {
+        let r = buffer.readable
+        guard r.count >= FrameLimits.headerSize else { return FrameLimits.headerSize - r.count }
+        guard r[0] == FrameHeader.magic[0], r[1] == FrameHeader.magic[1], r[2] == FrameHeader.magic[2],
+              r[3] == FrameHeader.magic[3] else { return 0 }
+        let length = Int(UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
+        guard length <= maxPayload else { return 0 }
+        return max(0, FrameLimits.headerSize + length - r.count)
     }
 
     /// Hands the next complete, valid frame to `body` without copying its payload.

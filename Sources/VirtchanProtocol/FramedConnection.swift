@@ -104,6 +104,29 @@ public final class FramedConnection {
     }
 }
 
+extension FramedConnection {
+    /// Reads until the frame at the head of the decoder is whole, never past its end (see
+    /// ``FrameDecoder/bytesToFrameEnd``): for a stream of large frames taken out one by one,
+    /// as file data is. `.data(0)` when a frame was whole already.
+    public func fillFrame() throws(SystemError) -> ReadOutcome {
+        var total = 0
+        while true {
+            let want = decoder.bytesToFrameEnd
+            if want == 0 { return .data(total) }
+            let n = read(fd, decoder.buffer.reserve(want).baseAddress!, want)
+            if n > 0 {
+                decoder.buffer.commit(n)
+                total += n
+                continue
+            }
+            if n == 0 { return total > 0 ? .data(total) : .eof }
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK { return total > 0 ? .data(total) : .wouldBlock }
+            throw SystemError("read")
+        }
+    }
+}
+
 /// Monotonic clock in nanoseconds.
 public func monotonicNanos() -> UInt64 {
     var ts = timespec()

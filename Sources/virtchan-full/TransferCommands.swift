@@ -170,7 +170,8 @@ struct Pull: ParsableCommand {
         --preserve-special-modes). With -r, REMOTE's contents go into LOCAL: a new LOCAL \
         appears whole or not at all; a tree that would not fit is refused before anything is \
         written; into an existing directory, another failure names what was already written. No entry may lead outside LOCAL, and no symbolic link below LOCAL is \
-        followed.
+        followed. As with cp, a pulled file reaches the disk when the kernel writes it back; \
+        --sync makes each one durable (fsync) before it replaces LOCAL.
         """)
 
     @OptionGroup var global: GlobalOptions
@@ -178,6 +179,8 @@ struct Pull: ParsableCommand {
     @Argument(help: "Absolute path in the guest.") var remote: String
     @Argument(help: "Local destination, or - for stdout.") var local: String
     @Flag(help: "Keep setuid, setgid and sticky bits from the guest (root only).") var preserveSpecialModes = false
+    @Flag(help: "Flush each file to disk before it replaces LOCAL, so that a crash of the host cannot leave it partial.")
+    var sync = false
     @OptionGroup var options: TransferOptions
 
     func validate() throws {
@@ -189,7 +192,7 @@ struct Pull: ParsableCommand {
     func run() throws {
         let transfer = try global.transfer(name)
         options.configure(transfer)
-        let pullOptions = PullOptions(preserveSpecialModes: preserveSpecialModes, guestSHA256: options.sha256)
+        let pullOptions = PullOptions(preserveSpecialModes: preserveSpecialModes, guestSHA256: options.sha256, sync: sync)
         // A signal unwinds the pull, which removes its temporary files on the way out.
         Interruption.install()
         if options.recursive {

@@ -66,7 +66,8 @@ extension EndToEnd {
             // --json alone: the host's SHA-256 of what landed, computed because it is printed.
             let plain = VC.run(["pull", name, "/tmp/big", back, "--json"], timeout: 60)
             #expect(plain.code == 0 && plain.out.contains("\"sha256\" : \"\(expected)\""), "\(plain.out) \(plain.stderr)")
-            let pulled = VC.run(["pull", name, "/tmp/big", back, "--sha256", "--json"], timeout: 180)
+            // Over the first copy, made durable before it replaces it.
+            let pulled = VC.run(["pull", name, "/tmp/big", back, "--sha256", "--json", "--sync"], timeout: 180)
             #expect(pulled.code == 0, "\(pulled.stderr)")
             #expect(pulled.out.contains("\"guestSHA256\" : \"\(expected)\""))
             #expect(sameBytes(src, back))

@@ -239,4 +239,54 @@ import Testing
         fds[1] = -1
         #expect(try a.fill() == .eof)
     }
+
+    @Test func fillFrameStopsAtEachFrameEndSoNothingIsMoved() throws {
+        var fds: [Int32] = [0, 0]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        setNonBlocking(fds[1])
+        // Data frames of the size a transfer sends, an empty one, and garbage between two of
+        // them, all written before the reader starts: a read of everything available would
+        // take several frames at once.
+        let payloads: [[UInt8]] = [
+            (0..<FrameLimits.dataChunk).map { UInt8(truncatingIfNeeded: $0 &* 7) },
+            [],
+            (0..<1000).map { UInt8(truncatingIfNeeded: $0) },
+            (0..<FrameLimits.dataChunk).map { UInt8(truncatingIfNeeded: $0 &* 13) },
+        ]
+        var stream: [UInt8] = []
+        for (i, p) in payloads.enumerated() {
+            if i == 3 { stream += [0xFF, 0x01] + FrameHeader.magic + [9] }
+            stream += FrameEncoder.encode(Frame(.data, id: UInt32(i), payload: p))
+        }
+        let bytes = stream, out = fds[0]
+        let writer = Thread {
+            bytes.withUnsafeBytes { b in
+                var sent = 0
+                while sent < b.count {
+                    let n = write(out, b.baseAddress! + sent, b.count - sent)
+                    if n <= 0 { return }
+                    sent += n
+                }
+            }
+        }
+        writer.start()
+        let reader = FramedConnection(fd: fds[1], maxPayload: FrameLimits.dataChunk + 4096)
+        var got: [Frame] = []
+        let deadline = Date().addingTimeInterval(10)
+        while got.count < payloads.count && Date() < deadline {
+            let outcome = try reader.fillFrame()
+            if outcome == .wouldBlock { usleep(1000); continue }
+            #expect(outcome != .eof)
+            // No read runs past the end of a frame: a fill completes one frame at most, and
+            // taking it out leaves the buffer empty.
+            var taken = 0
+            while let f = reader.decoder.next() { got.append(f); taken += 1 }
+            #expect(taken <= 1, "one fill completed \(taken) frames")
+            if taken == 1 { #expect(reader.decoder.bufferedBytes == 0, "a read ran \(reader.decoder.bufferedBytes) bytes past a frame") }
+        }
+        #expect(got.map(\.payload) == payloads)
+        #expect(got.map(\.id) == [0, 1, 2, 3])
+        #expect(reader.decoder.skippedBytes == 2 + 4 + 1)
+    }
 }

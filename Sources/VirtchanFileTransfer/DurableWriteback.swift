@@ -3,11 +3,11 @@ import Glibc
 import Synchronization
 import VirtchanProtocol
 
-/// A file pulled with ``PullOptions/sync`` on its way to disk while it still arrives: the pacer starts writing it back
-/// every 8 MiB, and every `flushStep` bytes a background queue makes what is there durable
-/// (`fdatasync`), so the fsync that ends the pull finds only the last stretch left. Where the
-/// disk keeps a write cache, that fsync otherwise waits for all of it: 130-340 ms for 128 MiB
-/// on a virtual disk whose fsync of 4 KiB takes 1 ms.
+/// A file pulled with ``PullOptions/sync`` on its way to disk while it still arrives: the
+/// pacer starts writing it back every 8 MiB, and every `flushStep` bytes a background queue
+/// makes what is there durable (`fdatasync`), so the fsync that ends the pull finds only the
+/// last stretch left. Where the disk keeps a write cache, that fsync otherwise waits for all
+/// of it: 130-340 ms for 128 MiB on a virtual disk whose fsync of 4 KiB takes 1 ms.
 final class DurableWriteback: Sendable {
     static let flushStep: UInt64 = 32 << 20
     private let fd: Int32

@@ -88,40 +88,39 @@ public final class FramedConnection {
     public func fill(limit: Int = 4 << 20) throws(SystemError) -> ReadOutcome {
         var total = 0
         while total < limit {
-            let room = decoder.buffer.reserve(readChunk)
-            let n = read(fd, room.baseAddress!, readChunk)
-            if n > 0 {
-                decoder.buffer.commit(n)
-                total += n
-                continue
-            }
+            guard let n = try readIntoDecoder(readChunk) else { return total > 0 ? .data(total) : .wouldBlock }
             if n == 0 { return total > 0 ? .data(total) : .eof }
-            if errno == EINTR { continue }
-            if errno == EAGAIN || errno == EWOULDBLOCK { return total > 0 ? .data(total) : .wouldBlock }
-            throw SystemError("read")
+            total += n
         }
         return .data(total)
     }
-}
 
-extension FramedConnection {
     /// Reads until the frame at the head of the decoder is whole, never past its end (see
     /// ``FrameDecoder/bytesToFrameEnd``): for a stream of large frames taken out one by one,
     /// as file data is. `.data(0)` when a frame was whole already.
     public func fillFrame() throws(SystemError) -> ReadOutcome {
         var total = 0
-        while true {
-            let want = decoder.bytesToFrameEnd
-            if want == 0 { return .data(total) }
-            let n = read(fd, decoder.buffer.reserve(want).baseAddress!, want)
-            if n > 0 {
-                decoder.buffer.commit(n)
-                total += n
-                continue
-            }
+        var want = decoder.bytesToFrameEnd
+        while want > 0 {
+            guard let n = try readIntoDecoder(want) else { return total > 0 ? .data(total) : .wouldBlock }
             if n == 0 { return total > 0 ? .data(total) : .eof }
+            total += n
+            want = decoder.bytesToFrameEnd
+        }
+        return .data(total)
+    }
+
+    /// One read of at most `count` bytes onto the decoder's buffer: how many (0 at the end of
+    /// the stream), or nil when nothing is there now.
+    private func readIntoDecoder(_ count: Int) throws(SystemError) -> Int? {
+        while true {
+            let n = read(fd, decoder.buffer.reserve(count).baseAddress!, count)
+            if n >= 0 {
+                decoder.buffer.commit(n)
+                return n
+            }
             if errno == EINTR { continue }
-            if errno == EAGAIN || errno == EWOULDBLOCK { return total > 0 ? .data(total) : .wouldBlock }
+            if errno == EAGAIN || errno == EWOULDBLOCK { return nil }
             throw SystemError("read")
         }
     }

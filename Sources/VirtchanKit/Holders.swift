@@ -123,8 +123,16 @@ extension Hypervisor {
         }
         var served = false
         defer { if !served, let link { close(link) } }
-        let line = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, accepting: ["ready", "held"],
+        let line: String
+        do {
+            line = try Self.readyLine(pipeFDs[0], timeout: timeout + 5, accepting: ["ready", "held"],
                                       what: "the session holder of \(name)", log: log)
+        } catch let error as TransportError where error.code == .busy {
+            // Still starting: libvirtd may be stalled on a channel that another URI's holder of
+            // this domain keeps (the holder itself names it when it gets as far as failing).
+            guard let hint = channelKeptHint(name), !error.message.contains(hint) else { throw error }
+            throw TransportError(.busy, error.message + "; " + hint)
+        }
         guard line == "ready" else { return .alreadyHeld }
         served = true
         return .ready(link)

@@ -5,7 +5,14 @@ import VirtchanKit
 
 signal(SIGPIPE, SIG_IGN)
 
+/// The host copy of the test file and its pulled copy, which the data path writes: removed
+/// however the run ends.
+let scratchFile = "/tmp/virtchan-bench-\(getpid())"
+let scratchBack = scratchFile + ".back"
+
 func fail(_ message: String) -> Never {
+    unlink(scratchFile)
+    unlink(scratchBack)
     FileHandle.standardError.write(Data("virtchan-bench: \(message)\n".utf8))
     exit(1)
 }
@@ -202,8 +209,7 @@ do {
     if only == "control" { exit(0) }
 
     // --- data path ----------------------------------------------------------------------
-    let local = "/tmp/virtchan-bench-\(getpid())"
-    let back = local + ".back"
+    let local = scratchFile, back = scratchBack
     defer { unlink(local); unlink(back) }
     do {
         var rng = SystemRandomNumberGenerator()

@@ -184,9 +184,15 @@ public final class FrameDecoder {
         guard r.count >= FrameLimits.headerSize else { return FrameLimits.headerSize - r.count }
         guard r[0] == FrameHeader.magic[0], r[1] == FrameHeader.magic[1], r[2] == FrameHeader.magic[2],
               r[3] == FrameHeader.magic[3] else { return 0 }
-        let length = Int(UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
+        let length = Self.payloadLength(claimedBy: r)
         guard length <= maxPayload else { return 0 }
         return max(0, FrameLimits.headerSize + length - r.count)
+    }
+
+    /// The payload length the header at the start of `header` claims (checked or not).
+    @inline(__always)
+    private static func payloadLength(claimedBy header: UnsafeRawBufferPointer) -> Int {
+        Int(UInt32(littleEndian: header.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
     }
 
     /// Hands the next complete, valid frame to `body` without copying its payload.
@@ -212,7 +218,7 @@ public final class FrameDecoder {
                 skippedBytes += drop
                 continue
             }
-            let length = Int(UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
+            let length = Self.payloadLength(claimedBy: r)
             guard length <= maxPayload else {
                 buffer.consume(1)
                 skippedBytes += 1

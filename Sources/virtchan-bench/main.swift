@@ -10,9 +10,13 @@ signal(SIGPIPE, SIG_IGN)
 let scratchFile = "/tmp/virtchan-bench-\(getpid())"
 let scratchBack = scratchFile + ".back"
 
-func fail(_ message: String) -> Never {
+func removeScratchFiles() {
     unlink(scratchFile)
     unlink(scratchBack)
+}
+
+func fail(_ message: String) -> Never {
+    removeScratchFiles()
     FileHandle.standardError.write(Data("virtchan-bench: \(message)\n".utf8))
     exit(1)
 }
@@ -210,7 +214,7 @@ do {
 
     // --- data path ----------------------------------------------------------------------
     let local = scratchFile, back = scratchBack
-    defer { unlink(local); unlink(back) }
+    defer { removeScratchFiles() }
     do {
         var rng = SystemRandomNumberGenerator()
         var data = Data(count: fileBytes)
@@ -337,7 +341,7 @@ do {
     emit("raw_push_mib_s", median(rawPush), 1)
     emit("raw_pull_mib_s", median(rawPull), 1)
     if only == "transfer" {
-        unlink(local); unlink(back)
+        removeScratchFiles()
         exit(0)
     }
 
